@@ -1,0 +1,188 @@
+"""Named hook points: how PEFT methods plug into the backbones without editing them.
+
+Model code never branches on a method (DESIGN invariant 4). Instead, at a few named places it calls
+:func:`call` with the module's path, a default implementation and its arguments. Hooks registered with
+:func:`use_hooks` for that kind (and whose ``where`` predicate accepts the path) wrap the default, like
+middleware: each hook receives a :class:`HookContext`, the ``next`` function (the default, or the hook
+registered before it) and the arguments, and returns what the default would return.
+
+Hook kinds and their signatures (``next`` has the same signature minus ``ctx``):
+
+=================  ======================================================  ==============================
+kind               hook signature                                          used by
+=================  ======================================================  ==============================
+``linear``         ``fn(ctx, next, x, kernel, bias) -> y``                 LoRA, DoRA, IA3, NeuroAda, DMA,
+                                                                           BitFit, sequential adapters
+``attention``      ``fn(ctx, next, q, k, v, bias) -> out``                 prefix K/V, MAM (second mask +
+                   q ``[b,tq,h,d]``, k/v ``[b,tk,kvh,d]``, bias additive   gate), knockout, LLaMA-Adapter
+                   ``[b,1|h,tq,tk]``; ``ctx.inputs`` = the layer input
+``mlp``            ``fn(ctx, next, x) -> y`` (the whole feed-forward)      parallel adapters
+``embed``          ``fn(ctx, next, ids, embeds, mask) -> (embeds, mask)``  prompt tuning, deep prompts
+``final_hidden``   ``fn(ctx, next, h) -> h`` (before the LM head)          topic control (TCM)
+``lm_head``        ``fn(ctx, next, h) -> logits``                          TCM mixture, head tuning
+=================  ======================================================  ==============================
+
+Hooks run inside the traced (jitted) function, so the PEFT parameters they close over are traced
+values; nothing here is global state at run time beyond the context stack, which is only read while
+tracing.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from vlpeft_jax.models import hooks
+    >>> double = hooks.Hook("linear", lambda ctx, nxt, x, w, b: 2 * nxt(x, w, b))
+    >>> with hooks.use_hooks(double):
+    ...     y = hooks.call("linear", ("proj",), lambda x, w, b: x @ w, jnp.ones((1, 2)), jnp.ones((2, 3)), None)
+    >>> y.tolist()
+    [[4.0, 4.0, 4.0]]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+HOOK_KINDS = ("linear", "attention", "mlp", "embed", "final_hidden", "lm_head")
+
+_LAYER_RE = re.compile(r"^layers?_(\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class HookContext:
+    """What a hook knows about the place it is called from.
+
+    Attributes:
+      kind: the hook kind (one of ``HOOK_KINDS``).
+      path: the calling module's path, e.g. ``("decoder", "layers_3", "attn", "q_proj")``; it mirrors
+        the parameter tree, so ``params[path]`` holds that module's parameters.
+      decode: True during an incremental decoding step with a KV cache (not for the prefill), so that
+        hooks that change the sequence length (prompts) apply only once.
+      inputs: for ``attention``, the hidden state entering the attention layer ``[b, t, d]``.
+      positions: for ``attention``, absolute positions of the queries ``[b, tq]`` (or None).
+    """
+
+    kind: str
+    path: tuple[str, ...]
+    decode: bool = False
+    inputs: Any = None
+    positions: Any = None
+
+    @property
+    def layer(self) -> int | None:
+        """Index of the enclosing transformer layer (``layers_<i>`` in the path), or None."""
+        for name in reversed(self.path):
+            m = _LAYER_RE.match(name)
+            if m:
+                return int(m.group(1))
+        return None
+
+    @property
+    def name(self) -> str:
+        """The path joined with ``/``, the form used by target patterns."""
+        return "/".join(self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """A function plugged into one hook kind, optionally restricted to some module paths.
+
+    Attributes:
+      kind: one of ``HOOK_KINDS``.
+      fn: ``fn(ctx, next, *args)``; see the module docstring for each kind's arguments.
+      where: predicate on the module path; None means every module of that kind.
+    """
+
+    kind: str
+    fn: Callable[..., Any]
+    where: Callable[[tuple[str, ...]], bool] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in HOOK_KINDS:
+            raise ValueError(f"unknown hook kind {self.kind!r}; valid kinds: {', '.join(HOOK_KINDS)}")
+
+    def applies_to(self, path: tuple[str, ...]) -> bool:
+        return self.where is None or bool(self.where(path))
+
+
+class _Stack(threading.local):
+    def __init__(self) -> None:
+        self.hooks: list[Hook] = []
+
+
+_STACK = _Stack()
+
+
+@contextlib.contextmanager
+def use_hooks(*hooks: Hook | Sequence[Hook]) -> Iterator[None]:
+    """Activates hooks for the model calls made (traced) inside the ``with`` block.
+
+    Hooks may be given one by one or as sequences. Hooks registered earlier sit closer to the default
+    implementation; a later hook wraps the earlier ones. Nested blocks add to the outer ones.
+    """
+    flat: list[Hook] = []
+    for h in hooks:
+        if isinstance(h, Hook):
+            flat.append(h)
+        else:
+            flat.extend(h)
+    for h in flat:
+        if not isinstance(h, Hook):
+            raise TypeError(f"use_hooks takes Hook objects, got {type(h).__name__}")
+    before = list(_STACK.hooks)
+    _STACK.hooks = before + flat
+    try:
+        yield
+    finally:
+        _STACK.hooks = before
+
+
+def active_hooks() -> tuple[Hook, ...]:
+    """The hooks currently active (innermost last)."""
+    return tuple(_STACK.hooks)
+
+
+def call(kind: str, path: Sequence[str], default: Callable[..., Any], *args: Any,
+         decode: bool = False, inputs: Any = None, positions: Any = None) -> Any:
+    """Runs ``default(*args)`` through the active hooks of ``kind`` that apply to ``path``.
+
+    This is what model code calls at a hook point. With no active hook it is exactly
+    ``default(*args)``.
+    """
+    path = tuple(path)
+    fn = default
+    matching = [h for h in _STACK.hooks if h.kind == kind and h.applies_to(path)]
+    if not matching:
+        return default(*args)
+    ctx = HookContext(kind=kind, path=path, decode=decode, inputs=inputs, positions=positions)
+    for h in matching:
+        fn = _wrap(h.fn, ctx, fn)
+    return fn(*args)
+
+
+def _wrap(hook_fn: Callable[..., Any], ctx: HookContext, nxt: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapped(*args: Any) -> Any:
+        return hook_fn(ctx, nxt, *args)
+
+    return wrapped
+
+
+def path_matcher(patterns: str | Sequence[str]) -> Callable[[tuple[str, ...]], bool]:
+    """A ``where`` predicate: True if the ``/``-joined path fully matches any regular expression.
+
+    Example:
+        >>> m = path_matcher(r".*/(q|v)_proj")
+        >>> m(("decoder", "layers_0", "attn", "q_proj")), m(("decoder", "layers_0", "attn", "k_proj"))
+        (True, False)
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    compiled = [re.compile(p) for p in patterns]
+
+    def where(path: tuple[str, ...]) -> bool:
+        name = "/".join(path)
+        return any(c.fullmatch(name) for c in compiled)
+
+    return where

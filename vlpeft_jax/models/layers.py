@@ -1,0 +1,282 @@
+"""Building blocks shared by every backbone: layers with hook points, attention, KV cache.
+
+Every parameter is declared with logical axis names (``nn.with_logical_partitioning``) so that sharding
+is declared, not hand-written (DESIGN invariant 7). Logical axis names used across the models:
+
+``embed`` (model width), ``mlp`` (feed-forward width), ``heads`` (query heads x head_dim, flattened),
+``kv`` (key/value heads x head_dim, flattened), ``vocab``, ``positions``, ``channels`` (image
+channels x patch pixels), ``norm`` (norm scales), ``queries`` (learned query tokens).
+
+Parameter trees follow the names the Hugging Face converters produce (DESIGN invariant 1): a linear
+layer is ``{"kernel": [in, out], "bias": [out]}``, an embedding ``{"embedding": [n, d]}``, a norm
+``{"scale": [d], "bias": [d]}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlpeft_jax.models import hooks
+
+Array = jax.Array
+Dtype = Any
+
+NEG_INF = -1e30  # additive mask value; finite so that fully masked rows give a uniform softmax, not NaN
+
+
+def _param(module: nn.Module, name: str, init: Callable, shape: Sequence[int], axes: Sequence[str | None],
+           dtype: Dtype) -> Array:
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+def linear_default(x: Array, kernel: Array, bias: Array | None) -> Array:
+    """``x @ kernel + bias`` in the input's dtype; the default behind the ``linear`` hook."""
+    y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+    if bias is not None:
+        y = y + bias.astype(x.dtype)
+    return y
+
+
+class Linear(nn.Module):
+    """A dense layer whose application is the ``linear`` hook point.
+
+    Attributes:
+      features: output width.
+      axes: logical names of the kernel's (input, output) axes.
+      use_bias: whether there is a bias.
+    """
+
+    features: int
+    axes: tuple[str | None, str | None] = ("embed", "mlp")
+    use_bias: bool = True
+    kernel_init: Callable = nn.initializers.normal(0.02)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = _param(self, "kernel", self.kernel_init, (x.shape[-1], self.features), self.axes,
+                        self.param_dtype)
+        bias = (_param(self, "bias", nn.initializers.zeros, (self.features,), (self.axes[1],), self.param_dtype)
+                if self.use_bias else None)
+        return hooks.call("linear", self.path, linear_default, x.astype(self.dtype), kernel, bias)
+
+
+class Embed(nn.Module):
+    """Token (or position) embedding table ``{"embedding": [num, features]}``."""
+
+    num_embeddings: int
+    features: int
+    axes: tuple[str | None, str | None] = ("vocab", "embed")
+    embedding_init: Callable = nn.initializers.normal(0.02)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.embedding = _param(self, "embedding", self.embedding_init,
+                                (self.num_embeddings, self.features), self.axes, self.param_dtype)
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, h: Array) -> Array:
+        """Tied output projection ``h @ embedding.T``."""
+        return jnp.einsum("...d,vd->...v", h, self.embedding.astype(h.dtype))
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with ``scale``/``bias`` parameters (statistics in float32)."""
+
+    epsilon: float = 1e-5
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        scale = _param(self, "scale", nn.initializers.ones, (d,), ("norm",), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale
+        if self.use_bias:
+            y = y + _param(self, "bias", nn.initializers.zeros, (d,), ("norm",), self.param_dtype)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (LLaMA) with a ``scale`` parameter; computed in float32 like transformers."""
+
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.epsilon)
+        return (scale * y.astype(self.dtype)).astype(self.dtype)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    """The activation function called ``name`` in Hugging Face configs."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(sorted(ACTIVATIONS))}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+
+
+def attention_default(q: Array, k: Array, v: Array, bias: Array | None) -> Array:
+    """``softmax(q k^T / sqrt(d) + bias) v`` with grouped-query support; the ``attention`` hook default.
+
+    Args:
+      q: ``[b, tq, h, d]``; k, v: ``[b, tk, kvh, d]`` with ``h % kvh == 0``.
+      bias: additive, broadcastable to ``[b, h, tq, tk]`` (0 = attend, ``NEG_INF`` = blocked), or None.
+
+    Returns:
+      ``[b, tq, h, d]``. Softmax is taken in float32.
+    """
+    return attention_weights_and_output(q, k, v, bias)[1]
+
+
+def attention_weights_and_output(q: Array, k: Array, v: Array, bias: Array | None) -> tuple[Array, Array]:
+    """Like :func:`attention_default` but also returns the probabilities ``[b, h, tq, tk]``."""
+    b, tq, h, d = q.shape
+    kvh = k.shape[2]
+    if h % kvh:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({kvh})")
+    g = h // kvh
+    qg = q.reshape(b, tq, kvh, g, d)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(d))
+    scores = scores.reshape(b, h, tq, k.shape[1])
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.reshape(b, kvh, g, tq, -1).astype(v.dtype), v)
+    return probs, out.reshape(b, tq, h, d)
+
+
+def mask_to_bias(mask: Array) -> Array:
+    """Boolean "may attend" mask -> additive bias (0 or ``NEG_INF``) in float32."""
+    return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)
+
+
+def causal_padding_bias(attention_mask: Array | None, tq: int, tk: int | None = None) -> Array:
+    """Additive bias ``[b|1, 1, tq, tk]`` for causal self-attention with key padding.
+
+    ``attention_mask`` is ``[b, tk]`` with 1 for real tokens (None: all real). Queries are the last
+    ``tq`` of ``tk`` positions.
+    """
+    tk = tq if tk is None else tk
+    qpos = jnp.arange(tq)[:, None] + (tk - tq)
+    allowed = (jnp.arange(tk)[None, :] <= qpos)[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :].astype(bool)
+    return mask_to_bias(allowed)
+
+
+def padding_bias(attention_mask: Array | None) -> Array | None:
+    """Additive bias ``[b, 1, 1, tk]`` for bidirectional attention with key padding."""
+    if attention_mask is None:
+        return None
+    return mask_to_bias(attention_mask[:, None, None, :].astype(bool))
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Explicit key/value cache for incremental decoding (a pytree, no Flax mutable collection).
+
+    Attributes:
+      keys, values: one array per layer, ``[b, max_len, kv_heads, head_dim]``.
+      mask: ``[b, max_len]`` bool, True where a real token has been written.
+      index: scalar int32, the next position to write (same for the whole batch: prompts are
+        left-padded, padding is masked out by ``mask``).
+    """
+
+    keys: tuple[Array, ...]
+    values: tuple[Array, ...]
+    mask: Array
+    index: Array
+
+    @classmethod
+    def init(cls, batch: int, max_len: int, num_layers: int, kv_heads: int, head_dim: int,
+             dtype: Dtype = jnp.float32) -> KVCache:
+        z = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
+        return cls(keys=(z,) * num_layers, values=(z,) * num_layers,
+                   mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.mask.shape[1]
+
+
+def cache_write_mask(cache: KVCache, attention_mask: Array | None, t: int) -> Array:
+    """The cache's validity mask after writing ``t`` tokens (``attention_mask`` ``[b, t]``) at ``index``."""
+    b = cache.mask.shape[0]
+    new = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    return jax.lax.dynamic_update_slice(cache.mask, new, (0, cache.index))
+
+
+def cached_causal_bias(valid: Array, index: Array, t: int) -> Array:
+    """Bias ``[b, 1, t, max_len]``: query i (absolute ``index + i``) sees valid keys at positions ≤ it."""
+    max_len = valid.shape[1]
+    qpos = index + jnp.arange(t)[:, None]
+    allowed = (jnp.arange(max_len)[None, :] <= qpos)[None, None] & valid[:, None, None, :]
+    return mask_to_bias(allowed)
+
+
+def cache_update_layer(cache_k: Array, cache_v: Array, k: Array, v: Array, index: Array) -> tuple[Array, Array]:
+    """Writes new keys/values ``[b, t, kvh, d]`` at ``index``; returns the full updated layer cache."""
+    ck = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+    cv = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+    return ck, cv
+
+
+def positions_from_mask(attention_mask: Array | None, batch: int, t: int, offset: Array | int = 0) -> Array:
+    """Position ids ``[b, t]``: ``cumsum(mask) - 1`` (left padding gets position 0), as HF generate."""
+    if attention_mask is None:
+        return jnp.broadcast_to(jnp.arange(t)[None] + offset, (batch, t))
+    pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
+    return jnp.maximum(pos, 0)
+
+
+def unbox(tree: Any) -> Any:
+    """Removes ``nn.Partitioned`` boxes: plain arrays, as the converters produce."""
+    return nn.meta.unbox(tree)
+
+
+def logical_axes(abstract_variables: Any) -> Any:
+    """The logical ``PartitionSpec`` of every parameter, from a boxed (e.g. ``jax.eval_shape``) init."""
+    return nn.get_partition_spec(abstract_variables)
+
+
+def cache_positions(cache: KVCache, attention_mask: Array | None, batch: int, t: int) -> Array:
+    """Position ids ``[b, t]`` of ``t`` new tokens written into ``cache`` (left-padding aware)."""
+    prev = cache.mask.sum(-1).astype(jnp.int32)[:, None]
+    if attention_mask is None:
+        return prev + jnp.arange(t)[None]
+    return prev + jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
