@@ -47,7 +47,7 @@ from typing import Any
 
 HOOK_KINDS = ("linear", "attention", "mlp", "embed", "final_hidden", "lm_head")
 
-_LAYER_RE = re.compile(r"^layers?_(\d+)$")
+_LAYER_RE = re.compile(r"^(?:layers?|h|blocks?)_(\d+)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +56,9 @@ class HookContext:
 
     Attributes:
       kind: the hook kind (one of ``HOOK_KINDS``).
-      path: the calling module's path, e.g. ``("decoder", "layers_3", "attn", "q_proj")``; it mirrors
-        the parameter tree, so ``params[path]`` holds that module's parameters.
+      path: the calling module's path, e.g. ``("model", "layers_3", "self_attn", "q_proj")``; it mirrors
+        the parameter tree, so ``params[path]`` holds that module's parameters. Paths mirror the Hugging
+        Face module names, with a list index ``layers.3`` written ``layers_3``.
       decode: True during an incremental decoding step with a KV cache (not for the prefill), so that
         hooks that change the sequence length (prompts) apply only once.
       inputs: for ``attention``, the hidden state entering the attention layer ``[b, t, d]``.
@@ -72,7 +73,7 @@ class HookContext:
 
     @property
     def layer(self) -> int | None:
-        """Index of the enclosing transformer layer (``layers_<i>`` in the path), or None."""
+        """Index of the enclosing transformer layer (``layers_<i>``, ``layer_<i>``, ``h_<i>``), or None."""
         for name in reversed(self.path):
             m = _LAYER_RE.match(name)
             if m:
