@@ -1,0 +1,40 @@
+"""``run.py bench NAME [--out FILE.json] [options]``: benchmarks that print ratios measured side by side.
+
+Each benchmark is a function ``run(argv: list[str]) -> dict`` in its own module; it prints its table and
+returns the results, which are written as JSON to ``--out`` when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+
+from vlpeft_jax.errors import ConfigError
+
+BENCHMARKS = {
+    "decode": "vlpeft_jax.eval.bench_decode",
+    "metrics": "vlpeft_jax.eval.bench_metrics",
+    "train": "vlpeft_jax.train.bench_train",
+    "sparse": "vlpeft_jax.peft.bench_sparse",
+}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="run.py bench", description=__doc__)
+    parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        module = importlib.import_module(BENCHMARKS[args.name])
+    except ModuleNotFoundError as e:
+        if e.name == BENCHMARKS[args.name]:
+            raise ConfigError(f"benchmark {args.name!r} is not available in this version") from None
+        raise
+    results = module.run(rest)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2, sort_keys=True))
+        print(f"wrote {args.out}")
+    return 0
