@@ -1,0 +1,270 @@
+"""Vision-language compositions: a prefix VLM (LLaVA / ClipCap) and a Q-Former VLM (BLIP-2 / InstructBLIP).
+
+(a) :class:`PrefixVLM`: vision tower -> connector -> visual tokens placed in the language model's input,
+    either prepended to the text or written over image placeholder tokens. The connector is KLAFT's
+    Mapping Layer (seed ``000_a957fa63d822500b.txt``, Eq. 1): a linear map per token, an MLP with ``l``
+    layers, or a small bidirectional Transformer with ``l`` layers (:class:`MappingLayer`).
+(b) :class:`QFormerVLM`: frozen vision tower -> Q-Former over learned queries (optionally with the
+    instruction tokens, as InstructBLIP) -> linear projection -> language model (seed
+    ``001_e6226210b77e0466.txt`` §3.1).
+
+Both take the language model's calling convention (``vlpeft_jax.models.outputs``) and add
+``pixel_values`` (NHWC). For incremental decoding after the prefill, call them with
+``pixel_values=None``: the step is then the plain language model on new token ids, with the cache.
+Module names follow Hugging Face's LLaVA / BLIP-2 classes (``vision_tower``, ``multi_modal_projector``,
+``language_model``; ``vision_model``, ``qformer``, ``language_projection``), so paths and PEFT target
+patterns read the same as there.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> m = MappingLayer(ConnectorConfig(kind="mlp", num_layers=2), out_features=8)
+    >>> p = m.init(jax.random.key(0), jnp.ones((1, 4, 6)))
+    >>> m.apply(p, jnp.ones((1, 4, 6))).shape
+    (1, 4, 8)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlpeft_jax.errors import ConfigError
+from vlpeft_jax.models import hooks, layers
+from vlpeft_jax.models.outputs import DecoderOutput
+
+Array = jax.Array
+
+CONNECTOR_KINDS = ("linear", "mlp", "transformer")
+FEATURE_KINDS = ("patches", "cls", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectorConfig:
+    """Mapping Layer settings (seed 000, Eq. 1).
+
+    Attributes:
+      kind: ``linear`` (``h_{L,t} W_pf`` per token), ``mlp`` (``MLP_l``) or ``transformer`` (``Tra_l``).
+      num_layers: ``l``, the MLP's linear layers or the Transformer's blocks.
+      feature: which vision outputs become ``H_L``: ``patches`` (all patch tokens, LLaVA), ``cls`` (the
+        class token, ClipCap) or ``all`` (class and patch tokens).
+      vision_layer: which hidden state of the vision tower to use (-1 = last; LLaVA uses -2).
+      num_prefix: ``I_pf`` visual tokens when ``feature == "cls"`` (ClipCap maps one vector to ``I_pf``
+        tokens); ignored otherwise (one visual token per selected vision token).
+      hidden_features: MLP width (default: the LM width).
+      num_heads: attention heads of the Transformer connector.
+      activation: MLP activation.
+    """
+
+    kind: str = "mlp"
+    num_layers: int = 2
+    feature: str = "patches"
+    vision_layer: int = -1
+    num_prefix: int = 1
+    hidden_features: int | None = None
+    num_heads: int = 4
+    activation: str = "gelu"
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONNECTOR_KINDS:
+            raise ConfigError(f"connector.kind={self.kind!r}; valid: {', '.join(CONNECTOR_KINDS)}")
+        if self.feature not in FEATURE_KINDS:
+            raise ConfigError(f"connector.feature={self.feature!r}; valid: {', '.join(FEATURE_KINDS)}")
+        if self.num_layers < 1:
+            raise ConfigError(f"connector.num_layers={self.num_layers}; must be >= 1")
+        if self.num_prefix < 1:
+            raise ConfigError(f"connector.num_prefix={self.num_prefix}; must be >= 1")
+        if self.kind == "linear" and self.feature == "cls" and self.num_prefix > 1:
+            raise ConfigError("connector.kind='linear' maps each vision token to one visual token; use 'mlp' or "
+                              "'transformer' for num_prefix > 1 from the class token (seed 000 Eq. 1)")
+
+
+class _ConnectorBlock(nn.Module):
+    """A bidirectional pre-LN Transformer block for the ``transformer`` Mapping Layer."""
+
+    num_heads: int
+    activation: str
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, t, d = x.shape
+        if d % self.num_heads:
+            raise ConfigError(f"connector width {d} is not divisible by connector.num_heads={self.num_heads}")
+        hd = d // self.num_heads
+        h = layers.LayerNorm(name="ln_1")(x)
+        q = layers.Linear(d, axes=("embed", "heads"), name="q_proj")(h).reshape(b, t, self.num_heads, hd)
+        k = layers.Linear(d, axes=("embed", "heads"), name="k_proj")(h).reshape(b, t, self.num_heads, hd)
+        v = layers.Linear(d, axes=("embed", "heads"), name="v_proj")(h).reshape(b, t, self.num_heads, hd)
+        a = hooks.call("attention", self.path + ("self_attn",), layers.attention_default, q, k, v, None, inputs=h)
+        x = x + layers.Linear(d, axes=("heads", "embed"), name="o_proj")(a.reshape(b, t, d))
+        h = layers.LayerNorm(name="ln_2")(x)
+        act = layers.activation(self.activation)
+
+        def mlp(y: Array) -> Array:
+            y = act(layers.Linear(4 * d, axes=("embed", "mlp"), name="fc1")(y))
+            return layers.Linear(d, axes=("mlp", "embed"), name="fc2")(y)
+
+        return x + hooks.call("mlp", self.path + ("mlp",), mlp, h)
+
+
+class MappingLayer(nn.Module):
+    """KLAFT's Mapping Layer MaL (seed 000, Eq. 1): vision features ``H_L`` -> visual tokens ``H_I``.
+
+    Input ``[b, n, d_pf]`` (already selected vision tokens), output ``[b, I_pf, d_h]``.
+    """
+
+    config: ConnectorConfig
+    out_features: int
+
+    @nn.compact
+    def __call__(self, feats: Array) -> Array:
+        c = self.config
+        b = feats.shape[0]
+        n_out = c.num_prefix if c.feature == "cls" else feats.shape[1]
+        if c.kind == "linear":
+            return layers.Linear(self.out_features, axes=("embed", "embed"), name="linear_1")(feats)
+        if c.kind == "mlp":
+            act = layers.activation(c.activation)
+            width = c.hidden_features or self.out_features
+            x = feats
+            for i in range(c.num_layers):
+                last = i == c.num_layers - 1
+                out = self.out_features * (n_out if c.feature == "cls" else 1) if last else width
+                x = layers.Linear(out, axes=("embed", "mlp" if not last else "embed"), name=f"linear_{i + 1}")(x)
+                if not last:
+                    x = act(x)
+            if c.feature == "cls":
+                x = x.reshape(b, n_out, self.out_features)
+            return x
+        # transformer: project to the LM width, (ClipCap) append learned prefix constants, l blocks
+        x = layers.Linear(self.out_features, axes=("embed", "embed"), name="linear_in")(feats)
+        if c.feature == "cls":
+            const = self.param("prefix_const", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                                              ("queries", "embed")),
+                               (c.num_prefix, self.out_features))
+            x = jnp.concatenate([x, jnp.broadcast_to(const[None].astype(x.dtype), (b,) + const.shape)], axis=1)
+        for i in range(c.num_layers):
+            x = _ConnectorBlock(c.num_heads, c.activation, name=f"layers_{i}")(x)
+        return x[:, -n_out:] if c.feature == "cls" else x
+
+
+def select_vision_features(out: Any, feature: str, vision_layer: int) -> Array:
+    """``H_L`` from a vision tower's :class:`EncoderOutput`: a hidden state, then class/patch tokens."""
+    h = out.last_hidden_state if vision_layer == -1 else out.hidden_states[vision_layer]
+    if feature == "cls":
+        return h[:, :1]
+    if feature == "patches":
+        return h[:, 1:]
+    return h
+
+
+def place_visual_tokens(text_embeds: Array, attention_mask: Array | None, visual: Array,
+                        input_ids: Array, image_token_id: int | None) -> tuple[Array, Array]:
+    """Puts visual tokens into the LM input: prepended (``image_token_id`` None) or over placeholders.
+
+    With placeholders, each sequence must hold exactly ``visual.shape[1]`` tokens ``image_token_id``;
+    the i-th placeholder receives the i-th visual token (checked before tracing by the data pipeline,
+    see :func:`check_placeholders`).
+    """
+    b, t, _ = text_embeds.shape
+    mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+    if image_token_id is None:
+        embeds = jnp.concatenate([visual.astype(text_embeds.dtype), text_embeds], axis=1)
+        mask = jnp.concatenate([jnp.ones(visual.shape[:2], jnp.int32), mask], axis=1)
+        return embeds, mask
+    is_img = input_ids == image_token_id
+    slot = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, visual.shape[1] - 1)
+    gathered = jnp.take_along_axis(visual, slot[..., None], axis=1).astype(text_embeds.dtype)
+    return jnp.where(is_img[..., None], gathered, text_embeds), mask
+
+
+def check_placeholders(input_ids: Any, image_token_id: int, num_visual: int) -> None:
+    """Raises :class:`ConfigError` unless every row has exactly ``num_visual`` image placeholders."""
+    import numpy as np
+
+    counts = (np.asarray(input_ids) == image_token_id).sum(-1)
+    bad = np.nonzero(counts != num_visual)[0]
+    if bad.size:
+        raise ConfigError(f"rows {bad.tolist()[:10]} hold {counts[bad].tolist()[:10]} image placeholder tokens "
+                          f"(id {image_token_id}); each must hold exactly {num_visual}, one per visual token")
+
+
+class PrefixVLM(nn.Module):
+    """Vision tower -> Mapping Layer -> decoder LM (LLaVA / ClipCap; seed 000 Eq. 1, seed 003).
+
+    Attributes:
+      vision_tower: a vision encoder returning :class:`EncoderOutput` from NHWC ``pixel_values``.
+      language_model: a decoder following the convention of ``vlpeft_jax.models.outputs``.
+      connector: the Mapping Layer settings.
+      lm_width: the LM's embedding width.
+      image_token_id: None to prepend the visual tokens; else the placeholder token id.
+    """
+
+    vision_tower: nn.Module
+    language_model: nn.Module
+    connector: ConnectorConfig
+    lm_width: int
+    image_token_id: int | None = None
+
+    def setup(self) -> None:
+        self.multi_modal_projector = MappingLayer(self.connector, self.lm_width)
+
+    def encode_image(self, pixel_values: Array) -> Array:
+        """Visual tokens ``H_I`` ``[b, I_pf, d_h]``."""
+        out = self.vision_tower(pixel_values)
+        feats = select_vision_features(out, self.connector.feature, self.connector.vision_layer)
+        return self.multi_modal_projector(feats)
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None, pixel_values: Array | None = None,
+                 *, cache: layers.KVCache | None = None, decode: bool = False) -> DecoderOutput:
+        if pixel_values is None:
+            return self.language_model(input_ids, attention_mask, cache=cache, decode=decode)
+        visual = self.encode_image(pixel_values)
+        text = self.language_model.embed_tokens(input_ids)
+        embeds, mask = place_visual_tokens(text, attention_mask, visual, input_ids, self.image_token_id)
+        return self.language_model(None, mask, inputs_embeds=embeds, cache=cache, decode=decode)
+
+    def num_visual_tokens(self, num_vision_tokens: int) -> int:
+        """``I_pf`` for a vision tower that outputs ``num_vision_tokens`` tokens (class token included)."""
+        c = self.connector
+        return {"cls": c.num_prefix, "patches": num_vision_tokens - 1, "all": num_vision_tokens}[c.feature]
+
+
+class QFormerVLM(nn.Module):
+    """Vision tower -> Q-Former -> linear -> decoder LM (BLIP-2 / InstructBLIP; seed 001 §3.1).
+
+    The Q-Former's query outputs (the first ``num_query_tokens`` positions) are projected to the LM
+    width and prepended to the text, as BLIP-2 does. With ``instruction_ids``, the instruction is also
+    fed to the Q-Former (InstructBLIP's instruction-aware queries).
+    """
+
+    vision_model: nn.Module
+    qformer: nn.Module
+    language_model: nn.Module
+    lm_width: int
+    num_query_tokens: int
+
+    def setup(self) -> None:
+        self.language_projection = layers.Linear(self.lm_width, axes=("embed", "embed"))
+
+    def encode_image(self, pixel_values: Array, instruction_ids: Array | None = None,
+                     instruction_mask: Array | None = None) -> Array:
+        image = self.vision_model(pixel_values).last_hidden_state
+        if instruction_ids is None:
+            q = self.qformer(encoder_hidden_states=image)
+        else:
+            q = self.qformer(input_ids=instruction_ids, attention_mask=instruction_mask, encoder_hidden_states=image)
+        return self.language_projection(q.last_hidden_state[:, : self.num_query_tokens])
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None, pixel_values: Array | None = None,
+                 *, instruction_ids: Array | None = None, instruction_mask: Array | None = None,
+                 cache: layers.KVCache | None = None, decode: bool = False) -> DecoderOutput:
+        if pixel_values is None:
+            return self.language_model(input_ids, attention_mask, cache=cache, decode=decode)
+        visual = self.encode_image(pixel_values, instruction_ids, instruction_mask)
+        text = self.language_model.embed_tokens(input_ids)
+        embeds, mask = place_visual_tokens(text, attention_mask, visual, input_ids, None)
+        return self.language_model(None, mask, inputs_embeds=embeds, cache=cache, decode=decode)
