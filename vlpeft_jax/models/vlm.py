@@ -125,7 +125,7 @@ class MappingLayer(nn.Module):
         b = feats.shape[0]
         n_out = c.num_prefix if c.feature == "cls" else feats.shape[1]
         if c.kind == "linear":
-            return layers.Linear(self.out_features, axes=("embed", "embed"), name="linear_1")(feats)
+            return layers.Linear(self.out_features, axes=(None, "embed"), name="linear_1")(feats)
         if c.kind == "mlp":
             act = layers.activation(c.activation)
             width = c.hidden_features or self.out_features
@@ -133,14 +133,15 @@ class MappingLayer(nn.Module):
             for i in range(c.num_layers):
                 last = i == c.num_layers - 1
                 out = self.out_features * (n_out if c.feature == "cls" else 1) if last else width
-                x = layers.Linear(out, axes=("embed", "mlp" if not last else "embed"), name=f"linear_{i + 1}")(x)
+                axes = (None if i == 0 else "mlp", "embed" if last else "mlp")
+                x = layers.Linear(out, axes=axes, name=f"linear_{i + 1}")(x)
                 if not last:
                     x = act(x)
             if c.feature == "cls":
                 x = x.reshape(b, n_out, self.out_features)
             return x
         # transformer: project to the LM width, (ClipCap) append learned prefix constants, l blocks
-        x = layers.Linear(self.out_features, axes=("embed", "embed"), name="linear_in")(feats)
+        x = layers.Linear(self.out_features, axes=(None, "embed"), name="linear_in")(feats)
         if c.feature == "cls":
             const = self.param("prefix_const", nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                                               ("queries", "embed")),
@@ -248,7 +249,7 @@ class QFormerVLM(nn.Module):
     num_query_tokens: int
 
     def setup(self) -> None:
-        self.language_projection = layers.Linear(self.lm_width, axes=("embed", "embed"))
+        self.language_projection = layers.Linear(self.lm_width, axes=(None, "embed"))
 
     def encode_image(self, pixel_values: Array, instruction_ids: Array | None = None,
                      instruction_mask: Array | None = None) -> Array:

@@ -1,0 +1,139 @@
+"""Models picked by name from a config (big_vision style).
+
+A model config is a mapping with ``family`` and the family's Hugging Face config field names, e.g.
+``{"family": "llama", "hidden_size": 128, "num_hidden_layers": 2, ...}``. VLMs nest them:
+``{"family": "prefix_vlm", "vision": {...}, "decoder": {...}, "connector": {...}}``.
+
+Example:
+    >>> import jax
+    >>> m, inputs = build_model({"family": "gpt2", "vocab_size": 50, "hidden_size": 16,
+    ...                          "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 32})
+    >>> shapes = jax.eval_shape(m.init, jax.random.key(0), **inputs)
+    >>> sorted(shapes["params"])
+    ['transformer']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from vlpeft_jax.errors import ConfigError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _config(cls: type, cfg: Mapping[str, Any], family: str) -> Any:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in dict(cfg).items() if k != "family"}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise ConfigError(f"model family {family!r} has no setting(s) {', '.join(unknown)}; "
+                          f"valid: {', '.join(sorted(fields))}")
+    if "dtype" in kwargs and isinstance(kwargs["dtype"], str):
+        if kwargs["dtype"] not in DTYPES:
+            raise ConfigError(f"model dtype {kwargs['dtype']!r}; valid: {', '.join(DTYPES)}")
+        kwargs["dtype"] = DTYPES[kwargs["dtype"]]
+    for k in ("image_size", "patch_size"):
+        if k in kwargs and isinstance(kwargs[k], int):
+            kwargs[k] = (kwargs[k], kwargs[k])
+        elif k in kwargs:
+            kwargs[k] = tuple(kwargs[k])
+    return cls(**kwargs)
+
+
+def _gpt2(cfg: Mapping[str, Any]) -> Any:
+    from vlpeft_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(_config(GPT2Config, cfg, "gpt2"))
+
+
+def _llama(cfg: Mapping[str, Any]) -> Any:
+    from vlpeft_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(cfg)
+    if cfg.get("family") == "qwen2":
+        cfg.setdefault("model_type", "qwen2")
+    return LlamaForCausalLM(_config(LlamaConfig, cfg, str(cfg.get("family"))))
+
+
+def _vit(cfg: Mapping[str, Any]) -> Any:
+    from vlpeft_jax.models.vit import ViTConfig, ViTModel
+
+    return ViTModel(_config(ViTConfig, cfg, "vit"))
+
+
+def _clip_vision(cfg: Mapping[str, Any]) -> Any:
+    from vlpeft_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
+
+    return CLIPVisionModel(_config(CLIPVisionConfig, cfg, "clip_vision"))
+
+
+DECODERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {"gpt2": _gpt2, "llama": _llama, "qwen2": _llama}
+VISION: dict[str, Callable[[Mapping[str, Any]], Any]] = {"vit": _vit, "clip_vision": _clip_vision}
+VLMS = ("prefix_vlm",)
+
+
+def _family(cfg: Mapping[str, Any], valid: Mapping[str, Any] | tuple[str, ...], what: str) -> str:
+    fam = cfg.get("family")
+    if fam not in valid:
+        raise ConfigError(f"{what}.family={fam!r}; valid: {', '.join(valid)}")
+    return str(fam)
+
+
+def build_decoder(cfg: Mapping[str, Any]) -> Any:
+    """A decoder LM module from ``{"family": "gpt2"|"llama"|"qwen2", <HF config fields>}``."""
+    return DECODERS[_family(cfg, DECODERS, "decoder")](cfg)
+
+
+def build_vision(cfg: Mapping[str, Any]) -> Any:
+    """A vision tower from ``{"family": "vit"|"clip_vision", <HF config fields>}``."""
+    return VISION[_family(cfg, VISION, "vision")](cfg)
+
+
+def build_prefix_vlm(cfg: Mapping[str, Any]) -> Any:
+    """A :class:`~vlpeft_jax.models.vlm.PrefixVLM` from ``vision``, ``decoder`` and ``connector`` settings."""
+    from vlpeft_jax.models.vlm import ConnectorConfig, PrefixVLM
+
+    for key in ("vision", "decoder"):
+        if key not in cfg:
+            raise ConfigError(f"model.{key} is missing; a prefix_vlm needs vision, decoder and connector settings")
+    vision = build_vision(cfg["vision"])
+    decoder = build_decoder(cfg["decoder"])
+    connector = _config(ConnectorConfig, cfg.get("connector", {}), "connector")
+    return PrefixVLM(vision_tower=vision, language_model=decoder, connector=connector,
+                     lm_width=decoder.config.hidden_size, image_token_id=cfg.get("image_token_id"))
+
+
+def example_inputs(module: Any, batch: int = 1, seq: int = 8) -> dict[str, Any]:
+    """Inputs for ``module.init`` / ``jax.eval_shape`` (shapes only matter)."""
+    from vlpeft_jax.models.vlm import PrefixVLM
+
+    ids = np.zeros((batch, seq), np.int32)
+    if isinstance(module, PrefixVLM):
+        vc = module.vision_tower.config
+        h, w = vc.image_size
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                "pixel_values": np.zeros((batch, h, w, vc.num_channels), np.float32)}
+    if hasattr(module, "config") and hasattr(module.config, "image_size"):
+        h, w = module.config.image_size
+        return {"pixel_values": np.zeros((batch, h, w, module.config.num_channels), np.float32)}
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def build_model(cfg: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Any registered model and example init inputs, from its config mapping."""
+    fam = cfg.get("family")
+    if fam == "prefix_vlm":
+        m = build_prefix_vlm(cfg)
+    elif fam in DECODERS:
+        m = build_decoder(cfg)
+    elif fam in VISION:
+        m = build_vision(cfg)
+    else:
+        raise ConfigError(f"model.family={fam!r}; valid: {', '.join([*DECODERS, *VISION, *VLMS])}")
+    return m, example_inputs(m)
