@@ -45,7 +45,8 @@ class LoRA:
       alpha: α.
       dropout: dropout on the LoRA branch's input while training.
       use_rslora: scale by ``α/√r`` instead of ``α/r``.
-      rank_pattern: per-pattern ranks overriding ``rank`` (regex over the path, first match wins).
+      rank_pattern: ``(pattern, rank)`` pairs overriding ``rank`` (first match wins; a mapping is accepted).
+        Kept as a tuple so that the method is hashable (it is part of jitted step functions).
       init_weights: ``kaiming`` (A ~ U(±1/√in), as peft) or ``gaussian`` (A ~ N(0, 1/r)).
     """
 
@@ -54,12 +55,15 @@ class LoRA:
     alpha: float = 16.0
     dropout: float = 0.0
     use_rslora: bool = False
-    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    rank_pattern: tuple[tuple[str, int], ...] = ()
     init_weights: str = "kaiming"
     name: str = "lora"
 
     def __post_init__(self) -> None:
-        for r in (self.rank, *self.rank_pattern.values()):
+        if isinstance(self.rank_pattern, Mapping):
+            object.__setattr__(self, "rank_pattern", tuple(self.rank_pattern.items()))
+        object.__setattr__(self, "targets", tuple(self.targets))
+        for r in (self.rank, *(r for _, r in self.rank_pattern)):
             if int(r) <= 0:
                 raise ConfigError(f"{self.name}.rank={r}; must be a positive integer")
         if not 0.0 <= self.dropout < 1.0:
@@ -69,7 +73,7 @@ class LoRA:
 
     def rank_for(self, path: tuple[str, ...]) -> int:
         name = "/".join(path)
-        for pat, r in self.rank_pattern.items():
+        for pat, r in self.rank_pattern:
             if re.fullmatch(pat, name) or name.endswith("/" + pat) or name == pat:
                 return int(r)
         return int(self.rank)

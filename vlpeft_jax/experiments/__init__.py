@@ -1,0 +1,1 @@
+"""End-to-end experiments driven by configs (``run.py train --config configs/X.py``)."""
