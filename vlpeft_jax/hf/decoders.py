@@ -1,0 +1,183 @@
+"""Hugging Face checkpoints of the decoder language models (GPT-2, LLaMA, Qwen2): in and back out.
+
+Each family has an explicit key map (HF tensor name -> our parameter path, with the transpose a PyTorch
+``nn.Linear`` weight needs; GPT-2's ``Conv1D`` needs none), a loader that reads ``config.json`` and the
+weights of a local checkpoint directory, and the inverse ``to_hf_state_dict`` used to export merged
+weights. Checkpoints saved from the base classes (``GPT2Model``, ``LlamaModel``: keys without the
+``transformer.`` / ``model.`` prefix, e.g. the original ``gpt2`` release) load as well.
+
+Example (tiny random checkpoint written by transformers)::
+
+    model, params = load_llama("/path/to/qwen2-dir")
+    logits = model.apply({"params": params}, input_ids, attention_mask).logits
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlpeft_jax.errors import CheckpointError
+from vlpeft_jax.hf import io
+from vlpeft_jax.models import layers
+from vlpeft_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from vlpeft_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+# --------------------------------------------------------------------------------------------------
+# Key maps
+
+
+def gpt2_key_maps(config: GPT2Config) -> list[io.KeyMap]:
+    """HF ``GPT2LMHeadModel`` keys -> our paths (``Conv1D`` weights are already ``[in, out]``).
+
+    Example:
+        >>> maps = gpt2_key_maps(GPT2Config(num_hidden_layers=1))
+        >>> maps[0].hf_key, maps[0].path
+        ('transformer.wte.weight', 'transformer/wte/embedding')
+    """
+    maps = [io.embedding("transformer.wte.weight", "transformer/wte"),
+            io.embedding("transformer.wpe.weight", "transformer/wpe")]
+    for i in range(config.num_hidden_layers):
+        hf, ours = f"transformer.h.{i}", f"transformer/h_{i}"
+        maps += io.norm(f"{hf}.ln_1", f"{ours}/ln_1")
+        maps += io.linear(f"{hf}.attn.c_attn", f"{ours}/attn/c_attn", transposed=False)
+        maps += io.linear(f"{hf}.attn.c_proj", f"{ours}/attn/c_proj", transposed=False)
+        maps += io.norm(f"{hf}.ln_2", f"{ours}/ln_2")
+        maps += io.linear(f"{hf}.mlp.c_fc", f"{ours}/mlp/c_fc", transposed=False)
+        maps += io.linear(f"{hf}.mlp.c_proj", f"{ours}/mlp/c_proj", transposed=False)
+    maps += io.norm("transformer.ln_f", "transformer/ln_f")
+    if not config.tie_word_embeddings:
+        maps += io.linear("lm_head", "lm_head", bias=False)
+    return maps
+
+
+def llama_key_maps(config: LlamaConfig) -> list[io.KeyMap]:
+    """HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` keys -> our paths.
+
+    Example:
+        >>> maps = llama_key_maps(LlamaConfig(num_hidden_layers=1, tie_word_embeddings=True))
+        >>> [m.path for m in maps if m.hf_key.startswith("model.layers.0.self_attn.q")]
+        ['model/layers_0/self_attn/q_proj/kernel']
+    """
+    maps = [io.embedding("model.embed_tokens.weight", "model/embed_tokens")]
+    for i in range(config.num_hidden_layers):
+        hf, ours = f"model.layers.{i}", f"model/layers_{i}"
+        maps += io.norm(f"{hf}.input_layernorm", f"{ours}/input_layernorm", bias=False)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            maps += io.linear(f"{hf}.self_attn.{name}", f"{ours}/self_attn/{name}", bias=config.attention_bias)
+        maps += io.linear(f"{hf}.self_attn.o_proj", f"{ours}/self_attn/o_proj", bias=config.o_proj_bias)
+        maps += io.norm(f"{hf}.post_attention_layernorm", f"{ours}/post_attention_layernorm", bias=False)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            maps += io.linear(f"{hf}.mlp.{name}", f"{ours}/mlp/{name}", bias=config.mlp_bias)
+    maps += io.norm("model.norm", "model/norm", bias=False)
+    if not config.tie_word_embeddings:
+        maps += io.linear("lm_head", "lm_head", bias=False)
+    return maps
+
+
+# --------------------------------------------------------------------------------------------------
+# Loaders
+
+
+def abstract_params(module: Any) -> dict[str, Any]:
+    """The module's unboxed parameter tree as ``ShapeDtypeStruct`` leaves (no memory used)."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    variables = jax.eval_shape(module.init, jax.random.key(0), ids)
+    return layers.unbox(variables)["params"]
+
+
+def load_gpt2(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> tuple[GPT2LMHeadModel, dict]:
+    """Builds a :class:`GPT2LMHeadModel` from a local Hugging Face GPT-2 checkpoint directory.
+
+    Returns the module (compute ``dtype``) and its parameters as host (numpy, float32) arrays; place them
+    with ``jax.device_put`` (and a sharding) as needed. A hub id fails with an offline message.
+    """
+    config = GPT2Config.from_hf(io.load_config(model_dir), dtype=dtype)
+    model = GPT2LMHeadModel(config)
+    state = _with_prefix(io.load_state_dict(model_dir), "transformer.", "wte.weight")
+    params = io.convert(state, gpt2_key_maps(config), abstract_params(model), source=str(model_dir))
+    return model, params
+
+
+def load_llama(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> tuple[LlamaForCausalLM, dict]:
+    """Builds a :class:`LlamaForCausalLM` from a local ``llama`` or ``qwen2`` checkpoint directory.
+
+    Returns the module and its parameters as host (numpy, float32) arrays (see :func:`load_gpt2`).
+    """
+    config = LlamaConfig.from_hf(io.load_config(model_dir), dtype=dtype)
+    model = LlamaForCausalLM(config)
+    state = _with_prefix(io.load_state_dict(model_dir), "model.", "embed_tokens.weight")
+    params = io.convert(state, llama_key_maps(config), abstract_params(model), source=str(model_dir))
+    return model, params
+
+
+def _with_prefix(state: dict[str, np.ndarray], prefix: str, probe: str) -> dict[str, np.ndarray]:
+    """Adds the trunk prefix to the keys of a checkpoint saved from the base class (no ``lm_head``)."""
+    if prefix + probe in state or probe not in state:
+        return state
+    return {(k if k.startswith("lm_head.") else prefix + k): v for k, v in state.items()}
+
+
+def load_decoder(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> tuple[Any, dict]:
+    """Loads any supported decoder LM, dispatching on ``model_type`` in its ``config.json``."""
+    model_type = io.load_config(model_dir).get("model_type")
+    if model_type not in DECODER_LOADERS:
+        raise CheckpointError(f"{model_dir}: model_type {model_type!r} is not a supported decoder; supported: "
+                              f"{', '.join(sorted(DECODER_LOADERS))}")
+    return DECODER_LOADERS[model_type](model_dir, dtype=dtype)
+
+
+DECODER_LOADERS: dict[str, Callable[..., tuple[Any, dict]]] = {
+    "gpt2": load_gpt2,
+    "llama": load_llama,
+    "qwen2": load_llama,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+
+
+def _invert(params: Mapping[str, Any], key_maps: list[io.KeyMap]) -> dict[str, np.ndarray]:
+    flat = io.flatten_tree(params)
+    out = {}
+    for m in key_maps:
+        if m.path not in flat:
+            raise CheckpointError(f"parameter {m.path} is missing from the tree being exported")
+        value = np.asarray(jax.device_get(flat[m.path]), dtype=np.float32)
+        # Both transforms the decoder maps use (identity, transpose) are their own inverse.
+        out[m.hf_key] = np.ascontiguousarray(m.transform(value))
+    return out
+
+
+def gpt2_to_hf_state_dict(params: Mapping[str, Any], config: GPT2Config) -> dict[str, np.ndarray]:
+    """Our GPT-2 parameters -> a HF ``GPT2LMHeadModel`` state dict (float32; no ``lm_head`` when tied)."""
+    return _invert(params, gpt2_key_maps(config))
+
+
+def llama_to_hf_state_dict(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np.ndarray]:
+    """Our LLaMA/Qwen2 parameters -> a HF ``LlamaForCausalLM``/``Qwen2ForCausalLM`` state dict."""
+    return _invert(params, llama_key_maps(config))
+
+
+def to_hf_state_dict(params: Mapping[str, Any], config: GPT2Config | LlamaConfig) -> dict[str, np.ndarray]:
+    """The inverse of the loaders: HF tensor name -> float32 numpy array, ready for ``safetensors``.
+
+    Example:
+        >>> cfg = GPT2Config(vocab_size=10, max_position_embeddings=4, hidden_size=4, num_hidden_layers=1,
+        ...                  num_attention_heads=1)
+        >>> params = abstract_params(GPT2LMHeadModel(cfg))
+        >>> zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), params)
+        >>> to_hf_state_dict(zeros, cfg)["transformer.h.0.attn.c_attn.weight"].shape
+        (4, 12)
+    """
+    if isinstance(config, GPT2Config):
+        return gpt2_to_hf_state_dict(params, config)
+    if isinstance(config, LlamaConfig):
+        return llama_to_hf_state_dict(params, config)
+    raise TypeError(f"to_hf_state_dict takes a GPT2Config or LlamaConfig, got {type(config).__name__}")
