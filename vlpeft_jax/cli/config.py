@@ -67,7 +67,7 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
     if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
         return type(current)(value)
     if type(value) is not type(current):
-        raise ConfigError(f"--config.{key}={text!r}: expected a {type(current).__name__}, "
+        raise ConfigError(f"--config.{key}={text!r}: expected {type(current).__name__}, "
                           f"got a {type(value).__name__}")
     return value
 

@@ -215,14 +215,19 @@ def evaluate(module: Any, params: Any, methods: Sequence[tuple[str, Any]], token
 
 def pretrained_base(cfg: ml_collections.ConfigDict, world: shapes.ShapesWorld, tokenizer: Any,
                     module: Any, inputs: Mapping[str, Any]) -> Any:
-    """The base VLM trained on source captions by ``cfg.pretrain``: from its cache, or trained now."""
+    """The base VLM trained on source captions by ``cfg.pretrain``: from its cache, or trained now.
+
+    The pretrain config contributes its stages, train and seed settings; the model and data are this
+    run's, so the base always fits. The cache key hashes all of them (not the data cache location).
+    """
     from vlpeft_jax.cli.config import load_config_file
 
     pcfg = load_config_file(cfg.pretrain.config)
-    if pcfg.model.to_dict() != cfg.model.to_dict() or pcfg.data.to_dict() != cfg.data.to_dict():
-        raise ConfigError(f"pretrain config {cfg.pretrain.config} must use the same model and data settings as "
-                          "this run (the base is reused); set both in one place")
-    key = config_hash(pcfg.model, pcfg.data, pcfg.stages, pcfg.train, pcfg.seed)
+    # The base must fit this run: its model and data are this run's; the pretrain config gives the stages.
+    pcfg.model = ml_collections.ConfigDict(cfg.model.to_dict())
+    pcfg.data = ml_collections.ConfigDict(cfg.data.to_dict())
+    data_key = {k: v for k, v in cfg.data.to_dict().items() if k != "cache_dir"}
+    key = config_hash(pcfg.model, data_key, pcfg.stages, pcfg.train, pcfg.seed)
     cache = Path(cfg.pretrain.cache_dir) / f"{pcfg.name}-{key}"
     params_file = cache / "params.npz"
     abstract = jax.eval_shape(lambda: init_base(module, inputs, pcfg.seed))
@@ -283,6 +288,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         results["zero_shot"] = evaluate(module, {"base": base, "peft": {}}, [], tokenizer, world, cfg)
     params, train_result = train_run(cfg, run_dir, module, base, tokenizer, world, methods, peft_params,
                                       domain=cfg.train.domain)
+    save_final(run_dir, params, base)
     counts = parameter_counts(params, cfg)
     results["params"] = counts
     results["train"] = {"final_loss": train_result.history[-1]["loss"] if train_result.history else None,
@@ -293,6 +299,40 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     write_report(run_dir, cfg, results)
     print(f"run directory: {run_dir}")
     return results
+
+
+def save_final(run_dir: Path, params: Any, base: Any) -> None:
+    """Writes ``final/peft.npz`` and, only if training changed it, ``final/base.npz``."""
+    final = run_dir / "final"
+    save_params(final / "peft.npz", params["peft"])
+    changed = any(not np.array_equal(np.asarray(a), np.asarray(b))
+                  for a, b in zip(jax.tree_util.tree_leaves(params["base"]), jax.tree_util.tree_leaves(base),
+                                  strict=True))
+    if changed:
+        save_params(final / "base.npz", params["base"])
+
+
+def load_final(run_dir: Path, cfg: ml_collections.ConfigDict) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(module, params, tokenizer, methods) of a finished run directory, for ``run.py eval``."""
+    from vlpeft_jax.data.tokenizer import WordTokenizer
+
+    final = run_dir / "final"
+    if not (final / "peft.npz").is_file():
+        raise ConfigError(f"{run_dir} has no final parameters ({final / 'peft.npz'}); did the run finish?")
+    tokenizer = WordTokenizer.load(run_dir / "tokenizer")
+    module, inputs = registry.build_model(model_config(cfg, tokenizer.vocab_size))
+    abstract = jax.eval_shape(lambda: init_base(module, inputs, cfg.seed))
+    if (final / "base.npz").is_file():
+        base = load_params(final / "base.npz", abstract)
+    elif cfg.get("pretrain") and cfg.pretrain.get("config"):
+        world = load_world(cfg)
+        base = pretrained_base(cfg, world, tokenizer, module, inputs)
+    else:
+        raise ConfigError(f"{run_dir}: the base model was not saved and there is no pretrain config to rebuild it")
+    methods = build_methods(cfg.get("peft"))
+    peft_abstract = {n: jax.eval_shape(lambda m=m: m.init(jax.random.key(0), base)) for n, m in methods.items()}
+    peft = load_params(final / "peft.npz", peft_abstract) if methods else {}
+    return module, {"base": base, "peft": peft}, tokenizer, methods
 
 
 def parameter_counts(params: Any, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
