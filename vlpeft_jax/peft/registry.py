@@ -14,13 +14,36 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
 from vlpeft_jax.errors import ConfigError
-from vlpeft_jax.peft.lora import LoRA
 
-METHODS: dict[str, type] = {"lora": LoRA}
+# method name -> "module:Class"; imported on first use so that one method's import never breaks another.
+METHODS: dict[str, str] = {
+    "lora": "vlpeft_jax.peft.lora:LoRA",
+    "dora": "vlpeft_jax.peft.dora:DoRA",
+    "ia3": "vlpeft_jax.peft.ia3:IA3",
+    "prefix": "vlpeft_jax.peft.prefix:PrefixTuning",
+    "prompt": "vlpeft_jax.peft.prompt:PromptTuning",
+    "deep_prompt": "vlpeft_jax.peft.prompt:DeepPromptTuning",
+    "adapter": "vlpeft_jax.peft.adapters:BottleneckAdapter",
+    "llama_adapter": "vlpeft_jax.peft.llama_adapter:LlamaAdapter",
+    "bitfit": "vlpeft_jax.peft.bitfit:BitFit",
+    "neuroada": "vlpeft_jax.peft.neuroada:NeuroAda",
+}
+
+
+def method_class(kind: str) -> type:
+    """The class registered as ``kind``."""
+    if kind not in METHODS:
+        raise ConfigError(f"unknown PEFT method {kind!r}; valid: {', '.join(sorted(METHODS))}")
+    module, cls = METHODS[kind].split(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ModuleNotFoundError, AttributeError):
+        raise ConfigError(f"PEFT method {kind!r} is not available in this version ({METHODS[kind]})") from None
 
 
 def build_method(name: str, settings: Mapping[str, Any]) -> Any:
@@ -29,7 +52,7 @@ def build_method(name: str, settings: Mapping[str, Any]) -> Any:
     kind = settings.pop("method", name)
     if kind not in METHODS:
         raise ConfigError(f"peft.{name}.method={kind!r}; valid: {', '.join(sorted(METHODS))}")
-    cls = METHODS[kind]
+    cls = method_class(kind)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(settings) - fields)
     if unknown:
