@@ -1,0 +1,57 @@
+"""Hugging Face checkpoints in (and, with :mod:`vlpeft_jax.hf.peft_io`, PEFT adapters out and in).
+
+:func:`load_pretrained` reads any supported local checkpoint directory by its ``model_type``; the
+family loaders (:mod:`~vlpeft_jax.hf.decoders`, :mod:`~vlpeft_jax.hf.vision`, :mod:`~vlpeft_jax.hf.bert`)
+hold the explicit key maps. Nothing here touches the network: a hub id fails at once with
+:class:`~vlpeft_jax.errors.OfflineError`.
+
+Example:
+    >>> from vlpeft_jax.hf import SUPPORTED_MODEL_TYPES
+    >>> sorted(SUPPORTED_MODEL_TYPES)[:3]
+    ['bert', 'blip_2_qformer', 'clip']
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from vlpeft_jax.errors import CheckpointError
+from vlpeft_jax.hf.io import load_config, load_state_dict, resolve_model_dir
+
+
+def _loaders() -> dict[str, Callable[..., tuple[Any, dict]]]:
+    from vlpeft_jax.hf.bert import load_bert, load_qformer
+    from vlpeft_jax.hf.decoders import DECODER_LOADERS
+    from vlpeft_jax.hf.vision import VISION_LOADERS
+
+    return {**DECODER_LOADERS, **VISION_LOADERS, "bert": load_bert, "blip_2_qformer": load_qformer}
+
+
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "vit", "clip", "clip_vision_model", "bert", "blip_2_qformer")
+
+
+def load_pretrained(model_dir: str | os.PathLike, **kwargs: Any) -> tuple[Any, dict]:
+    """``(module, params)`` of a local Hugging Face checkpoint directory, chosen by its ``model_type``."""
+    model_type = load_config(model_dir).get("model_type")
+    loaders = _loaders()
+    if model_type not in loaders:
+        raise CheckpointError(f"{model_dir}: model_type {model_type!r} is not supported; supported: "
+                              f"{', '.join(sorted(loaders))}")
+    return loaders[model_type](model_dir, **kwargs)
+
+
+def load_tokenizer(model_dir: str | os.PathLike) -> Any:
+    """The tokenizer saved in a checkpoint directory (transformers ``AutoTokenizer``, offline)."""
+    from transformers import AutoTokenizer
+
+    d = resolve_model_dir(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{d}: no loadable tokenizer ({e})") from None
+
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "load_config", "load_pretrained", "load_state_dict", "load_tokenizer",
+           "resolve_model_dir"]
