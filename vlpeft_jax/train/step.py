@@ -106,10 +106,13 @@ def jit_train_step(train_step: TrainStep, *, state_sharding: Any = None, batch_s
       train_step: from :func:`make_train_step`.
       state_sharding: a :class:`TrainState` of ``NamedSharding`` (see :mod:`vlpeft_jax.train.sharding`);
         used for the input and the output state, so the state stays where it is.
-      batch_sharding: a pytree of shardings for the batch (or a single sharding for all leaves).
+      batch_sharding: a pytree of shardings for the batch (or a single sharding for all leaves); give
+        both shardings or neither.
     """
     if state_sharding is None and batch_sharding is None:
         return jax.jit(train_step, donate_argnums=0)
+    if state_sharding is None or batch_sharding is None:
+        raise ValueError("jit_train_step: give both state_sharding and batch_sharding, or neither")
     return jax.jit(train_step, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, None))
 
@@ -127,4 +130,6 @@ def make_eval_step(loss_fn: LossFn, *, state_sharding: Any = None, batch_shardin
 
     if state_sharding is None and batch_sharding is None:
         return jax.jit(eval_step)
+    if state_sharding is None or batch_sharding is None:
+        raise ValueError("make_eval_step: give both state_sharding and batch_sharding, or neither")
     return jax.jit(eval_step, in_shardings=(state_sharding, batch_sharding))
