@@ -1,0 +1,137 @@
+"""``run.py export --run RUN_DIR --format peft --out DIR [--method NAME] [--with-base]``.
+
+Writes the adapters of a finished run (``RUN_DIR/final``) in Hugging Face ``peft`` format
+(``adapter_config.json`` + ``adapter_model.safetensors``, see :mod:`vlpeft_jax.hf.peft_io`).
+
+- Which adapters: ``--method NAME`` (an instance name of the run's ``peft`` section); without it every
+  method of the run is exported, into ``DIR`` if there is one and into ``DIR/<name>`` if there are several
+  (peft's own layout for several adapters).
+- Which model: peft adapters belong to one Hugging Face model. For a VLM run (the shapes configs) that is
+  the decoder LM: our ``language_model/...`` prefix is stripped and the keys are the LM's own
+  (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``), so the adapter loads onto the LM
+  alone (``LlamaForCausalLM``, ``GPT2LMHeadModel``). A method that also adapts the vision tower or the
+  connector is refused with a message naming the module. For a decoder-only run there is no prefix.
+- ``--with-base`` also writes the run's (trained or pretrained) LM as a Hugging Face checkpoint in
+  ``DIR/base_model`` (``config.json`` + ``model.safetensors``) and records it as
+  ``base_model_name_or_path``, so that in PyTorch::
+
+      base = AutoModelForCausalLM.from_pretrained("DIR/base_model")
+      model = PeftModel.from_pretrained(base, "DIR")
+
+  gives the run's LM with its adapter (text-only inputs; the visual tokens come from our vision tower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from vlpeft_jax.errors import ConfigError
+
+
+def hf_config_dict(config: Any) -> dict[str, Any]:
+    """A Hugging Face ``config.json`` for one of our decoder configs (GPT-2, LLaMA, Qwen2).
+
+    Example:
+        >>> from vlpeft_jax.models.gpt2 import GPT2Config
+        >>> hf_config_dict(GPT2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4))["n_embd"]
+        64
+    """
+    from vlpeft_jax.models.gpt2 import GPT2Config
+    from vlpeft_jax.models.llama import LlamaConfig
+
+    if isinstance(config, GPT2Config):
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+                "n_positions": config.max_position_embeddings, "n_embd": config.hidden_size,
+                "n_layer": config.num_hidden_layers, "n_head": config.num_attention_heads,
+                "n_inner": config.intermediate_size, "activation_function": config.activation_function,
+                "layer_norm_epsilon": config.layer_norm_epsilon, "scale_attn_weights": config.scale_attn_weights,
+                "scale_attn_by_inverse_layer_idx": config.scale_attn_by_inverse_layer_idx,
+                "tie_word_embeddings": config.tie_word_embeddings, "torch_dtype": "float32"}
+    if isinstance(config, LlamaConfig):
+        rope: dict[str, Any] = {"rope_type": config.rope_type, "rope_theta": config.rope_theta}
+        if config.rope_type in ("linear", "llama3"):
+            rope["factor"] = config.rope_factor
+        if config.rope_type == "llama3":
+            rope.update(low_freq_factor=config.rope_low_freq_factor, high_freq_factor=config.rope_high_freq_factor,
+                        original_max_position_embeddings=config.rope_original_max_position_embeddings)
+        out = {"architectures": ["Qwen2ForCausalLM" if config.model_type == "qwen2" else "LlamaForCausalLM"],
+               "model_type": config.model_type, "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+               "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
+               "num_attention_heads": config.num_attention_heads,
+               "num_key_value_heads": config.num_key_value_heads, "head_dim": config.head_dim,
+               "hidden_act": config.hidden_act, "rms_norm_eps": config.rms_norm_eps,
+               "rope_theta": config.rope_theta, "rope_parameters": rope,
+               "tie_word_embeddings": config.tie_word_embeddings, "torch_dtype": "float32"}
+        if config.model_type == "qwen2":
+            out["use_sliding_window"] = False
+        else:
+            out.update(attention_bias=config.attention_bias, mlp_bias=config.mlp_bias)
+        return out
+    raise ConfigError(f"exporting the base model is supported for GPT-2 and LLaMA/Qwen2 decoders, not "
+                      f"{type(config).__name__}")
+
+
+def write_hf_checkpoint(params: Any, config: Any, out_dir: Path) -> Path:
+    """Our decoder parameters -> ``out_dir/config.json`` + ``model.safetensors`` (float32)."""
+    from safetensors.numpy import save_file
+
+    from vlpeft_jax.hf import decoders
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = decoders.to_hf_state_dict(jax.device_get(params), config)
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(out_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2) + "\n")
+    return out_dir
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="run.py export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="a finished run directory")
+    parser.add_argument("--format", choices=("peft",), default="peft", help="output format (peft)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--method", default=None, help="the PEFT method instance to export (default: all)")
+    parser.add_argument("--with-base", action="store_true",
+                        help="also write the run's LM as a Hugging Face checkpoint in OUT/base_model")
+    args = parser.parse_args(argv)
+    cfg_file = args.run / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{args.run} is not a run directory (no config.json)")
+    cfg = ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
+    methods_cfg = dict(cfg.get("peft") or {})
+    if not methods_cfg:
+        raise ConfigError(f"{args.run}: the run has no PEFT methods (its config's peft section is empty); "
+                          "nothing to export")
+    if args.method is not None and args.method not in methods_cfg:
+        raise ConfigError(f"--method {args.method!r} is not a method of {args.run}; its methods: "
+                          f"{', '.join(methods_cfg)}")
+    from vlpeft_jax.experiments import captioning
+    from vlpeft_jax.hf import peft_io
+
+    module, params, _, methods = captioning.load_final(args.run, cfg)
+    lm = getattr(module, "language_model", None)
+    prefix: tuple[str, ...] = ("language_model",) if lm is not None else ()
+    lm_config = (lm if lm is not None else module).config
+    info = peft_io.BaseModelInfo.from_config(lm_config)
+    names = [args.method] if args.method else list(methods)
+    # Every adapter is converted before anything is written, so that a refused one leaves no partial output.
+    exported = {n: peft_io.peft_state(methods[n], params["peft"][n], info, prefix=prefix) for n in names}
+    if args.with_base:
+        lm_params = params["base"][prefix[0]] if prefix else params["base"]
+        base_dir = write_hf_checkpoint(lm_params, lm_config, args.out / "base_model")
+        for config, _ in exported.values():
+            config["base_model_name_or_path"] = str(base_dir.resolve())
+        print(f"wrote the base LM to {base_dir}")
+    for name, (config, state) in exported.items():
+        out = args.out if len(names) == 1 else args.out / name
+        peft_io.write_peft_dir(config, state, out)
+        print(f"wrote {name} ({type(methods[name]).__name__}) in peft format to {out}")
+    return 0
