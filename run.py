@@ -13,6 +13,7 @@ import sys
 
 SUBCOMMANDS = {
     "train": "train, evaluate and report one experiment (the default)",
+    "sweep": "run every variant (x seeds) of a config's SWEEPS entry; one table and plot",
     "eval": "decode and score a run directory or checkpoint",
     "score": "score a COCO-format results file against caption annotations",
     "export": "export adapters (e.g. to Hugging Face PEFT format)",

@@ -32,7 +32,7 @@ def abstract_params(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     module, inputs = registry.build_model(model_cfg)
     base = jax.eval_shape(lambda: layers.unbox(module.init(jax.random.key(0), **inputs))["params"])
     methods = build_methods(cfg.get("peft"))
-    peft = {n: jax.eval_shape(lambda m=m: m.init(jax.random.key(0), base)) for n, m in methods.items()}
+    peft = {n: jax.eval_shape(m.init, jax.random.key(0), base) for n, m in methods.items()}
     return {"base": base, "peft": peft}
 
 

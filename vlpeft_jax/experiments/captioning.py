@@ -330,7 +330,7 @@ def load_final(run_dir: Path, cfg: ml_collections.ConfigDict) -> tuple[Any, Any,
     else:
         raise ConfigError(f"{run_dir}: the base model was not saved and there is no pretrain config to rebuild it")
     methods = build_methods(cfg.get("peft"))
-    peft_abstract = {n: jax.eval_shape(lambda m=m: m.init(jax.random.key(0), base)) for n, m in methods.items()}
+    peft_abstract = {n: jax.eval_shape(m.init, jax.random.key(0), base) for n, m in methods.items()}
     peft = load_params(final / "peft.npz", peft_abstract) if methods else {}
     return module, {"base": base, "peft": peft}, tokenizer, methods
 

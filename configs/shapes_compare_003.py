@@ -1,0 +1,68 @@
+"""Seed 003's comparison on the shapes world: zero-shot vs prompt learning, prefix tuning, LoRA, DoRA and
+full fine-tuning of the source-pretrained prefix VLM, adapted to the target (expressive) caption style.
+
+``python run.py sweep --config configs/shapes_compare_003.py --sweep table --seeds 0,1,2`` runs all
+variants and writes one table (in-domain = target references, out-of-domain = source references) with
+trainable-parameter % and a bar plot; ``python run.py train --config configs/shapes_compare_003.py:lora``
+runs one. Add ``,smoke`` to a variant for a seconds-long run. Every variant trains the same number of
+steps from the same cached base (``configs/shapes_pretrain.py``); the zero-shot row is the base itself.
+
+Prompt learning is initialised from the text of the caption instruction (seed 003: the original
+instruction), tokenised by the shapes world's tokenizer.
+
+Example:
+    >>> SWEEPS["table"]
+    ['prompt', 'prefix', 'lora', 'dora', 'full']
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+from vlpeft_jax.cli.config import load_config_file
+from vlpeft_jax.experiments.captioning import shrink_for_smoke
+
+SWEEPS = {"table": ["prompt", "prefix", "lora", "dora", "full"]}
+LM = "language_model/model/layers_\\d+"
+INSTRUCTION = "a short description of the image"
+
+
+def _method(kind: str, dec: ml_collections.ConfigDict) -> dict:
+    if kind == "prompt":
+        from vlpeft_jax.data.shapes import shapes_tokenizer
+
+        ids = tuple(shapes_tokenizer().encode(INSTRUCTION, add_special_tokens=False))
+        return dict(method="prompt", num_virtual_tokens=len(ids), init_from="text", init_token_ids=ids,
+                    targets=["language_model/model/embed_tokens"])
+    if kind == "prefix":
+        return dict(method="prefix", num_virtual_tokens=8, num_kv_heads=dec.num_key_value_heads,
+                    targets=[f"{LM}/self_attn"], projection=True, type_embedding=True)
+    if kind in ("lora", "dora"):
+        return dict(method=kind, targets=[f"{LM}/.*_proj"], rank=8, alpha=16.0, dropout=0.0)
+    raise ValueError(kind)
+
+
+def get_config(variant: str = "lora") -> ml_collections.ConfigDict:
+    kind, *opts = [v.strip() for v in (variant or "lora").split(",") if v.strip()]
+    if kind not in SWEEPS["table"] or set(opts) - {"smoke"}:
+        raise ValueError(f"variant {variant!r}; valid: {', '.join(SWEEPS['table'])} (optionally ',smoke')")
+    smoke = "smoke" in opts
+    here = Path(__file__).resolve().parent
+    c = load_config_file(here / "shapes_pretrain.py", "smoke" if smoke else None)
+    c.name = f"shapes_003_{kind}"
+    c.pretrain.config = str(here / "shapes_pretrain.py") + (":smoke" if smoke else "")
+    lr = 5e-4 if kind == "full" else 3e-3
+    opt = dict(name="adamw", learning_rate=lr, weight_decay=0.0, warmup_steps=30, schedule="cosine", clip_norm=1.0)
+    if kind == "full":
+        c.peft = {}
+        stage = dict(name="full", steps=400, trainable=[["base/.*", "full"]], optimizer=opt, methods=[])
+    else:
+        c.peft = {kind: _method(kind, c.model.decoder)}
+        stage = dict(name=kind, steps=400, trainable=[[f"peft/{kind}/.*", kind]], optimizer=opt, methods=[kind])
+    c.stages = [stage]
+    c.train.domain = "target"
+    c.train.max_length = 40
+    c.eval.zero_shot = True
+    if smoke:
+        shrink_for_smoke(c)
+    return c

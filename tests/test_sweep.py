@@ -1,0 +1,52 @@
+"""Sweeps: variants x seeds -> one table (mean ± std) and plot; every seed-003 variant is a valid config."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import run as cli
+from vlpeft_jax.cli import params as params_cli
+from vlpeft_jax.cli.config import load_config_file
+from vlpeft_jax.errors import ConfigError
+from vlpeft_jax.experiments import sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPARE = ROOT / "configs/shapes_compare_003.py"
+
+
+@pytest.mark.parametrize("variant", sweep.load_sweeps(COMPARE)["table"])
+def test_compare_003_variants_are_valid(variant, tmp_path):
+    cfg = load_config_file(COMPARE, variant + ",smoke")
+    cfg.data.cache_dir = str(tmp_path)
+    counts = params_cli.count(cfg)  # builds the model and methods abstractly, checks every stage rule
+    stage = next(iter(counts["stages"].values()))
+    assert 0 < stage["trainable"] <= counts["base_total"] + counts["peft_total"]
+
+
+@pytest.mark.slow
+def test_sweep_two_variants_two_seeds(tmp_path):
+    module = tmp_path / "tiny_sweep.py"
+    module.write_text(
+        "from vlpeft_jax.cli.config import load_config_file\n"
+        f"SWEEPS = {{'t': ['prompt,smoke']}}\n"
+        f"def get_config(variant='lora,smoke'):\n    return load_config_file({str(COMPARE)!r}, variant)\n")
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--config", str(module), "--sweep", "t", "--seeds", "0,1", "--out", str(out),
+            f"--config.pretrain.cache_dir={tmp_path / 'cache'}", f"--config.data.cache_dir={tmp_path / 'shapes'}"]
+    assert cli.main(argv) == 0
+    text = (out / "sweep.md").read_text()
+    assert "mean ± std over seeds [0, 1]" in text and "| zero-shot |" in text
+    assert "| prompt,smoke |" in text and " ± " in text
+    summary = json.loads((out / "sweep.json").read_text())["summary"]
+    assert summary["prompt,smoke"]["seeds"] == 2
+    assert (out / "sweep.png").stat().st_size > 0
+    # a rerun reuses the finished runs instead of training again
+    assert cli.main(argv) == 0
+
+
+def test_sweep_errors(tmp_path):
+    with pytest.raises(ConfigError, match="defines no SWEEPS"):
+        sweep.load_sweeps(ROOT / "configs/shapes_lora.py")
+    with pytest.raises(ConfigError, match="available: table"):
+        sweep.run_sweep(COMPARE, "nope", [0], tmp_path)
