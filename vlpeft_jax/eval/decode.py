@@ -11,8 +11,10 @@ returning an object with ``.logits`` ``[b, t, vocab]`` and ``.cache`` (a :class:
 :class:`ModuleApply` builds such a function from any module following the calling convention of
 :mod:`vlpeft_jax.models.outputs` (GPT-2, LLaMA, ``PrefixVLM``, ``QFormerVLM``). The prompt is processed
 once; then a ``lax.while_loop`` runs single-token steps against the cache until every sequence has
-finished or ``max_new_tokens`` tokens were produced. The whole of :func:`generate` is one ``jax.jit``
-(compiled once per step function, shapes and decoding settings).
+finished or ``max_new_tokens`` tokens were produced. The whole of :func:`generate` is one ``jax.jit``,
+compiled once per step function, input shapes, ``method``, ``num_beams``, ``max_new_tokens`` and number of
+EOS ids; the EOS and pad ids, ``length_penalty`` and ``early_stopping`` are traced values (changing them
+does not recompile).
 
 Beam search reproduces transformers' ``GenerationMixin._beam_search`` (transformers 5.23,
 ``generation/utils.py``) step for step: the top ``max(2, 1 + n_eos) * num_beams`` continuations over all
