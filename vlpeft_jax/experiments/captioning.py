@@ -41,6 +41,7 @@ from vlpeft_jax.eval import decode
 from vlpeft_jax.eval.captions import evaluate_captions
 from vlpeft_jax.models import layers, registry
 from vlpeft_jax.peft import base as peft_base
+from vlpeft_jax.peft.presets import check_stage_methods
 from vlpeft_jax.peft.registry import build_methods
 from vlpeft_jax.train import labels as labels_lib
 from vlpeft_jax.train.loop import train
@@ -281,6 +282,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     methods = build_methods(cfg.get("peft"))
     rng = jax.random.key(cfg.seed + 1)
     peft_params = {n: m.init(jax.random.fold_in(rng, i), base) for i, (n, m) in enumerate(methods.items())}
+    # before any compilation: a stage may only train methods that are active in it (issue 5, bad input)
+    check_stage_methods(stages_from_config(cfg), methods, {"base": base, "peft": peft_params})
     results: dict[str, Any] = {"name": cfg.name, "run_dir": str(run_dir)}
     active = tuple(dict.fromkeys(n for s in cfg.stages for n in s.get("methods", ())))
     if cfg.eval.zero_shot:
