@@ -21,3 +21,14 @@ jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shapes_caches(tmp_path_factory):
+    """Cache directories shared by the end-to-end tests: the shapes world and the pretrained smoke base are
+    built once per session (the runner caches them by content, so sharing changes no result)."""
+    root = tmp_path_factory.mktemp("shared_caches")
+    return {"data": root / "shapes", "pretrain": root / "pretrained"}

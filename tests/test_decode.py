@@ -156,8 +156,6 @@ def test_cached_logits_equal_full_sequence_logits(family, prompts):
 def test_prefill_from_embeddings_equals_prefill_from_ids(family, prompts):
     """Prefilling with ``inputs_embeds`` (as VLMs do) decodes the same tokens as prefilling with ids."""
     name, _, step, params = family
-    if name != "gpt2":
-        pytest.skip("ModuleApply's embeddings branch is family-independent; one family suffices")
     ids, mask = prompts
     embeds = step.module.apply({"params": params}, jnp.asarray(ids, jnp.int32), method="embed_tokens")
     from_ids = _ours(family, prompts, max_new_tokens=GREEDY_NEW, eos_token_id=None, output_logits=True)

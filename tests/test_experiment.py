@@ -13,17 +13,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_run(tmp_path_factory, shapes_caches):
     d = tmp_path_factory.mktemp("smoke")
     argv = ["train", "--config", str(ROOT / "configs/shapes_lora.py:smoke"), f"--config.run_dir={d / 'run'}",
-            f"--config.pretrain.cache_dir={d / 'cache'}", f"--config.data.cache_dir={d / 'shapes'}"]
+            f"--config.pretrain.cache_dir={shapes_caches['pretrain']}",
+            f"--config.data.cache_dir={shapes_caches['data']}"]
     assert cli.main(argv) == 0
-    return d
+    return d, shapes_caches
 
 
 @pytest.mark.slow
 def test_main_job_smoke_writes_report_and_reuses_base(smoke_run, capsys):
-    run = smoke_run / "run"
+    run = smoke_run[0] / "run"
     for name in ("config.json", "report.md", "results.json", "scores.png", "metrics.jsonl", "final/peft.npz",
                  "captions_adapted.json", "tokenizer/tokenizer.json"):
         assert (run / name).exists(), name
@@ -34,7 +35,7 @@ def test_main_job_smoke_writes_report_and_reuses_base(smoke_run, capsys):
     assert 0 < results["params"]["trainable_pct"] < 100
     assert "| zero-shot | target |" in (run / "report.md").read_text()
     # the pretrained base is cached: exactly one cached base, reused by `run.py eval`
-    assert len(list((smoke_run / "cache").glob("shapes_pretrain-*/params.npz"))) == 1
+    assert len(list(smoke_run[1]["pretrain"].glob("shapes_pretrain-*/params.npz"))) == 1
     assert cli.main(["eval", "--run", str(run), "--max-examples", "4"]) == 0
     out = run / "eval-val"
     captions = json.loads((out / "captions.json").read_text())

@@ -25,7 +25,7 @@ def test_compare_003_variants_are_valid(variant, tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_two_variants_two_seeds(tmp_path):
+def test_sweep_one_variant_two_seeds(tmp_path, shapes_caches):
     module = tmp_path / "tiny_sweep.py"
     module.write_text(
         "from vlpeft_jax.cli.config import load_config_file\n"
@@ -33,7 +33,8 @@ def test_sweep_two_variants_two_seeds(tmp_path):
         f"def get_config(variant='lora,smoke'):\n    return load_config_file({str(COMPARE)!r}, variant)\n")
     out = tmp_path / "sweep"
     argv = ["sweep", "--config", str(module), "--sweep", "t", "--seeds", "0,1", "--out", str(out),
-            f"--config.pretrain.cache_dir={tmp_path / 'cache'}", f"--config.data.cache_dir={tmp_path / 'shapes'}"]
+            f"--config.pretrain.cache_dir={shapes_caches['pretrain']}",
+            f"--config.data.cache_dir={shapes_caches['data']}"]
     assert cli.main(argv) == 0
     text = (out / "sweep.md").read_text()
     assert "mean ± std over seeds [0, 1]" in text and "| zero-shot |" in text
