@@ -535,3 +535,10 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "worker":
     _worker(sys.argv[2], sys.argv[3])
+
+
+def test_integer_leaves_are_always_frozen():
+    params = {"peft": {"m": {"values": jnp.zeros((3, 2)), "indices": jnp.zeros((3, 2), jnp.int32)}}}
+    lab = labels.make_labels(params, [("peft/.*", "m")])
+    assert lab["peft"]["m"] == {"values": "m", "indices": labels.FROZEN}
+    assert labels.count_params(params, lab)["trainable"] == 6

@@ -88,13 +88,19 @@ def _available(paths: Sequence[str], limit: int = 20) -> str:
     return shown + more
 
 
+def _is_float(leaf: Any) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is None or jax.numpy.issubdtype(dtype, jax.numpy.inexact)
+
+
 def make_labels(params: Any, rules: Iterable[Rule], *, default: str = FROZEN, allow_unmatched: bool = False) -> Any:
     """The labels pytree of ``params``: the label of the first rule whose regex fully matches each leaf path.
 
     Args:
       params: parameter pytree (plain arrays or ``jax.ShapeDtypeStruct``; unboxed).
       rules: ordered ``(regex, label)`` pairs; first match wins.
-      default: label of leaves no rule matches.
+      default: label of leaves no rule matches. Integer/bool leaves are always frozen (they cannot
+        have gradients), whatever the rules say.
       allow_unmatched: if False, a rule that matches no leaf at all is a :class:`ConfigError` (it is almost
         always a typo in a path pattern).
 
@@ -106,8 +112,11 @@ def make_labels(params: Any, rules: Iterable[Rule], *, default: str = FROZEN, al
     paths = [path_str(p) for p, _ in flat]
     used = [False] * len(compiled)
     labels = []
-    for path in paths:
+    for path, (_, leaf) in zip(paths, flat, strict=True):
         label = default
+        if not _is_float(leaf):  # integer leaves (e.g. NeuroAda's indices) are data, never trainable
+            labels.append(FROZEN)
+            continue
         for i, (regex, _, rule_label) in enumerate(compiled):
             if regex.fullmatch(path):
                 label = rule_label
