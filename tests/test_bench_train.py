@@ -22,12 +22,17 @@ def test_bench_train_in_process_with_torch():
     lora, full = out["results"]["lora"], out["results"]["full"]
     for r in (lora, full):
         ours, torch_side, ratios = r["ours"], r["torch"], r["ratios"]
-        assert len(ours["times_s"]) == 2 and len(torch_side["times_s"]) == 2
+        assert len(ours["times_s"]) == 2 and len(torch_side["times_s"]) == 2 and len(r["pair_ratios"]) == 2
         assert ours["step_s"] > 0 and ours["xla_bytes"] > 0 and ours["finite"]
         assert ours["rss_bytes"] is None and torch_side["rss_bytes"] is None  # not measured in one process
         assert ours["trainable"] == torch_side["trainable"]
         assert ratios["torch_over_ours"] == pytest.approx(torch_side["step_s"] / ours["step_s"])
         assert ratios["torch_over_ours_min"] == pytest.approx(torch_side["step_min_s"] / ours["step_min_s"])
+        pairs = [t / o for t, o in zip(torch_side["times_s"], ours["times_s"], strict=True)]
+        assert r["pair_ratios"] == pytest.approx(pairs)
+        assert ratios["torch_over_ours_pairs"] == pytest.approx(sum(pairs) / 2)  # the median of two
+        # both sides trained the same model on the same tokens: the same loss before the first update
+        assert ours["first_loss"] == pytest.approx(torch_side["first_loss"], rel=1e-4)
     assert lora["torch"]["uses_peft"] and not full["torch"]["uses_peft"]
     # LoRA r=8 on c_attn [32, 96]: A [32, 8] + B [8, 96] per layer
     assert lora["ours"]["trainable"] == 32 * 8 + 8 * 96
@@ -38,12 +43,13 @@ def test_bench_train_in_process_with_torch():
 
 
 def test_bench_train_isolated_processes_report_rss():
-    out = bench_train.run(TINY + ["--methods", "prompt", "--no-torch", "--threads", "1"])
+    out = bench_train.run(TINY + ["--methods", "prompt", "--no-torch", "--threads", "1", "--memory-steps", "1"])
     prompt = out["results"]["prompt"]
     assert prompt["torch"] is None and prompt["ratios"]["torch_over_ours"] is None
     assert prompt["ratios"]["ours_over_full"] is None  # full fine-tuning was not measured
     assert prompt["ours"]["trainable"] == bench_train.VIRTUAL_TOKENS * 32
     assert prompt["ours"]["rss_bytes"] is not None and prompt["ours"]["rss_bytes"] > 0
+    assert prompt["ours"]["alone_step_s"] > 0 and prompt["ours"]["xla_bytes"] > 0
     assert out["settings"]["threads"] == 1
 
 
