@@ -157,7 +157,7 @@ def load_bert(model_dir: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[B
     is part of the model iff the checkpoint has ``pooler.dense.weight``.
 
     Example:
-        >>> model, params = load_bert("/path/to/all-MiniLM-L6-v2")  # doctest: +SKIP
+        >>> model, params = load_bert("path/to/all-MiniLM-L6-v2")  # doctest: +SKIP
         >>> out = model.apply({"params": params}, ids, mask)  # doctest: +SKIP
     """
     d = io.resolve_model_dir(model_dir)
@@ -179,7 +179,7 @@ def load_qformer(model_dir: str | os.PathLike, num_query_tokens: int | None = No
     ``rng``, with ``num_query_tokens`` (or the config's) tokens.
 
     Example:
-        >>> qformer, params = load_qformer("/path/to/qformer", num_query_tokens=32,
+        >>> qformer, params = load_qformer("path/to/qformer", num_query_tokens=32,
         ...                                rng=jax.random.key(0))  # doctest: +SKIP
         >>> out = qformer.apply({"params": params}, image_features)  # doctest: +SKIP
     """
@@ -227,7 +227,7 @@ def qformer_from_bert(bert_dir: str | os.PathLike, num_query_tokens: int, cross_
     BLIP-2's.
 
     Example:
-        >>> qformer, params = qformer_from_bert("/path/to/bert-base-uncased", num_query_tokens=32,
+        >>> qformer, params = qformer_from_bert("path/to/bert-base-uncased", num_query_tokens=32,
         ...     cross_attention_frequency=2, encoder_hidden_size=1408, rng=jax.random.key(0))  # doctest: +SKIP
     """
     d = io.resolve_model_dir(bert_dir)

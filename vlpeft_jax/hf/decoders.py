@@ -8,7 +8,7 @@ weights. Checkpoints saved from the base classes (``GPT2Model``, ``LlamaModel``:
 
 Example (tiny random checkpoint written by transformers)::
 
-    model, params = load_llama("/path/to/qwen2-dir")
+    model, params = load_llama("path/to/qwen2-dir")
     logits = model.apply({"params": params}, input_ids, attention_mask).logits
 """
 
