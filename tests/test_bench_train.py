@@ -56,3 +56,5 @@ def test_bench_train_isolated_processes_report_rss():
 def test_bench_train_bad_options():
     with pytest.raises(ConfigError, match="unknown 'lorra'"):
         bench_train.run(["--methods", "lorra"])
+    with pytest.raises(ConfigError, match="--repeats=0"):
+        bench_train.run(["--repeats", "0"])

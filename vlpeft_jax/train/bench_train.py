@@ -507,6 +507,10 @@ def run(argv: list[str]) -> dict[str, Any]:
     """
     args = _parser().parse_args(argv)
     names = _methods(args.methods)
+    for option, value, low in (("repeats", args.repeats, 1), ("warmup", args.warmup, 0),
+                               ("memory-steps", args.memory_steps, 0)):
+        if value < low:
+            raise ConfigError(f"bench train --{option}={value}; must be >= {low}")
     if args.threads is not None and not 1 <= args.threads <= _cores():
         raise ConfigError(f"bench train --threads={args.threads}; must be in [1, {_cores()}] (the cores available)")
     shapes = {k: int(getattr(args, k)) for k in ("layers", "width", "heads", "vocab", "batch", "seq")}
