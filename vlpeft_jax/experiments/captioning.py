@@ -87,6 +87,7 @@ class PeftApply:
 
 
 def decode_module_apply(module: Any) -> decode.ModuleApply:
+    """``decode.ModuleApply(module)``; a function since ``PeftApply.__call__``'s ``decode`` flag shadows the module."""
     return decode.ModuleApply(module)
 
 
