@@ -5,17 +5,23 @@ NeuroAda on every projection of the decoder, or with LoRA at an equal trainable 
 ``python run.py train --config configs/shapes_sparse.py:VARIANT``; variants:
 
 - ``top1``, ``top2``, ``top20``: NeuroAda, top-k by ``|W|`` per neuron (Table 5.2's top-1 / top-20);
-- ``magnitude``, ``reverse``, ``random``: the selection strategies of Fig. 5.7 at k = 4;
+- ``magnitude``, ``gradient``, ``reverse``, ``random``: the selection strategies of Fig. 5.7 at k = 4
+  (``gradient``: ``|∇W|`` of the caption loss over ``selection.num_batches`` batches of target captions);
+- ``gps``, ``gps_top1``: GPS (thesis ch. 4), the mask-based reference: gradient selection at k = 4 / 1,
+  the selected entries of the base kernels trained in place through a masked optimizer (dense state);
 - ``coverage25``, ``coverage50``, ``coverage75``, ``coverage100``: that % of each projection's neurons
   involved, at the trainable budget of k = 4 with all neurons (Fig. 5.6);
 - ``lora_r1``, ``lora_r2``: LoRA on the same projections, with as many trainable values as ``top2`` and
   ``magnitude`` (k = 4) respectively (each projection ``d_in x d_out`` has ``r (d_in + d_out)`` LoRA
   values and ``k d_out`` NeuroAda values; the decoder's shapes make those equal).
 
-Append ``,smoke`` (e.g. ``top1,smoke``) for a seconds-long run. Gradient selection (GPS, Fig. 5.7's
-*Gradient*) needs a selection pass over target data before ``init``, which this experiment driver does not
-run yet; the pieces are :func:`vlpeft_jax.peft.selection.gradient_scores` and
-:class:`vlpeft_jax.peft.gps.GPS`.
+Append ``,smoke`` (e.g. ``top1,smoke``) for a seconds-long run.
+``python run.py sweep --config configs/shapes_sparse.py --sweep table`` runs the table (target-domain
+metrics against trainable %, ``sweep_params.png``).
+
+Example:
+    >>> SWEEPS["table"][:3]
+    ['top1', 'top2', 'top20']
 """
 
 from pathlib import Path
@@ -29,11 +35,14 @@ from vlpeft_jax.experiments.captioning import shrink_for_smoke
 TARGETS = r"language_model/.*_proj"
 NEUROADA = {
     "top1": dict(k=1), "top2": dict(k=2), "top20": dict(k=20),
-    "magnitude": dict(k=4, selection="magnitude"), "reverse": dict(k=4, selection="reverse"),
-    "random": dict(k=4, selection="random"),
+    "magnitude": dict(k=4, selection="magnitude"), "gradient": dict(k=4, selection="gradient"),
+    "reverse": dict(k=4, selection="reverse"), "random": dict(k=4, selection="random"),
     **{f"coverage{p}": dict(neuron_fraction=p / 100, coverage=True) for p in (25, 50, 75, 100)},
 }
 LORA = {"lora_r1": 1, "lora_r2": 2}
+GPS = {"gps": 4, "gps_top1": 1}
+SWEEPS = {"table": ["top1", "top2", "top20", "magnitude", "gradient", "reverse", "random", "gps", "gps_top1",
+                    "coverage25", "coverage50", "coverage75", "coverage100", "lora_r1", "lora_r2"]}
 COVERAGE_K = 4
 
 
@@ -48,15 +57,22 @@ def decoder_neurons(decoder: dict) -> int:
 
 def get_config(variant: str = "top1") -> ml_collections.ConfigDict:
     name, *flags = [v.strip() for v in (variant or "top1").split(",")]
-    if name not in NEUROADA and name not in LORA or any(f != "smoke" for f in flags):
+    if name not in {**NEUROADA, **LORA, **GPS} or any(f != "smoke" for f in flags):
         raise ConfigError(f"configs/shapes_sparse.py:{variant}: unknown variant; valid: "
-                          f"{', '.join([*NEUROADA, *LORA])} (optionally followed by ',smoke')")
+                          f"{', '.join([*NEUROADA, *GPS, *LORA])} (optionally followed by ',smoke')")
     here = Path(__file__).resolve().parent
     c = load_config_file(here / "shapes_pretrain.py", "smoke" if flags else None)
     c.name = f"shapes_sparse_{name}"
     c.pretrain.config = str(here / "shapes_pretrain.py") + (":smoke" if flags else "")
     opt = dict(name="adamw", learning_rate=3e-3, weight_decay=0.0, warmup_steps=30, schedule="cosine", clip_norm=1.0)
-    if name in LORA:
+    c.selection = dict(num_batches=8, domain="target")
+    if name in GPS:
+        # no PEFT method: the stage trains the selected base entries (its rules come from the masks)
+        c.peft = {}
+        c.gps = dict(targets=[TARGETS], k=GPS[name], selection="gradient", stages=["gps"])
+        opt["learning_rate"] = 1e-2  # the same step as NeuroAda's deltas: the same entries, trained in place
+        c.stages = [dict(name="gps", steps=400, trainable=[], optimizer=opt, methods=[])]
+    elif name in LORA:
         r = LORA[name]
         c.peft = dict(lora=dict(targets=[TARGETS], rank=r, alpha=2.0 * r))
         c.stages = [dict(name="lora", steps=400, trainable=[["peft/lora/.*", "lora"]], optimizer=opt, methods=["lora"])]

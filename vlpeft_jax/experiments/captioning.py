@@ -148,9 +148,10 @@ def stages_from_config(cfg: ml_collections.ConfigDict, prefix: str = "stages") -
 
 def train_run(cfg: ml_collections.ConfigDict, run_dir: Path, module: Any, base_params: Any, tokenizer: Any,
               world: shapes.ShapesWorld, methods: dict[str, Any], peft_params: dict[str, Any],
-              domain: str) -> tuple[Any, Any]:
-    """Runs the config's stages on ``domain`` captions; returns (final params, TrainResult)."""
-    stages = stages_from_config(cfg)
+              domain: str, stages: Sequence[Stage] | None = None,
+              optimizer_wrappers: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
+    """Runs the stages (default: the config's) on ``domain`` captions; returns (final params, TrainResult)."""
+    stages = list(stages) if stages is not None else stages_from_config(cfg)
     pre = preprocessor(cfg)
     examples = world["train"].caption_examples(domain)
     batches = CaptionBatches(examples, tokenizer, pre, batch_size=cfg.train.batch_size,
@@ -170,7 +171,8 @@ def train_run(cfg: ml_collections.ConfigDict, run_dir: Path, module: Any, base_p
 
     params = {"base": base_params, "peft": peft_params}
     result = train(params, stages, data_factory, run_dir, build_loss_fn=build_loss_fn, seed=cfg.seed,
-                   checkpoint_every=cfg.train.checkpoint_every, progress=cfg.train.progress)
+                   checkpoint_every=cfg.train.checkpoint_every, progress=cfg.train.progress,
+                   optimizer_wrappers=optimizer_wrappers)
     return result.params, result
 
 
@@ -210,6 +212,103 @@ def evaluate(module: Any, params: Any, methods: Sequence[tuple[str, Any]], token
     results["samples"] = [{"image_id": k, "caption": v} for k, v in list(captions.items())[:8]]
     results["captions"] = captions
     return results
+
+
+# ---------------------------------------------------------------------------------- sparse selection
+
+GPS_GROUP = "gps"
+SELECTION_KEYS = ("num_batches", "batch_size", "domain", "seed")
+GPS_KEYS = ("targets", "k", "budget", "selection", "neuron_fraction", "stages")
+
+
+class SelectionScores:
+    """``|∇W|`` of the base model's caption loss over a selection dataset, computed on first use.
+
+    The selection dataset is ``config.selection.num_batches`` batches (of ``batch_size``, default the
+    training batch size) of the *training split's* captions in ``domain`` (default the training domain),
+    in an order seeded by ``seed`` (default the run's seed + 7, not the training order). The loss is the
+    task loss: the thesis' GPS uses the supervised contrastive loss of Eq. 4.2 when examples carry class
+    labels (seed 004 §4.3.1); captions do not, so ``selection.make_selection_loss``'s task-loss branch
+    applies.
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, module: Any, base: Any, tokenizer: Any,
+                 world: shapes.ShapesWorld) -> None:
+        settings = dict(cfg.get("selection") or {})
+        unknown = sorted(set(settings) - set(SELECTION_KEYS))
+        if unknown:
+            raise ConfigError(f"selection: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(SELECTION_KEYS)}")
+        self.num_batches = settings.get("num_batches", 8)
+        self.batch_size = settings.get("batch_size") or cfg.train.batch_size
+        self.domain = settings.get("domain") or cfg.train.domain
+        self.seed = settings.get("seed", cfg.seed + 7)
+        self.cfg, self.module, self.base, self.tokenizer, self.world = cfg, module, base, tokenizer, world
+        self._cache: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, targets: Sequence[str], who: str) -> Any:
+        """The scores of the kernels ``targets`` matches; ``who`` names the method in errors."""
+        from vlpeft_jax.peft import selection
+
+        if not isinstance(self.num_batches, int) or self.num_batches < 1:
+            raise ConfigError(f"{who}.selection='gradient' needs a selection dataset: selection.num_batches="
+                              f"{self.num_batches!r}, must be an integer >= 1 (batches of training captions)")
+        if self.domain not in DOMAINS:
+            raise ConfigError(f"selection.domain={self.domain!r}; valid: {', '.join(DOMAINS)}")
+        key = tuple(targets)
+        if key not in self._cache:
+            examples = self.world["train"].caption_examples(self.domain)
+            batches = CaptionBatches(examples, self.tokenizer, preprocessor(self.cfg), batch_size=self.batch_size,
+                                     max_length=self.cfg.train.max_length, seed=self.seed)
+            task = caption_loss(self.module, [])
+
+            def loss(base: Any, batch: Mapping[str, Any]) -> jax.Array:
+                return task({"base": base, "peft": {}}, batch, jax.random.key(0))[0]
+
+            data = ({k: jnp.asarray(b[k]) for k in ("pixel_values", "input_ids", "attention_mask", "labels")}
+                    for b in batches.iterate(0, self.num_batches))
+            print(f"{who}: gradient selection over {self.num_batches} batches of {self.domain} captions")
+            self._cache[key] = selection.gradient_scores(loss, self.base, data, list(targets), name=who)
+        return self._cache[key]
+
+
+def build_gps(cfg: ml_collections.ConfigDict) -> tuple[Any, tuple[str, ...]] | None:
+    """``(GPS, stage names)`` from ``config.gps``, or None when the config has no GPS section."""
+    from vlpeft_jax.peft.gps import GPS
+
+    settings = dict(cfg.get("gps") or {})
+    if not settings:
+        return None
+    unknown = sorted(set(settings) - set(GPS_KEYS))
+    if unknown:
+        raise ConfigError(f"gps: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(GPS_KEYS)}")
+    stages = settings.pop("stages", None)
+    names = [s["name"] for s in cfg.stages]
+    if not stages or any(s not in names for s in stages):
+        raise ConfigError(f"gps.stages={stages!r}: name the stage(s) that train the GPS selection; stages: "
+                          f"{', '.join(names)}")
+    return GPS(name="gps", **settings), tuple(stages)
+
+
+def gps_stages(cfg: ml_collections.ConfigDict, gps: tuple[Any, tuple[str, ...]] | None, base: Any,
+               scores: SelectionScores, rng: jax.Array) -> tuple[list[Stage], dict[str, Any], dict[str, int]]:
+    """The run's stages with GPS applied: ``(stages, optimizer wrappers, selected entries per stage)``.
+
+    Each GPS stage trains the selected kernels (rules with group ``gps`` put before the stage's own) and
+    its optimizer is wrapped by the masks (seed 004 Eq. 4.5-4.6; :mod:`vlpeft_jax.peft.gps`).
+    """
+    stages = stages_from_config(cfg)
+    if gps is None:
+        return stages, {}, {}
+    method, names = gps
+    extra = {"scores": scores(method.targets, "gps")} if method.selection == "gradient" else {}
+    masks = method.masks(rng, base, **extra)
+    rules = method.trainable_rules(masks)
+    count = method.num_params(masks)
+    print(f"gps: {count:,} selected entries ({method.selection}) in {len(rules)} kernels, trained in stage(s) "
+          f"{', '.join(names)} through masked updates")
+    out = [dataclasses.replace(s, trainable=(*rules, *s.trainable)) if s.name in names else s for s in stages]
+    wrappers = {n: (lambda tx: method.optimizer(tx, masks)) for n in names}
+    return out, wrappers, {n: count for n in names}
 
 
 # -------------------------------------------------------------------------------------------- pretrain
@@ -281,22 +380,28 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     else:
         base = init_base(module, inputs, cfg.seed)
     methods = build_methods(cfg.get("peft"))
+    gps = build_gps(cfg)
     rng = jax.random.key(cfg.seed + 1)
-    peft_params = {n: m.init(jax.random.fold_in(rng, i), base) for i, (n, m) in enumerate(methods.items())}
+    scores = SelectionScores(cfg, module, base, tokenizer, world)
+    peft_params = {}
+    for i, (n, m) in enumerate(methods.items()):
+        extra = {"scores": scores(m.targets, n)} if getattr(m, "selection", None) == "gradient" else {}
+        peft_params[n] = m.init(jax.random.fold_in(rng, i), base, **extra)
+    stages, wrappers, gps_count = gps_stages(cfg, gps, base, scores, jax.random.fold_in(rng, len(methods)))
     # before any compilation: a stage may only train methods that are active in it (issue 5, bad input)
-    check_stage_methods(stages_from_config(cfg), methods, {"base": base, "peft": peft_params})
+    check_stage_methods(stages, methods, {"base": base, "peft": peft_params})
     results: dict[str, Any] = {"name": cfg.name, "run_dir": str(run_dir)}
     active = tuple(dict.fromkeys(n for s in cfg.stages for n in s.get("methods", ())))
     if cfg.eval.zero_shot:
         print("evaluating zero-shot (the base model)")
         results["zero_shot"] = evaluate(module, {"base": base, "peft": {}}, [], tokenizer, world, cfg)
     params, train_result = train_run(cfg, run_dir, module, base, tokenizer, world, methods, peft_params,
-                                      domain=cfg.train.domain)
+                                      domain=cfg.train.domain, stages=stages, optimizer_wrappers=wrappers)
     save_final(run_dir, params, base)
-    counts = parameter_counts(params, cfg)
+    counts = parameter_counts(params, cfg, stages, gps_count)
     results["params"] = counts
     results["train"] = {"final_loss": train_result.history[-1]["loss"] if train_result.history else None,
-                        "steps": sum(s.steps for s in stages_from_config(cfg))}
+                        "steps": sum(s.steps for s in stages)}
     print("evaluating the adapted model")
     results["adapted"] = evaluate(module, params, [(n, methods[n]) for n in active], tokenizer, world, cfg)
     results["wall_time_s"] = time.time() - t0
@@ -334,19 +439,30 @@ def load_final(run_dir: Path, cfg: ml_collections.ConfigDict) -> tuple[Any, Any,
     else:
         raise ConfigError(f"{run_dir}: the base model was not saved and there is no pretrain config to rebuild it")
     methods = build_methods(cfg.get("peft"))
-    peft_abstract = {n: jax.eval_shape(m.init, jax.random.key(0), base) for n, m in methods.items()}
+    # the saved indices are read back; only their shapes are needed, and those do not depend on the scores
+    shaped = {n: dataclasses.replace(m, selection="magnitude") if getattr(m, "selection", None) == "gradient"
+              else m for n, m in methods.items()}
+    peft_abstract = {n: jax.eval_shape(m.init, jax.random.key(0), base) for n, m in shaped.items()}
     peft = load_params(final / "peft.npz", peft_abstract) if methods else {}
     return module, {"base": base, "peft": peft}, tokenizer, methods
 
 
-def parameter_counts(params: Any, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Total base parameters, and trainable parameters of the last stage (and their % of the base)."""
-    last = stages_from_config(cfg)[-1]
+def parameter_counts(params: Any, cfg: ml_collections.ConfigDict, stages: Sequence[Stage] | None = None,
+                     gps_count: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """Total base parameters, and trainable parameters of the last stage (and their % of the base).
+
+    A GPS stage trains only the selected entries of its kernels: ``gps_count`` maps such a stage to
+    the number of those entries, which replaces the (dense) count of the kernels its rules label.
+    """
+    last = (list(stages) if stages is not None else stages_from_config(cfg))[-1]
     labels = labels_lib.make_labels(params, last.trainable)
-    counts = labels_lib.count_params(params, labels)
+    trainable = labels_lib.count_params(params, labels)["trainable"]
+    if gps_count and last.name in gps_count:
+        gps_rules = [r for r in last.trainable if r[1] == GPS_GROUP]
+        dense = labels_lib.count_params(params, labels_lib.make_labels(params, gps_rules))["trainable"]
+        trainable = trainable - dense + gps_count[last.name]
     total = peft_base.count(params["base"])
-    return {"base_total": total, "trainable": counts["trainable"],
-            "trainable_pct": 100.0 * counts["trainable"] / total}
+    return {"base_total": total, "trainable": trainable, "trainable_pct": 100.0 * trainable / total}
 
 
 REPORT_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")

@@ -4,7 +4,8 @@ A sweepable config module defines ``get_config(variant)`` and ``SWEEPS = {name: 
 ``python run.py sweep --config configs/shapes_compare_003.py --sweep table --seeds 0,1,2`` runs every
 variant for every seed (each in its own run directory under the sweep directory, so a killed sweep
 resumes: finished runs are skipped, a half-finished one resumes from its checkpoints), then writes
-``sweep.md`` (mean ± std over seeds when there are several), ``sweep.json`` and ``sweep.png``.
+``sweep.md`` (mean ± std over seeds when there are several), ``sweep.json``, ``sweep.png`` (bars per
+variant) and ``sweep_params.png`` (target-domain metric against trainable %, log scale).
 
 Example:
     >>> summarize({"a": [{"adapted": {"target": {"metrics": {"CIDEr-D": 0.5}}}, "params": {"trainable_pct": 1.0}},
@@ -103,6 +104,28 @@ def plot(path: Path, summary: Mapping[str, Any], metric: str) -> None:
     plt.close(fig)
 
 
+def plot_vs_params(path: Path, summary: Mapping[str, Any], metric: str, domain: str = "target") -> None:
+    """``metric`` on ``domain`` references (mean ± std) against each variant's trainable % (log x axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, row in summary.items():
+        mean, std = row[domain].get(metric, (np.nan, 0.0))
+        pct = max(row["trainable_pct"], 1e-6)
+        ax.errorbar([pct], [mean], yerr=[std], fmt="o", capsize=3)
+        ax.annotate(name, (pct, mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (% of the base)")
+    ax.set_ylabel(f"{domain} {metric} x100")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def run_sweep(config_file: str | Path, sweep: str, seeds: Sequence[int], out_dir: str | Path | None = None,
               overrides: Sequence[str] = (), metric: str = "CIDEr-D") -> dict[str, Any]:
     """Runs every variant x seed of ``SWEEPS[sweep]`` and writes the table and plot; returns the summary."""
@@ -143,6 +166,7 @@ def run_sweep(config_file: str | Path, sweep: str, seeds: Sequence[int], out_dir
     (base / "sweep.md").write_text(f"# {Path(config_file).stem}: {sweep}\n\nScores x100, {seeds_note}.\n\n{text}\n")
     (base / "sweep.json").write_text(json.dumps({"summary": summary, "zero_shot": zero_shot}, indent=2))
     plot(base / "sweep.png", summary, metric)
+    plot_vs_params(base / "sweep_params.png", summary, metric)
     print(text)
     print(f"sweep directory: {base}")
     return summary

@@ -50,6 +50,7 @@ from vlpeft_jax.train import sharding as sharding_lib
 from vlpeft_jax.train.checkpoint import Checkpointer
 from vlpeft_jax.train.logging import MetricsLogger, ProgressBar, to_python
 from vlpeft_jax.train.stages import (
+    OptimizerWrapper,
     Stage,
     StagePlan,
     abstract_stage_state,
@@ -183,7 +184,8 @@ def train(params: Any, stages: Sequence[Stage | Mapping[str, Any]], data_factory
           checkpoint_every: int = 100, keep_checkpoints: int = 3, async_checkpoints: bool = True,
           resume: bool = True, eval_fn: EvalFn | None = None, eval_every: int = 0, mesh: Mesh | None = None,
           param_specs: Any = None, rules: Sequence[tuple[str, Any]] = sharding_lib.DEFAULT_RULES,
-          progress: bool = True, tensorboard: bool = True, verbose: bool = True) -> TrainResult:
+          progress: bool = True, tensorboard: bool = True, verbose: bool = True,
+          optimizer_wrappers: Mapping[str, OptimizerWrapper] | None = None) -> TrainResult:
     """Trains ``params`` through ``stages``; resumes from ``run_dir/checkpoints`` when it holds a checkpoint.
 
     Args:
@@ -207,6 +209,8 @@ def train(params: Any, stages: Sequence[Stage | Mapping[str, Any]], data_factory
       rules: logical -> mesh axis rules.
       progress, tensorboard, verbose: show a progress bar / write TensorBoard events / print the run
         directory and each stage's parameter counts.
+      optimizer_wrappers: stage name -> ``tx -> tx`` applied to that stage's optimizer (e.g. GPS masks);
+        see :func:`vlpeft_jax.train.stages.plan_stages`.
 
     Raises:
       ConfigError: bad stages or arguments (before anything is trained), or checkpoints from another plan.
@@ -223,7 +227,7 @@ def train(params: Any, stages: Sequence[Stage | Mapping[str, Any]], data_factory
     if eval_every and eval_fn is None:
         raise ConfigError("eval_every is set but no eval_fn was given")
     stages = [s if isinstance(s, Stage) else Stage.from_dict(s, f"stages[{i}]") for i, s in enumerate(stages)]
-    plans = plan_stages(params, stages)
+    plans = plan_stages(params, stages, optimizer_wrappers)
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import optax
 from jax.sharding import Mesh
 
 from vlpeft_jax.errors import ConfigError
@@ -37,6 +38,8 @@ from vlpeft_jax.train import labels as labels_lib
 from vlpeft_jax.train import sharding as sharding_lib
 from vlpeft_jax.train.optim import Optimizer, OptimizerConfig, build_optimizer
 from vlpeft_jax.train.state import TrainState
+
+OptimizerWrapper = Callable[[optax.GradientTransformation], optax.GradientTransformation]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +112,13 @@ class StagePlan:
     counts: dict[str, int]
 
 
-def plan_stages(params: Any, stages: Sequence[Stage]) -> list[StagePlan]:
+def plan_stages(params: Any, stages: Sequence[Stage],
+                optimizer_wrappers: Mapping[str, OptimizerWrapper] | None = None) -> list[StagePlan]:
     """Validates ``stages`` against ``params`` (arrays or shapes) and resolves labels and optimizers.
+
+    ``optimizer_wrappers`` maps a stage name to a function that wraps that stage's built optax
+    transformation (e.g. GPS's gradient masks, :func:`vlpeft_jax.peft.gps.masked`); its state is part of
+    the train state, so it is checkpointed and resumed with the moments.
 
     Raises:
       ConfigError: empty or duplicate stage names, a bad field, a rule matching no parameter, a stage with
@@ -122,12 +130,18 @@ def plan_stages(params: Any, stages: Sequence[Stage]) -> list[StagePlan]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"stage names must be unique; repeated: {', '.join(duplicates)}")
+    wrappers = dict(optimizer_wrappers or {})
+    unknown = sorted(set(wrappers) - set(names))
+    if unknown:
+        raise ConfigError(f"optimizer wrappers for unknown stage(s) {', '.join(unknown)}; stages: {', '.join(names)}")
     plans = []
     for i, stage in enumerate(stages):
         stage.validate(f"stages[{i}]")
         try:
             labels = labels_lib.make_labels(params, stage.trainable)
             optimizer = build_optimizer(stage.optimizer, labels, stage.steps)
+            if stage.name in wrappers:
+                optimizer = dataclasses.replace(optimizer, tx=wrappers[stage.name](optimizer.tx))
         except ConfigError as e:
             raise ConfigError(f"stage {stage.name!r}: {e}") from None
         plans.append(StagePlan(i, stage, labels, optimizer, labels_lib.count_params(params, labels)))
