@@ -9,7 +9,7 @@ import run as cli
 from vlpeft_jax.cli import params as params_cli
 from vlpeft_jax.cli.config import load_config_file
 from vlpeft_jax.errors import ConfigError
-from vlpeft_jax.experiments import sweep
+from vlpeft_jax.experiments import captioning, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARE = ROOT / "configs/shapes_compare_003.py"
@@ -41,9 +41,41 @@ def test_sweep_one_variant_two_seeds(tmp_path, shapes_caches):
     assert "| prompt,smoke |" in text and " ± " in text
     summary = json.loads((out / "sweep.json").read_text())["summary"]
     assert summary["prompt,smoke"]["seeds"] == 2
-    assert (out / "sweep.png").stat().st_size > 0
+    assert (out / "sweep.png").stat().st_size > 0 and (out / "sweep_params.png").stat().st_size > 0
     # a rerun reuses the finished runs instead of training again
     assert cli.main(argv) == 0
+
+
+def test_training_key_ignores_evaluation_settings():
+    ptpeft = ROOT / "configs/shapes_ptpeft.py"
+    keep, remove = (load_config_file(ptpeft, v) for v in ("parallel,smoke", "parallel,eval=remove,smoke"))
+    assert keep.peft.prefix.eval_replacement != remove.peft.prefix.eval_replacement
+    assert captioning.training_key(keep) == captioning.training_key(remove)
+    remove.seed = 1
+    assert captioning.training_key(keep) != captioning.training_key(remove)
+    other = load_config_file(ptpeft, "full,smoke")
+    assert captioning.training_key(keep) != captioning.training_key(other)
+
+
+@pytest.mark.slow
+def test_eval_only_variants_reuse_the_trained_parameters(tmp_path, shapes_caches):
+    module = tmp_path / "tiny_eval_sweep.py"
+    module.write_text(
+        "from vlpeft_jax.cli.config import load_config_file\n"
+        "SWEEPS = {'e': ['parallel,smoke', 'parallel,eval=remove,smoke']}\n"
+        f"def get_config(variant):\n    return load_config_file({str(ROOT / 'configs/shapes_ptpeft.py')!r}, variant)\n")
+    out = tmp_path / "sweep"
+    overrides = [f"--config.pretrain.cache_dir={shapes_caches['pretrain']}",
+                 f"--config.data.cache_dir={shapes_caches['data']}"]
+    sweep.run_sweep(module, "e", [0], out, overrides)
+    first, second = out / "parallel_smoke-seed0", out / "parallel_evalremove_smoke-seed0"
+    assert (first / "checkpoints").is_dir() and not (second / "checkpoints").exists()
+    res = json.loads((second / "results.json").read_text())
+    assert Path(res["trained_in"]) == first and res["adapted"]["target"]["metrics"]
+    # (what eval_replacement does to the outputs is tested with the prefix method, tests/test_prefix_prompt.py)
+    keep = json.loads((first / "captions_adapted.json").read_text())
+    removed = json.loads((second / "captions_adapted.json").read_text())
+    assert len(keep) == len(removed) > 0
 
 
 def test_sweep_errors(tmp_path):

@@ -410,6 +410,37 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     return results
 
 
+def training_key(cfg: ml_collections.ConfigDict) -> str:
+    """A hash of everything in ``cfg`` that affects training: not its name, run directory or ``eval``
+    section, nor method settings named ``eval_*`` (they only change evaluation, e.g. the prefix's
+    ``eval_replacement`` of seed 002 Table 5). Two configs with the same key train identical parameters."""
+    d = cfg.to_dict()
+    for k in ("name", "run_dir", "eval"):
+        d.pop(k, None)
+    d["peft"] = {n: {k: v for k, v in m.items() if not k.startswith("eval_")} for n, m in (d.get("peft") or {}).items()}
+    return config_hash(d)
+
+
+def evaluate_trained(cfg: ml_collections.ConfigDict, trained_dir: Path) -> dict[str, Any]:
+    """Like :func:`run`, but evaluates the final parameters of ``trained_dir`` (a finished run whose
+    :func:`training_key` equals this config's) instead of training again; writes this run's report."""
+    t0 = time.time()
+    trained_dir = Path(trained_dir)
+    run_dir = make_run_dir(cfg)
+    print(f"run directory: {run_dir} (evaluating the parameters trained in {trained_dir})")
+    module, params, tokenizer, methods = load_final(trained_dir, cfg)
+    tokenizer.save(run_dir / "tokenizer")
+    world = load_world(cfg)
+    previous = json.loads((trained_dir / "results.json").read_text())
+    results: dict[str, Any] = {"name": cfg.name, "run_dir": str(run_dir), "trained_in": str(trained_dir),
+                               "params": previous["params"], "train": previous["train"]}
+    active = tuple(dict.fromkeys(n for s in cfg.stages for n in s.get("methods", ())))
+    results["adapted"] = evaluate(module, params, [(n, methods[n]) for n in active], tokenizer, world, cfg)
+    results["wall_time_s"] = time.time() - t0
+    write_report(run_dir, cfg, results)
+    return results
+
+
 def save_final(run_dir: Path, params: Any, base: Any) -> None:
     """Writes ``final/peft.npz`` and, only if training changed it, ``final/base.npz``."""
     final = run_dir / "final"

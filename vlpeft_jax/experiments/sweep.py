@@ -3,7 +3,9 @@
 A sweepable config module defines ``get_config(variant)`` and ``SWEEPS = {name: [variant, ...]}``.
 ``python run.py sweep --config configs/shapes_compare_003.py --sweep table --seeds 0,1,2`` runs every
 variant for every seed (each in its own run directory under the sweep directory, so a killed sweep
-resumes: finished runs are skipped, a half-finished one resumes from its checkpoints), then writes
+resumes: finished runs are skipped, a half-finished one resumes from its checkpoints; a variant that trains
+exactly like an earlier one of the same seed, differing only in evaluation settings, is evaluated on that
+run's parameters instead of being trained again, see :func:`captioning.training_key`), then writes
 ``sweep.md`` (mean ± std over seeds when there are several), ``sweep.json``, ``sweep.png`` (bars per
 variant) and ``sweep_params.png`` (target-domain metric against trainable %, log scale).
 
@@ -142,6 +144,7 @@ def run_sweep(config_file: str | Path, sweep: str, seeds: Sequence[int], out_dir
     results: dict[str, list[dict[str, Any]]] = {}
     zero_shot = None
     metrics: list[str] = []
+    trained: dict[str, Path] = {}  # training key -> finished run directory
     for variant in sweeps[sweep]:
         for seed in seeds:
             cfg = apply_overrides(load_config_file(config_file, variant), list(overrides))
@@ -151,12 +154,17 @@ def run_sweep(config_file: str | Path, sweep: str, seeds: Sequence[int], out_dir
             if zero_shot is not None or results:  # the base is shared: evaluate it zero-shot only once
                 cfg.eval.zero_shot = False
             done = Path(cfg.run_dir) / "results.json"
+            key = captioning.training_key(cfg)
             if done.is_file():
                 print(f"[{variant} seed {seed}] finished earlier; reusing {done}")
                 res = json.loads(done.read_text())
+            elif key in trained:
+                print(f"[{variant} seed {seed}] trains like {trained[key]}; evaluating its parameters")
+                res = captioning.evaluate_trained(cfg, trained[key])
             else:
                 print(f"[{variant} seed {seed}] running")
                 res = captioning.run(cfg)
+            trained.setdefault(key, Path(res.get("trained_in") or cfg.run_dir))
             results.setdefault(variant, []).append(res)
             metrics = [m for m in captioning.REPORT_METRICS if m in cfg.eval.metrics]
             zero_shot = zero_shot or res.get("zero_shot")
