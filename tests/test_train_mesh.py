@@ -5,7 +5,9 @@ a subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (runnin
 in one process leaves jax with one device). The worker trains the same model and data for 5 steps on
 four meshes (1 device; data-parallel 8; FSDP 8; data 2 x fsdp 2 x tensor 2), with the parameters'
 logical axis names mapped to the mesh, and prints the loss curves, final parameters' distance to the
-single-device run and the shardings actually used.
+single-device run and the shardings actually used. It also trains NeuroAda's sparse deltas and GPS's
+masked kernels on the 2 x 2 x 2 mesh (thesis ch. 4-5): the deltas and their indices shard with their
+kernel's output axis, the GPS masks like their kernel, and both match the single-device loss curve.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlpeft_jax.models import layers
+from vlpeft_jax.peft import base as peft_base
+from vlpeft_jax.peft.gps import GPS
+from vlpeft_jax.peft.neuroada import NeuroAda
 from vlpeft_jax.train import labels, optim, sharding, stages
 from vlpeft_jax.train.loop import train
 
@@ -56,6 +61,44 @@ def loss_fn(params, batch, rng):
     pred = MODEL.apply({"params": params["base"]}, batch["x"], batch["ids"], deterministic=False,
                        rngs={"dropout": rng})
     return jnp.mean((pred - batch["y"]) ** 2), {}
+
+
+SPARSE = NeuroAda(targets=("up", "down"), k=2, mode="gather")
+
+
+def sparse_loss_fn(params, batch, rng):
+    pred = peft_base.apply_with(MODEL.apply, [(SPARSE, params["peft"]["neuroada"])], {"params": params["base"]},
+                                batch["x"], batch["ids"], deterministic=False, rngs={"dropout": rng}, rng=rng,
+                                train=True)
+    return jnp.mean((pred - batch["y"]) ** 2), {}
+
+
+def sparse_runs(base, boxed) -> dict:
+    """NeuroAda (deltas) and GPS (masks) with the same top-2 |W| selection, single device vs 2 x 2 x 2."""
+    base_specs = sharding.logical_specs(boxed["params"])
+    peft = {"neuroada": SPARSE.init(jax.random.PRNGKey(1), base)}
+    ada_specs = {"base": base_specs, "peft": {"neuroada": SPARSE.logical_specs(peft["neuroada"], base_specs)}}
+    gps = GPS(targets=("up", "down"), k=2, selection="magnitude")
+    masks = gps.masks(jax.random.PRNGKey(1), base)
+    opt = optim.OptimizerConfig(optim.GroupOptimizer(learning_rate=1e-2, warmup_steps=1))
+    ada_stage = stages.Stage("ada", steps=STEPS, trainable=SPARSE.trainable_rules(), optimizer=opt)
+    gps_stage = stages.Stage("gps", steps=STEPS, trainable=gps.trainable_rules(masks), optimizer=opt)
+    out = {}
+    for name, mesh in {"single": sharding.make_mesh(), "data2_fsdp2_tensor2": sharding.make_mesh(2, 2, 2)}.items():
+        common = dict(mesh=mesh, progress=False, verbose=False, tensorboard=False, async_checkpoints=False)
+        ada = train({"base": base, "peft": peft}, [ada_stage], data_factory, tempfile.mkdtemp(),
+                    loss_fn=sparse_loss_fn, param_specs=ada_specs, **common)
+        g = train({"base": base, "peft": {}}, [gps_stage], data_factory, tempfile.mkdtemp(), loss_fn=loss_fn,
+                  param_specs={"base": base_specs, "peft": {}},
+                  optimizer_wrappers={"gps": lambda tx: gps.optimizer(tx, masks)}, **common)
+        up = ada.state.trainable["peft"]["neuroada"]["up"]
+        gps_mask = g.state.opt_state.mask["base"]["up"]["kernel"]
+        out[name] = {"ada_losses": [h["loss"] for h in ada.history], "gps_losses": [h["loss"] for h in g.history],
+                     "values_spec": _spec(up["values"]),
+                     "indices_spec": _spec(ada.state.frozen["peft"]["neuroada"]["up"]["indices"]),
+                     "up_kernel_spec": _spec(g.state.trainable["base"]["up"]["kernel"]),
+                     "gps_mask_spec": _spec(gps_mask)}
+    return out
 
 
 def data_factory(stage_index, start_step):
@@ -100,6 +143,7 @@ def worker() -> dict:
             "head_kernel_spec": _spec(result.state.trainable["base"]["head"]["kernel"]),
             "seconds": time.perf_counter() - start,
         }
+    out["sparse"] = sparse_runs(layers.unbox(base), boxed)
     return out
 
 
@@ -124,7 +168,19 @@ def test_sharded_training_matches_single_device():
     assert runs["data2_fsdp2_tensor2"]["up_kernel_spec"] == ["fsdp", "tensor"]
     assert runs["data2_fsdp2_tensor2"]["up_kernel_mu_spec"] == ["fsdp", "tensor"]
     assert runs["fsdp8"]["head_kernel_spec"] == ["fsdp", None]  # its 3 outputs are not divisible: replicated
-    print({name: round(r["seconds"], 1) for name, r in runs.items()})
+    print({name: round(r["seconds"], 1) for name, r in runs.items() if "seconds" in r})
+    sparse = runs["sparse"]
+    one, mesh = sparse["single"], sparse["data2_fsdp2_tensor2"]
+    assert one["ada_losses"][-1] < one["ada_losses"][0]
+    for key in ("ada_losses", "gps_losses"):
+        diff = np.max(np.abs(np.array(mesh[key]) - np.array(one[key])))
+        print(f"sparse {key}: max |2x2x2 mesh - single device| = {diff:.2e}")
+        assert diff <= 1e-5, (key, mesh[key], one[key])
+    # same selection, same update rule: deltas and masked kernels train identically (no weight decay here)
+    np.testing.assert_allclose(one["ada_losses"], one["gps_losses"], rtol=1e-5)
+    # up's kernel is [embed, mlp] -> (fsdp, tensor): its neurons (outputs) are on "tensor"
+    assert mesh["up_kernel_spec"] == mesh["gps_mask_spec"] == ["fsdp", "tensor"]
+    assert mesh["values_spec"] == mesh["indices_spec"] == ["tensor", None]
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["worker"]:
