@@ -109,3 +109,32 @@ def test_greedy_decoding_of_a_vlm_matches_recomputation(inputs):
         cur = jnp.concatenate([cur, nxt[:, None]], 1)
         cur_mask = jnp.concatenate([cur_mask, jnp.ones((2, 1), int)], 1)
     np.testing.assert_array_equal(gen.sequences, jnp.stack(seq, 1))
+
+
+@pytest.mark.parametrize("settings", [
+    dict(method="adapter", placement="parallel", targets=["multi_modal_projector/layers_\\d+/mlp"], bottleneck_size=4),
+    dict(method="adapter", placement="sequential", targets=["multi_modal_projector/layers_0/self_attn/o_proj"], bottleneck_size=4),
+    dict(method="prefix", targets=["multi_modal_projector/layers_\\d+/self_attn"], num_virtual_tokens=3, num_kv_heads=2),
+    dict(method="lora", targets=["multi_modal_projector/.*_proj", "multi_modal_projector/.*fc\\d"], rank=2),
+])
+def test_methods_target_the_transformer_connector(settings, inputs):
+    from vlpeft_jax.peft import base as peft_base
+    from vlpeft_jax.peft.registry import build_methods
+
+    pixels, ids, mask = inputs
+    m, p = _vlm(dict(kind="transformer", feature="patches", num_layers=2, num_heads=2))
+    assert {"self_attn", "mlp", "ln_1", "ln_2"} <= set(p["multi_modal_projector"]["layers_0"])
+    method = build_methods({"x": settings})["x"]
+    peft = method.init(jax.random.key(2), p)
+    leaves = jax.tree_util.tree_leaves_with_path(peft)
+    names = [jax.tree_util.keystr(k) for k, _ in leaves]
+    assert any("multi_modal_projector" in n for n in names)  # (a prefix encoder's shared MLP sits outside it)
+    assert not any("language_model" in n or "vision_tower" in n for n in names)
+
+    def visual(peft_params):
+        return peft_base.apply_with(m.apply, [(method, peft_params)], {"params": p}, pixels,
+                                    method=m.encode_image)
+
+    plain = m.apply({"params": p}, pixels, method=m.encode_image)
+    noisy = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.key(3), x.shape, x.dtype), peft)
+    assert not np.allclose(visual(noisy), plain, atol=1e-4)  # the method reaches the connector's tokens

@@ -82,6 +82,39 @@ class ConnectorConfig:
                               "'transformer' for num_prefix > 1 from the class token (seed 000 Eq. 1)")
 
 
+class _ConnectorAttention(nn.Module):
+    """Bidirectional multi-head self-attention of a connector block (``q/k/v/o_proj`` under ``self_attn``,
+    so that methods targeting attention modules find their projections at the hook's path)."""
+
+    num_heads: int
+
+    @nn.compact
+    def __call__(self, h: Array) -> Array:
+        b, t, d = h.shape
+        if d % self.num_heads:
+            raise ConfigError(f"connector width {d} is not divisible by connector.num_heads={self.num_heads}")
+        hd = d // self.num_heads
+        q = layers.Linear(d, axes=("embed", "heads"), name="q_proj")(h).reshape(b, t, self.num_heads, hd)
+        k = layers.Linear(d, axes=("embed", "heads"), name="k_proj")(h).reshape(b, t, self.num_heads, hd)
+        v = layers.Linear(d, axes=("embed", "heads"), name="v_proj")(h).reshape(b, t, self.num_heads, hd)
+        a = hooks.call("attention", self.path, layers.attention_default, q, k, v, None, inputs=h)
+        return layers.Linear(d, axes=("heads", "embed"), name="o_proj")(a.reshape(b, t, d))
+
+
+class _ConnectorMLP(nn.Module):
+    """The feed-forward of a connector block (``fc1``/``fc2`` under ``mlp``; the ``mlp`` hook wraps it)."""
+
+    activation: str
+
+    @nn.compact
+    def __call__(self, h: Array) -> Array:
+        d = h.shape[-1]
+        fc1 = layers.Linear(4 * d, axes=("embed", "mlp"), name="fc1")
+        fc2 = layers.Linear(d, axes=("mlp", "embed"), name="fc2")
+        act = layers.activation(self.activation)
+        return hooks.call("mlp", self.path, lambda y: fc2(act(fc1(y))), h)
+
+
 class _ConnectorBlock(nn.Module):
     """A bidirectional pre-LN Transformer block for the ``transformer`` Mapping Layer."""
 
@@ -90,24 +123,8 @@ class _ConnectorBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        b, t, d = x.shape
-        if d % self.num_heads:
-            raise ConfigError(f"connector width {d} is not divisible by connector.num_heads={self.num_heads}")
-        hd = d // self.num_heads
-        h = layers.LayerNorm(name="ln_1")(x)
-        q = layers.Linear(d, axes=("embed", "heads"), name="q_proj")(h).reshape(b, t, self.num_heads, hd)
-        k = layers.Linear(d, axes=("embed", "heads"), name="k_proj")(h).reshape(b, t, self.num_heads, hd)
-        v = layers.Linear(d, axes=("embed", "heads"), name="v_proj")(h).reshape(b, t, self.num_heads, hd)
-        a = hooks.call("attention", self.path + ("self_attn",), layers.attention_default, q, k, v, None, inputs=h)
-        x = x + layers.Linear(d, axes=("heads", "embed"), name="o_proj")(a.reshape(b, t, d))
-        h = layers.LayerNorm(name="ln_2")(x)
-        act = layers.activation(self.activation)
-
-        def mlp(y: Array) -> Array:
-            y = act(layers.Linear(4 * d, axes=("embed", "mlp"), name="fc1")(y))
-            return layers.Linear(d, axes=("mlp", "embed"), name="fc2")(y)
-
-        return x + hooks.call("mlp", self.path + ("mlp",), mlp, h)
+        x = x + _ConnectorAttention(self.num_heads, name="self_attn")(layers.LayerNorm(name="ln_1")(x))
+        return x + _ConnectorMLP(self.activation, name="mlp")(layers.LayerNorm(name="ln_2")(x))
 
 
 class MappingLayer(nn.Module):
