@@ -94,6 +94,7 @@ class Family:
             loader = vision.load_vit
         self.ref = _perturb(ref, 1)
         self.ref.save_pretrained(d)
+        self.dir = d
         self.module, params = loader(d)
         self.params = jax.tree.map(jnp.asarray, params)
         if name in ("gpt2", "llama"):
@@ -443,6 +444,91 @@ def test_llama_adapter_kv_cache_decoding_and_tanh_gate(families):
     tanh = LlamaAdapter(adapter_len=4, adapter_layers=2, tanh_gate=True)
     p_tanh = _set_gates(p, [math.atanh(0.5), math.atanh(0.9)])
     np.testing.assert_allclose(fam.run([(tanh, p_tanh)]), full, rtol=1e-5, atol=1e-5)
+
+
+def test_llama_adapter_export_loads_in_peft(families, tmp_path):
+    """ours -> export_peft -> PeftModel.from_pretrained gives our logits (raw gate, and tanh gate as tanh(g))."""
+    import json
+
+    import peft
+
+    from vlpeft_jax.hf import peft_io
+
+    fam = families("llama")
+    for tanh_gate in (False, True):
+        method = LlamaAdapter(adapter_len=5, adapter_layers=2, tanh_gate=tanh_gate)
+        p = _set_gates(method.init(jax.random.key(4), fam.params), [0.7, -1.3])
+        out = peft_io.export_peft(method, p, fam.dir, tmp_path / f"tanh{tanh_gate}")
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        assert (cfg["peft_type"], cfg["task_type"], cfg["adapter_len"], cfg["adapter_layers"],
+                cfg["target_modules"]) == ("ADAPTION_PROMPT", "CAUSAL_LM", 5, 2, "self_attn")
+        base = transformers.LlamaForCausalLM.from_pretrained(fam.dir).eval()
+        pm = peft.PeftModel.from_pretrained(base, out).eval()
+        with torch.no_grad():
+            ref = pm(**fam.torch_inputs).logits.numpy()
+        ours = fam.run([(method, p)])
+        diff = record(f"llama LLaMA-Adapter export->peft (tanh_gate={tanh_gate})", ours, ref)
+        print(f"LLaMA-Adapter ours->peft tanh_gate={tanh_gate}: max |Δlogits| = {diff:.2e}")
+        assert diff <= 1e-5 and np.max(np.abs(ours - fam.run())) > 1e-3
+
+
+def test_llama_adapter_peft_saved_imported_here(families, tmp_path):
+    """peft save_pretrained (non-zero gates) -> import_peft gives peft's logits."""
+    import peft
+
+    from vlpeft_jax.hf import peft_io
+
+    fam = families("llama")
+    base = transformers.LlamaForCausalLM.from_pretrained(fam.dir).eval()
+    pm = peft.get_peft_model(base, peft.AdaptionPromptConfig(adapter_len=4, adapter_layers=2, task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, t in pm.named_parameters():
+            if n.endswith("adaption_gate"):
+                t.copy_(torch.randn(t.shape, generator=g))
+    pm.eval().save_pretrained(tmp_path)
+    with torch.no_grad():
+        ref = pm(**fam.torch_inputs).logits.numpy()
+    method, p = peft_io.import_peft(tmp_path, fam.params)
+    assert isinstance(method, LlamaAdapter) and not method.tanh_gate and method.adapter_len == 4
+    assert method.targets == ("model/layers_1/self_attn", "model/layers_2/self_attn")
+    assert jax.tree.structure(p) == jax.tree.structure(method.init(jax.random.key(0), fam.params))
+    assert float(np.abs(p["model"]["layers_2"]["self_attn"]["adaption_gate"]).min()) > 0
+    ours = fam.run([(method, p)])
+    diff = record("llama LLaMA-Adapter peft->import", ours, ref)
+    print(f"LLaMA-Adapter peft->ours: max |Δlogits| = {diff:.2e}")
+    assert diff <= 1e-5 and np.max(np.abs(ours - fam.run())) > 1e-3
+
+
+def test_llama_adapter_peft_export_refusals(families, tmp_path):
+    import dataclasses
+
+    import peft
+
+    from vlpeft_jax.hf import peft_io
+
+    llama, gpt2 = families("llama"), families("gpt2")
+    method = LlamaAdapter(adapter_len=2, adapter_layers=1)
+    p = method.init(jax.random.key(0), llama.params)
+    with pytest.raises(peft_io.UnsupportedAdapterError, match="GPT-2 adaption prompt adds the prompt attention"):
+        peft_io.peft_state(method, method.init(jax.random.key(0), gpt2.params), gpt2.dir)
+    with pytest.raises(peft_io.UnsupportedAdapterError, match="needs the model's config"):
+        peft_io.peft_state(method, p, "llama")  # only the family known: the layer count is unknown
+    biased = dataclasses.replace(llama.module.config, attention_bias=True, o_proj_bias=True)
+    with pytest.raises(peft_io.UnsupportedAdapterError, match="o_proj bias"):
+        peft_io.peft_state(method, p, biased)
+    low = LlamaAdapter(targets=("model/layers_0/self_attn",), adapter_len=2)
+    with pytest.raises(peft_io.UnsupportedAdapterError, match=r"adapts layers \[0\].*top 1 of 3 layers \(\[2\]\)"):
+        peft_io.peft_state(low, low.init(jax.random.key(0), llama.params), llama.dir)
+    # a peft GPT-2 adaption prompt differs from ours (no c_proj on the prompt attention): refused on import
+    base = transformers.GPT2LMHeadModel.from_pretrained(gpt2.dir)
+    pm = peft.get_peft_model(base, peft.AdaptionPromptConfig(adapter_len=2, adapter_layers=1, task_type="CAUSAL_LM"))
+    pm.save_pretrained(tmp_path)
+    with pytest.raises(peft_io.UnsupportedAdapterError, match="is GPT-2 attention"):
+        peft_io.import_peft(tmp_path, gpt2.params)
+    config, state = peft_io.read_peft_dir(tmp_path)
+    with pytest.raises(peft_io.AdapterTargetError, match="not an attention module"):
+        peft_io.import_peft_state(config, state, llama.params)
 
 
 def test_llama_adapter_bad_inputs(families):

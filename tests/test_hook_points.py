@@ -112,3 +112,61 @@ def test_final_hidden_and_lm_head_hooks(lm):
     np.testing.assert_array_equal(out.logits, np.zeros(out.logits.shape))  # tied head, no bias
     half = run(params, hooks.Hook("lm_head", lambda c, nxt, h: 0.5 * nxt(h)))
     np.testing.assert_allclose(half.logits, 0.5 * run(params).logits, atol=1e-6)
+
+
+def test_positions_hook_rewrites_computed_and_given_positions(lm):
+    model, params, ids, mask, run = lm
+    seen = []
+
+    # rotary attention depends on relative positions only: stretch them (a uniform shift would change nothing)
+    def stretch(c, nxt, pos):
+        seen.append((c.path, c.decode))
+        return 2 * nxt(pos) + 3
+
+    hook = hooks.Hook("positions", stretch)
+    computed = layers.positions_from_mask(mask, *mask.shape)  # left padding skipped: cumsum(mask) - 1
+    want = run(params, position_ids=2 * computed + 3).logits
+    np.testing.assert_allclose(run(params, hook).logits, want, atol=1e-5)
+    assert seen == [(("model",), False)]
+    # explicit position_ids go through the hook too
+    np.testing.assert_allclose(run(params, hook, position_ids=computed).logits, want, atol=1e-5)
+    assert np.abs(np.asarray(want - run(params).logits)).max() > 1e-4
+    # with a KV cache: the prefill and each decode step (ctx.decode set), positions continued from the cache
+    seen.clear()
+    cache = model.init_cache(2, 8)
+    with hooks.use_hooks(hook):
+        out = model.apply({"params": params}, ids[:, :6], mask[:, :6], cache=cache)
+        step = model.apply({"params": params}, ids[:, 6:], jnp.ones((2, 1), jnp.int32), cache=out.cache, decode=True)
+    assert seen == [(("model",), False), (("model",), True)]
+    np.testing.assert_allclose(step.logits[:, -1], want[:, -1], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_positions_hook_in_gpt2_and_bert(family):
+    from vlpeft_jax.models.bert import BertConfig, BertModel
+    from vlpeft_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
+
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=40, max_position_embeddings=16, hidden_size=16,
+                                           num_hidden_layers=1, num_attention_heads=2))
+        trunk, main = ("transformer",), lambda out: out.logits
+    else:
+        model = BertModel(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16))
+        trunk, main = (), lambda out: out.last_hidden_state
+    ids = jax.random.randint(jax.random.key(0), (2, 5), 0, 40)
+    mask = jnp.ones((2, 5), jnp.int32)
+    params = layers.unbox(model.init(jax.random.key(1), ids, mask))["params"]
+    seen = []
+
+    def shift2(c, nxt, pos):
+        seen.append(c.path)
+        return nxt(pos) + 2
+
+    positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    with hooks.use_hooks(hooks.Hook("positions", shift2)):
+        got = main(model.apply({"params": params}, ids, mask))
+    want = main(model.apply({"params": params}, ids, mask, position_ids=positions + 2))
+    assert seen == [trunk]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(np.asarray(want - main(model.apply({"params": params}, ids, mask)))).max() > 1e-4

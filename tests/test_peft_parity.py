@@ -185,6 +185,8 @@ def perturb_ours(p, seed: int = 1):
             return v * (1.0 + 0.3 * noise)
         if name in ("input_scale", "output_scale"):
             return jnp.asarray(1.0 + 0.5 * noise)
+        if name == "adaption_gate":  # LLaMA-Adapter: open the zero-initialised gate
+            return jnp.asarray(0.8 + 0.2 * noise)
         return v
 
     return jax.tree_util.tree_map_with_path(leaf, p)
@@ -483,6 +485,7 @@ def vlm_run(tmp_path_factory):
         "lora": dict(targets=[r"language_model/.*_proj"], rank=4, alpha=8.0),
         "dora": dict(method="dora", targets=[r"language_model/.*(q|v)_proj"], rank=2, alpha=4.0, use_rslora=True),
         "ia3": dict(targets=[r"language_model/.*(k|v|down)_proj"], feedforward_modules=["down_proj"]),
+        "llama_adapter": dict(targets=[r"language_model/.*self_attn"], adapter_len=3, adapter_layers=1),
         "vision": dict(method="lora", targets=[r"vision_tower/.*"], rank=2),
     }
     tokenizer = WordTokenizer.train(["a red circle above a blue square", "two green triangles"])
@@ -530,10 +533,10 @@ def test_cli_export_vlm_run(vlm_run, tmp_path):
         (lm_run / f).symlink_to(d / f)
     (lm_run / "config.json").write_text(only_lm.to_json_best_effort())
     assert export.main(["--run", str(lm_run), "--out", str(tmp_path / "all")]) == 0
-    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["dora", "ia3", "lora"]
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["dora", "ia3", "llama_adapter", "lora"]
 
     for name, adapter_dir in (("lora", tmp_path / "lora"), ("dora", tmp_path / "all" / "dora"),
-                              ("ia3", tmp_path / "all" / "ia3")):
+                              ("ia3", tmp_path / "all" / "ia3"), ("llama_adapter", tmp_path / "all" / "llama_adapter")):
         ours = pb.apply_with(module.apply, [(methods[name], peft_params[name])], {"params": base},
                              jnp.asarray(ids), jnp.asarray(mask)).logits
         plain = module.apply({"params": base}, jnp.asarray(ids), jnp.asarray(mask)).logits

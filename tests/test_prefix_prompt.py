@@ -2,9 +2,11 @@
 text init, evaluation-time prefix replacement and bad inputs (issue 5).
 
 peft's prefix tuning passes the prefix as Hugging Face ``past_key_values``, so the real tokens are numbered from
-``P``; our model is called with ``position_ids=method.position_ids(mask)`` to match (see vlpeft_jax/peft/prefix.py).
-peft's forward numbers positions ``0..t-1`` regardless of padding (not mask-aware), so the batches here are
-unpadded or right-padded (compared at real tokens only).
+``P``; our PrefixTuning shifts positions by ``P`` through the ``positions`` hook, so our model is called *without*
+``position_ids``. With left padding, our positions skip the pads (``cumsum(mask) - 1``, as HF ``generate``), while
+peft's ``forward`` alone numbers a padded row from its pad tokens; the peft reference is therefore called with
+``position_ids = cumsum(mask) - 1`` (which peft shifts by ``P`` itself), and compared at real tokens. Run with
+``-s`` to see the measured max abs differences.
 """
 
 import functools
@@ -74,13 +76,46 @@ def run(module, params, methods, ids, mask=None, *, position_ids=None, cache=Non
                   mask, position_ids, cache, rng, decode, train)
 
 
-def inputs(seed, b=2, t=6, right_pad=0):
+def inputs(seed, b=2, t=6, right_pad=0, left_pad=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (b, t), generator=g)
     mask = torch.ones_like(ids)
     if right_pad:
         mask[1, -right_pad:] = 0
+    if left_pad:
+        mask[1, :left_pad] = 0
     return ids, mask
+
+
+def generate_positions(mask):
+    """HF ``generate``'s position ids: ``cumsum(mask) - 1``, pads set to 1 (never read)."""
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "methods", "decode", "drop_kind"))
+def _positions_seen(module, methods, params, peft_params, ids, mask, cache, decode, drop_kind=None):
+    """The position ids the model finally uses (captured by an outermost ``positions`` hook) and the logits;
+    ``drop_kind`` leaves out the methods' hooks of that kind."""
+    seen = []
+
+    def capture(ctx, nxt, positions):
+        positions = nxt(positions)
+        seen.append((ctx.decode, positions))
+        return positions
+
+    active = [h for m, p in zip(methods, peft_params, strict=True) for h in m.hooks(p) if h.kind != drop_kind]
+    with hooks.use_hooks(active, hooks.Hook("positions", capture)):
+        out = module.apply({"params": params}, ids, mask, cache=cache, decode=decode)
+    assert len(seen) == 1 and seen[0][0] == decode
+    return seen[0][1], out
+
+
+def positions_seen(module, params, methods, ids, mask=None, *, cache=None, decode=False, drop_kind=None):
+    ids = jnp.asarray(ids)
+    mask = jnp.ones(ids.shape, jnp.int32) if mask is None else jnp.asarray(mask)
+    return _positions_seen(module, tuple(m for m, _ in methods), params, tuple(p for _, p in methods), ids, mask,
+                           cache, decode, drop_kind)
 
 
 def randomise(module_, scale=1.0, seed=0):
@@ -102,6 +137,30 @@ def max_diff(ours, ref, mask=None):
 # Prefix tuning vs peft
 
 
+def _check_against_peft(module, params, method, p, pm, ids, mask, label):
+    """Ours (no position_ids) vs peft on a batch whose row 1 is left-padded; returns nothing, asserts ≤ 1e-5."""
+    m = jnp.asarray(mask.numpy())
+    with torch.no_grad():
+        ref = pm(input_ids=ids, attention_mask=mask, position_ids=generate_positions(mask)).logits.numpy()
+        plain = pm(input_ids=ids[:1], attention_mask=mask[:1]).logits.numpy()  # peft numbering its own positions
+    ours = run(module, params, [(method, p)], ids.numpy(), m).logits
+    diff = max_diff(ours, ref, mask)
+    print(f"prefix {label}, left-padded batch, no position_ids: max |Δlogits| = {diff:.2e}")
+    assert diff <= 1e-5
+    diff = max_diff(np.asarray(ours)[:1], plain)
+    print(f"prefix {label}, unpadded row vs peft forward without position_ids: max |Δlogits| = {diff:.2e}")
+    assert diff <= 1e-5
+    # explicit position_ids are shifted by P as peft shifts them
+    explicit = run(module, params, [(method, p)], ids.numpy(), m,
+                   position_ids=jnp.asarray(generate_positions(mask).numpy())).logits
+    diff = max_diff(explicit, ref, mask)
+    print(f"prefix {label}, explicit position_ids: max |Δlogits| = {diff:.2e}")
+    assert diff <= 1e-5
+    # without the positions shift the outputs differ: the checks above can fail
+    _, unshifted = positions_seen(module, params, [(method, p)], ids.numpy(), m, drop_kind="positions")
+    assert max_diff(unshifted.logits, ref, mask) > 1e-4
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("projection", [True, False])
 def test_prefix_peft_saved_imported_here(models, family, projection, tmp_path):
@@ -109,21 +168,13 @@ def test_prefix_peft_saved_imported_here(models, family, projection, tmp_path):
     pm = peft.get_peft_model(hf_base(d), peft.PrefixTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=projection, encoder_hidden_size=8)).eval()
     randomise(pm.prompt_encoder["default"], 0.5, seed=1)
-    ids, mask = inputs(2, right_pad=2)
-    with torch.no_grad():
-        ref = pm(input_ids=ids, attention_mask=mask).logits.numpy()
     pm.save_pretrained(tmp_path)
     method, p = peft_io.import_peft(tmp_path, params)
     assert isinstance(method, PrefixTuning) and method.num_kv_heads == KV_HEADS[family]
     layer0 = p["transformer"]["h_0"]["attn"] if family == "gpt2" else p["model"]["layers_0"]["self_attn"]
     assert layer0["prefix_keys"].shape == (P, KV_HEADS[family], 4) and np.abs(layer0["prefix_keys"]).min() > 0
-    m = jnp.asarray(mask.numpy())
-    ours = run(module, params, [(method, p)], ids.numpy(), m, position_ids=method.position_ids(m)).logits
-    diff = max_diff(ours, ref, mask)
-    print(f"prefix peft->ours {family} projection={projection}: max |Δlogits| = {diff:.2e}")
-    assert diff <= 1e-5
-    # without peft's position numbering the outputs differ: the check above can fail
-    assert max_diff(run(module, params, [(method, p)], ids.numpy(), m).logits, ref, mask) > 1e-4
+    _check_against_peft(module, params, method, p, pm, *inputs(2, left_pad=2),
+                        f"peft->ours {family} projection={projection}")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -138,14 +189,8 @@ def test_prefix_trained_here_loads_in_peft(models, family, projection, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "PREFIX_TUNING" and cfg["num_layers"] == 2 and cfg["prefix_projection"] == projection
     pm = peft.PeftModel.from_pretrained(hf_base(d), tmp_path).eval()
-    ids, mask = inputs(4)
-    with torch.no_grad():
-        ref = pm(input_ids=ids, attention_mask=mask).logits.numpy()
-    m = jnp.asarray(mask.numpy())
-    ours = run(module, params, [(method, p)], ids.numpy(), m, position_ids=method.position_ids(m)).logits
-    diff = max_diff(ours, ref)
-    print(f"prefix ours->peft {family} projection={projection}: max |Δlogits| = {diff:.2e}")
-    assert diff <= 1e-5
+    _check_against_peft(module, params, method, p, pm, *inputs(4, left_pad=3),
+                        f"ours->peft {family} projection={projection}")
 
 
 def test_finalize_drops_the_encoder_with_identical_outputs(models):
@@ -190,7 +235,42 @@ def test_prefix_with_kv_cache_decoding(models, family):
     p = method.init(jax.random.key(7), params)
     ids = jnp.asarray(inputs(8, t=8)[0].numpy())
     cached, full = _cached_vs_full(module, params, [(method, p)], ids, prefill=4)
-    assert cached.shape[1] == 4 and max_diff(cached, full) <= 1e-5
+    diff = max_diff(cached, full)
+    print(f"prefix {family} KV-cache decode vs full sequence: max |Δlogits| = {diff:.2e}")
+    assert cached.shape[1] == 4 and diff <= 1e-5
+    # the prefill and each decode step number the real tokens from P (the cache holds no prefix)
+    pos, out = positions_seen(module, params, [(method, p)], ids[:, :4], cache=module.init_cache(2, 8))
+    np.testing.assert_array_equal(pos, np.broadcast_to(np.arange(P, P + 4), (2, 4)))
+    pos, _ = positions_seen(module, params, [(method, p)], ids[:, 4:5], cache=out.cache, decode=True)
+    np.testing.assert_array_equal(pos, np.full((2, 1), P + 4))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_greedy_decoding_matches_peft_generate(models, family, tmp_path):
+    """Left-padded greedy decoding with our KV cache == peft's ``generate`` (mask-aware positions, shifted by P)."""
+    d, module, params = models[family]
+    method = PrefixTuning(num_virtual_tokens=P, num_kv_heads=KV_HEADS[family], encoder_hidden_size=8)
+    p = method.init(jax.random.key(21), params)
+    peft_io.export_peft(method, p, d, tmp_path)
+    pm = peft.PeftModel.from_pretrained(hf_base(d), tmp_path).eval()
+    ids, mask = inputs(22, left_pad=2)
+    new = 3
+    with torch.no_grad():
+        gen = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0,
+                          output_logits=True, return_dict_in_generate=True)
+    ref = torch.stack(gen.logits, 1).numpy()
+    out = run(module, params, [(method, p)], ids.numpy(), jnp.asarray(mask.numpy()),
+              cache=module.init_cache(2, ids.shape[1] + new))
+    steps = [np.asarray(out.logits[:, -1])]
+    for _ in range(new - 1):
+        token = jnp.argmax(out.logits[:, -1], axis=-1)[:, None]
+        out = run(module, params, [(method, p)], token, jnp.ones((2, 1), jnp.int32), cache=out.cache, decode=True)
+        steps.append(np.asarray(out.logits[:, -1]))
+    ours = np.stack(steps, 1)
+    diff = max_diff(ours, ref)
+    print(f"prefix {family} greedy decode (left-padded) vs peft generate: max |Δlogits| = {diff:.2e}")
+    assert diff <= 1e-5
+    np.testing.assert_array_equal(ours.argmax(-1), gen.sequences[:, ids.shape[1]:].numpy())
 
 
 def test_eval_replacement_of_the_prefix(models):
@@ -205,7 +285,14 @@ def test_eval_replacement_of_the_prefix(models):
         m = PrefixTuning(num_virtual_tokens=P, num_kv_heads=4, encoder_hidden_size=8, eval_replacement=mode)
         return run(module, params, [(m, p)], ids, **kw).logits
 
-    assert max_diff(ev("remove"), base) == 0.0  # "-Prefix": the model without any prefix
+    assert max_diff(ev("remove"), base) == 0.0  # "-Prefix": the model without any prefix (nor position shift)
+    # positions: shifted by P whenever a prefix is there (kept, zeros, noise), not when it is removed
+    mask = jnp.asarray([[1] * 6, [0, 0] + [1] * 4])
+    real = np.array([list(range(6)), [0, 0, 0, 1, 2, 3]])
+    for mode, shift in (("keep", P), ("zeros", P), ("noise", P), ("remove", 0)):
+        m = PrefixTuning(num_virtual_tokens=P, num_kv_heads=4, encoder_hidden_size=8, eval_replacement=mode)
+        pos, _ = positions_seen(module, params, [(m, p)], ids, mask)
+        np.testing.assert_array_equal(pos, real + shift, err_msg=mode)
     assert max_diff(ev("remove", train=True), keep) == 0.0  # replacement only at evaluation
     zeros = ev("zeros")
     assert max_diff(zeros, base) > 1e-4 and max_diff(zeros, keep) > 1e-4  # zero keys still take attention mass

@@ -111,11 +111,14 @@ def test_greedy_decoding_of_a_vlm_matches_recomputation(inputs):
     np.testing.assert_array_equal(gen.sequences, jnp.stack(seq, 1))
 
 
+MMP = "multi_modal_projector"
+
+
 @pytest.mark.parametrize("settings", [
-    dict(method="adapter", placement="parallel", targets=["multi_modal_projector/layers_\\d+/mlp"], bottleneck_size=4),
-    dict(method="adapter", placement="sequential", targets=["multi_modal_projector/layers_0/self_attn/o_proj"], bottleneck_size=4),
-    dict(method="prefix", targets=["multi_modal_projector/layers_\\d+/self_attn"], num_virtual_tokens=3, num_kv_heads=2),
-    dict(method="lora", targets=["multi_modal_projector/.*_proj", "multi_modal_projector/.*fc\\d"], rank=2),
+    dict(method="adapter", placement="parallel", targets=[f"{MMP}/layers_\\d+/mlp"], bottleneck_size=4),
+    dict(method="adapter", placement="sequential", targets=[f"{MMP}/layers_0/self_attn/o_proj"], bottleneck_size=4),
+    dict(method="prefix", targets=[f"{MMP}/layers_\\d+/self_attn"], num_virtual_tokens=3, num_kv_heads=2),
+    dict(method="lora", targets=[f"{MMP}/.*_proj", f"{MMP}/.*fc\\d"], rank=2),
 ])
 def test_methods_target_the_transformer_connector(settings, inputs):
     from vlpeft_jax.peft import base as peft_base

@@ -26,7 +26,9 @@ cores call the ``attention`` hook at the inner attention module's path (cross-at
 from the image features); each feed-forward block calls the ``mlp`` hook with the path of its
 ``intermediate`` (or ``intermediate_query``) module, covering ``dense -> act -> dense`` before the
 residual LayerNorm; BERT's token embeddings call the ``embed`` hook (prompt tokens are prepended, and
-token type ids are padded with zeros for them, as peft does). Attention-probability dropout is not
+token type ids are padded with zeros for them, as peft does); :class:`BertModel`'s position ids (``0..t-1``
+as Hugging Face numbers them, or the caller's ``position_ids``) go through the ``positions`` hook at the
+``BertModel``'s own path before they index ``position_embeddings``. Attention-probability dropout is not
 applied (the attention core is the shared hook default); hidden dropout is, when ``deterministic=False``.
 """
 
@@ -345,6 +347,8 @@ class BertEmbeddings(nn.Module):
             token_type_ids = jnp.concatenate([jnp.zeros((b, added), token_type_ids.dtype), token_type_ids], axis=1)
         if position_ids is None or added:
             position_ids = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
+        # the positions hook's path is the BertModel's (the parent of these embeddings and of the encoder)
+        position_ids = hooks.call("positions", self.path[:-1], lambda p: p, position_ids)
         x = (embeds
              + _embed(cfg, cfg.type_vocab_size, (None, "embed"), "token_type_embeddings")(token_type_ids)
              + _embed(cfg, cfg.max_position_embeddings, ("positions", "embed"), "position_embeddings")(position_ids))

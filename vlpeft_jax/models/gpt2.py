@@ -7,7 +7,8 @@ transpose, and the fused ``c_attn`` (query, key and value side by side) is kept 
 
 Calling convention: see :mod:`vlpeft_jax.models.outputs`. Hook points: ``embed`` (path
 ``transformer/wte``; the position embeddings are added after it, from the positions of the sequence the
-hook returns, as peft's prompt tuning does), ``attention`` per layer (``transformer/h_<i>/attn``),
+hook returns, as peft's prompt tuning does), ``positions`` (``transformer``; the position ids that index
+``wpe``, computed or given), ``attention`` per layer (``transformer/h_<i>/attn``),
 ``mlp`` per layer (``transformer/h_<i>/mlp``), ``final_hidden`` (``transformer/ln_f``, after the
 final norm) and ``lm_head`` (``lm_head``; the tied head is ``wte.attend``).
 
@@ -228,6 +229,7 @@ class GPT2Model(nn.Module):
                                                      inputs_embeds, position_ids, decode, self.config.dtype)
         t = embeds.shape[1]
         positions, bias, cache_mask = attention_layout(mask, position_ids, cache)
+        positions = hooks.call("positions", self.path, lambda p: p, positions, decode=decode)
         x = embeds + self.wpe(positions)
         hidden_states = [x]
         new_keys, new_values = [], []

@@ -20,7 +20,18 @@ kind               hook signature                                          used 
 ``embed``          ``fn(ctx, next, ids, embeds, mask) -> (embeds, mask)``  prompt tuning, deep prompts
 ``final_hidden``   ``fn(ctx, next, h) -> h`` (before the LM head)          topic control (TCM)
 ``lm_head``        ``fn(ctx, next, h) -> logits``                          TCM mixture, head tuning
+``positions``      ``fn(ctx, next, positions) -> positions`` ``[b, t]``    prefix tuning (real tokens
+                   int position ids used for position embeddings / RoPE;   numbered from ``P``)
+                   path: the trunk holding the layers that use them
 =================  ======================================================  ==============================
+
+The ``positions`` hook runs once per forward pass, where a model has its final position ids: after the
+``embed`` hook (so prompts are counted), for the prefill and for every ``decode=True`` step (``ctx.decode``
+says which), on positions derived from the attention mask / KV cache *and* on explicit ``position_ids``
+(peft shifts those too: ``PeftModel._adjust_prompt_learning_kwargs`` adds ``num_virtual_tokens`` to a
+caller's ``position_ids`` for prefix tuning). Its path is the module whose layers use the positions:
+GPT-2 ``transformer``, LLaMA ``model``, BERT the ``BertModel`` itself (the parent of ``embeddings``).
+ViT, CLIP and the Q-Former have no ``positions`` hook point.
 
 Hooks run inside the traced (jitted) function, so the PEFT parameters they close over are traced
 values; nothing here is global state at run time beyond the context stack, which is only read while
@@ -45,7 +56,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-HOOK_KINDS = ("linear", "attention", "mlp", "embed", "final_hidden", "lm_head")
+HOOK_KINDS = ("linear", "attention", "mlp", "embed", "final_hidden", "lm_head", "positions")
 
 _LAYER_RE = re.compile(r"^(?:layers?|h|blocks?)_(\d+)$")
 
@@ -62,7 +73,8 @@ class HookContext:
       decode: True during an incremental decoding step with a KV cache (not for the prefill), so that
         hooks that change the sequence length (prompts) apply only once.
       inputs: for ``attention``, the hidden state entering the attention layer ``[b, t, d]``.
-      positions: for ``attention``, absolute positions of the queries ``[b, tq]`` (or None).
+      positions: for ``attention``, absolute positions of the queries ``[b, tq]`` after the ``positions``
+        hook (or None).
     """
 
     kind: str

@@ -8,9 +8,10 @@ embeddings with ``rope_theta`` and the ``linear`` and ``llama3`` frequency scali
 Qwen2 is the same network with biases on the query/key/value projections.
 
 Calling convention: see :mod:`vlpeft_jax.models.outputs`. Hook points: ``embed``
-(``model/embed_tokens``), ``attention`` per layer (``model/layers_<i>/self_attn``; queries and keys
-arrive already rotated), ``mlp`` per layer (``model/layers_<i>/mlp``), ``final_hidden`` (``model/norm``,
-after the final norm) and ``lm_head`` (``lm_head``; the tied head is ``embed_tokens.attend``).
+(``model/embed_tokens``), ``positions`` (``model``; the position ids the rotary embeddings use, computed or
+given), ``attention`` per layer (``model/layers_<i>/self_attn``; queries and keys arrive already rotated),
+``mlp`` per layer (``model/layers_<i>/mlp``), ``final_hidden`` (``model/norm``, after the final norm) and
+``lm_head`` (``lm_head``; the tied head is ``embed_tokens.attend``).
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -332,6 +333,7 @@ class LlamaModel(nn.Module):
                                                 inputs_embeds, position_ids, decode, self.config.dtype)
         t = x.shape[1]
         positions, bias, cache_mask = attention_layout(mask, position_ids, cache)
+        positions = hooks.call("positions", self.path, lambda p: p, positions, decode=decode)
         hidden_states = [x]
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):

@@ -28,11 +28,20 @@ Parameter trees mirror the attention modules they adapt (``transformer/h_3/attn`
 :meth:`PrefixTuning.finalize` turns the encoder form into the plain form ("the output of the prefix encoder can be
 saved as the new prefix, so there is no computational overhead", App. B); the hooks accept both.
 
-Positions. The prefix occupies no sequence positions here: the real tokens keep positions ``0..t-1`` and a
-KV cache holds only real tokens (the prefix is prepended at every step, prefill and ``decode=True`` alike).
-peft (Hugging Face ``past_key_values``) numbers the real tokens from ``P`` instead; the hook points cannot
-move positions (GPT-2 adds position embeddings, LLaMA rotates queries, before the attention hook), so to
-reproduce peft's numbers exactly, call the model with ``position_ids=method.position_ids(attention_mask)``.
+Positions. peft passes the prefix as Hugging Face ``past_key_values``, so the model numbers the real tokens
+from ``P``: ``P..P+t-1`` (Hugging Face counts from the cache length), and a caller's explicit ``position_ids``
+are shifted by ``P`` too (``PeftModel._adjust_prompt_learning_kwargs`` in peft 0.21). The method does the same
+through the ``positions`` hook of every model trunk it adapts (GPT-2 ``transformer``, LLaMA ``model``, BERT's
+``BertModel``; vision towers and the Q-Former have no such hook and keep their positions): whatever positions
+the model uses (``cumsum(mask) - 1`` from the attention mask, so that left padding is skipped, continued from a
+KV cache, or the caller's ``position_ids``) get ``+P``, at the prefill and at every ``decode=True`` step alike.
+So our model and peft's give the same outputs on the same inputs, without ``position_ids``; with left padding
+our numbering is that of peft's ``generate`` (HF ``generate`` passes ``cumsum(mask) - 1``, which peft shifts),
+while peft's bare ``forward`` numbers a padded row from its pad tokens. The prefix itself is not in the
+sequence: a KV cache holds only real tokens, and the prefix is prepended at every step. ``P + t`` must fit the
+model's position table (GPT-2 ``n_positions``, BERT ``max_position_embeddings``), as in peft. With the
+evaluation replacement ``remove`` the model runs without a prefix, so positions are not shifted; ``zeros`` and
+``noise`` keep a prefix of ``P`` positions and the shift.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -59,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlpeft_jax.errors import ConfigError
-from vlpeft_jax.models import hooks, layers
+from vlpeft_jax.models import hooks
 from vlpeft_jax.peft import base as pb
 
 # Name of a key projection inside an attention module -> how many key widths its output holds
@@ -303,6 +312,15 @@ class PrefixTuning:
                                     rng if rng is not None else jax.random.key(0), noise_std=self.noise_std)
         # Computed once per forward pass (the encoder runs here, not once per layer).
         prefixes = self.layer_prefixes(params)
+        shift = int(self.num_virtual_tokens)
+
+        def holds_prefixed_layers(path: tuple[str, ...]) -> bool:
+            return any(p[:len(path)] == path for p in prefixes)
+
+        def shift_positions(ctx: hooks.HookContext, nxt: Any, positions: jax.Array) -> jax.Array:
+            # the real tokens come after the P prefix positions, as after peft's past_key_values
+            positions = nxt(positions)
+            return positions + jnp.asarray(shift, positions.dtype)
 
         def prefix_attention(ctx: hooks.HookContext, nxt: Any, q: jax.Array, k: jax.Array, v: jax.Array,
                              bias: jax.Array | None) -> jax.Array:
@@ -314,7 +332,8 @@ class PrefixTuning:
                 bias = jnp.concatenate([jnp.zeros(bias.shape[:-1] + (pk.shape[1],), bias.dtype), bias], axis=-1)
             return nxt(q, jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1), bias)
 
-        return [hooks.Hook("attention", prefix_attention, where=lambda path: path in prefixes)]
+        return [hooks.Hook("attention", prefix_attention, where=lambda path: path in prefixes),
+                hooks.Hook("positions", shift_positions, where=holds_prefixed_layers)]
 
     def merge(self, base_params: pb.Params, peft_params: pb.Params) -> pb.Params:
         raise ConfigError(f"{self.name}: prefix tuning cannot be merged into the base weights (it adds attention "
@@ -322,19 +341,6 @@ class PrefixTuning:
 
     def num_params(self, peft_params: pb.Params) -> int:
         return pb.count(peft_params)
-
-    def position_ids(self, attention_mask: jax.Array) -> jax.Array:
-        """Positions ``[b, t]`` numbering the real tokens from ``P``, as peft / HF ``past_key_values`` do.
-
-        Pass them as ``position_ids`` to reproduce peft's prefix-tuned outputs exactly (left padding also gets
-        ``P``; padded positions are masked out and do not matter).
-
-        Example:
-            >>> PrefixTuning(num_virtual_tokens=4, num_kv_heads=1).position_ids(jnp.ones((1, 3))).tolist()
-            [[4, 5, 6]]
-        """
-        b, t = attention_mask.shape
-        return layers.positions_from_mask(attention_mask, b, t) + int(self.num_virtual_tokens)
 
     # ------------------------------------------------------------------------------------------------
     # peft interop
