@@ -334,10 +334,12 @@ def test_embed_hook_with_cache(families):
 
 
 @pytest.mark.parametrize("name,expected", [
-    ("gpt2", {"embed": {"transformer/wte"}, "attention": {f"transformer/h_{i}/attn" for i in range(2)},
+    ("gpt2", {"embed": {"transformer/wte"}, "positions": {"transformer"},
+              "attention": {f"transformer/h_{i}/attn" for i in range(2)},
               "mlp": {f"transformer/h_{i}/mlp" for i in range(2)}, "final_hidden": {"transformer/ln_f"},
               "lm_head": {"lm_head"}}),
-    ("qwen2", {"embed": {"model/embed_tokens"}, "attention": {f"model/layers_{i}/self_attn" for i in range(2)},
+    ("qwen2", {"embed": {"model/embed_tokens"}, "positions": {"model"},
+               "attention": {f"model/layers_{i}/self_attn" for i in range(2)},
                "mlp": {f"model/layers_{i}/mlp" for i in range(2)}, "final_hidden": {"model/norm"},
                "lm_head": {"lm_head"}}),
 ])
