@@ -413,6 +413,19 @@ def test_shapes_sparse_config_variants():
         load_config_file("configs/shapes_sparse.py", "top3")
 
 
+def test_params_cli_counts_gps_and_gradient_selection_abstractly(tmp_path):
+    from vlpeft_jax.cli import params as params_cli
+
+    counts = {}
+    for variant in ("gps", "gradient", "magnitude", "gps_top1", "top1"):
+        cfg = load_config_file("configs/shapes_sparse.py", variant + ",smoke")
+        cfg.data.cache_dir = str(tmp_path)
+        counts[variant] = next(iter(params_cli.count(cfg)["stages"].values()))["trainable"]
+    # k connections per neuron of every projection, whichever way they are trained or selected
+    assert counts["gps"] == counts["gradient"] == counts["magnitude"] == 4 * counts["top1"]
+    assert counts["gps_top1"] == counts["top1"] > 0
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

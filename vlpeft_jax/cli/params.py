@@ -1,7 +1,9 @@
 """``run.py params --config configs/X.py``: total and trainable parameter counts, on abstract shapes.
 
 Nothing is allocated: the model and every PEFT method are initialised under ``jax.eval_shape``, so this
-works for 7B-parameter configs on a laptop. Trainable counts follow each stage's ``trainable`` rules.
+works for 7B-parameter configs on a laptop. Trainable counts follow each stage's ``trainable`` rules; a GPS
+stage (``config.gps``) counts its selected entries (k per involved neuron), and gradient-selected methods
+are counted without a selection pass (their shapes do not depend on the scores).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import jax
 import ml_collections
 
 from vlpeft_jax.cli.config import split_config_args
+from vlpeft_jax.experiments.captioning import build_gps
 from vlpeft_jax.models import layers, registry
 from vlpeft_jax.peft import base as peft_base
 from vlpeft_jax.peft.registry import build_methods
+from vlpeft_jax.peft.selection import for_shapes
 from vlpeft_jax.train import labels as labels_lib
 from vlpeft_jax.train.stages import Stage
 
@@ -32,7 +36,7 @@ def abstract_params(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     module, inputs = registry.build_model(model_cfg)
     base = jax.eval_shape(lambda: layers.unbox(module.init(jax.random.key(0), **inputs))["params"])
     methods = build_methods(cfg.get("peft"))
-    peft = {n: jax.eval_shape(m.init, jax.random.key(0), base) for n, m in methods.items()}
+    peft = {n: jax.eval_shape(for_shapes(m).init, jax.random.key(0), base) for n, m in methods.items()}
     return {"base": base, "peft": peft}
 
 
@@ -41,9 +45,13 @@ def count(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     params = abstract_params(cfg)
     total = peft_base.count(params["base"])
     out: dict[str, Any] = {"base_total": total, "peft_total": peft_base.count(params["peft"]), "stages": {}}
+    gps = build_gps(cfg)
     for i, s in enumerate(cfg.get("stages", [])):
         stage = Stage.from_dict(s, f"stages[{i}]")
-        counts = labels_lib.count_params(params, labels_lib.make_labels(params, stage.trainable))
+        counts = labels_lib.count_params(params, labels_lib.make_labels(params, stage.trainable)) \
+            if stage.trainable else {"trainable": 0}
+        if gps is not None and stage.name in gps[1]:
+            counts["trainable"] += gps[0].num_selected(params["base"])
         out["stages"][stage.name] = {**counts, "trainable_pct": 100.0 * counts["trainable"] / total}
     return out
 

@@ -43,6 +43,7 @@ from vlpeft_jax.models import layers, registry
 from vlpeft_jax.peft import base as peft_base
 from vlpeft_jax.peft.presets import check_stage_methods
 from vlpeft_jax.peft.registry import build_methods
+from vlpeft_jax.peft.selection import for_shapes
 from vlpeft_jax.train import labels as labels_lib
 from vlpeft_jax.train.loop import train
 from vlpeft_jax.train.stages import Stage
@@ -471,9 +472,7 @@ def load_final(run_dir: Path, cfg: ml_collections.ConfigDict) -> tuple[Any, Any,
         raise ConfigError(f"{run_dir}: the base model was not saved and there is no pretrain config to rebuild it")
     methods = build_methods(cfg.get("peft"))
     # the saved indices are read back; only their shapes are needed, and those do not depend on the scores
-    shaped = {n: dataclasses.replace(m, selection="magnitude") if getattr(m, "selection", None) == "gradient"
-              else m for n, m in methods.items()}
-    peft_abstract = {n: jax.eval_shape(m.init, jax.random.key(0), base) for n, m in shaped.items()}
+    peft_abstract = {n: jax.eval_shape(for_shapes(m).init, jax.random.key(0), base) for n, m in methods.items()}
     peft = load_params(final / "peft.npz", peft_abstract) if methods else {}
     return module, {"base": base, "peft": peft}, tokenizer, methods
 

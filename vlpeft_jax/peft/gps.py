@@ -163,6 +163,11 @@ class GPS:
         """``inner`` restricted to the selected entries; ``masks`` as from :meth:`masks`, placed under ``root``."""
         return masked(inner, {root: masks} if root else masks)
 
+    def num_selected(self, base_params: pb.Params) -> int:
+        """Selected entries over ``base_params`` (arrays or abstract shapes; no selection is run)."""
+        return sel.count_selected(base_params, self.targets, k=self.k, budget=self.budget,
+                                  neuron_fraction=self.neuron_fraction, name=self.name)
+
     def num_params(self, masks: pb.Params) -> int:
         """Selected (trainable) entries."""
         return int(sum(int(jnp.sum(m)) for m in jax.tree.leaves(masks)))

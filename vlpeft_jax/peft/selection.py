@@ -243,6 +243,37 @@ def select(params: Mapping[str, Any], targets: str | Sequence[str], *, k: int = 
     return out
 
 
+def for_shapes(method: Any) -> Any:
+    """``method`` with ``gradient`` selection replaced by ``magnitude``: the same parameter shapes and counts,
+    without the selection dataset that gradient scores need (``run.py params``, reading a saved run back).
+
+    Example:
+        >>> from vlpeft_jax.peft.neuroada import NeuroAda
+        >>> for_shapes(NeuroAda(targets=("q_proj",), k=2, selection="gradient")).selection
+        'magnitude'
+    """
+    if getattr(method, "selection", None) == "gradient":
+        return dataclasses.replace(method, selection="magnitude")
+    return method
+
+
+def count_selected(params: Mapping[str, Any], targets: str | Sequence[str], *, k: int = 1, budget: float = 0.0,
+                   neuron_fraction: float = 1.0, name: str = "selection") -> int:
+    """How many connections :func:`select` picks over ``params`` (arrays or ``ShapeDtypeStruct`` s):
+    ``k`` (or the budget's ``k``) times the involved neurons of every targeted kernel.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> p = {"a": {"kernel": jax.ShapeDtypeStruct((8, 4), jnp.float32)}}
+        >>> count_selected(p, "a", k=3), count_selected(p, "a", k=1, neuron_fraction=0.5)
+        (12, 2)
+    """
+    kernels = target_kernels(params, targets, name=name)
+    if budget:
+        k = k_for_budget(budget, [w.shape for _, w in kernels], neuron_fraction, name)
+    return int(k) * sum(involved_neurons(_fan(w.shape)[1], neuron_fraction) for _, w in kernels)
+
+
 # --------------------------------------------------------------------------- dense views (GPS, tests)
 
 
