@@ -25,25 +25,38 @@ def test_compare_003_variants_are_valid(variant, tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_one_variant_two_seeds(tmp_path, shapes_caches):
+def test_sweep_two_seeds_table_plots_and_eval_only_reuse(tmp_path, shapes_caches):
+    """One sweep, two variants that differ only in evaluation, two seeds: each seed trains once, the table gives
+    mean ± std over seeds, both plots are written, and a rerun reuses the finished runs."""
     module = tmp_path / "tiny_sweep.py"
     module.write_text(
         "from vlpeft_jax.cli.config import load_config_file\n"
-        f"SWEEPS = {{'t': ['prompt,smoke']}}\n"
-        f"def get_config(variant='lora,smoke'):\n    return load_config_file({str(COMPARE)!r}, variant)\n")
+        "SWEEPS = {'e': ['parallel,smoke', 'parallel,eval=remove,smoke']}\n"
+        f"def get_config(variant):\n    return load_config_file({str(ROOT / 'configs/shapes_ptpeft.py')!r}, variant)\n")
     out = tmp_path / "sweep"
-    argv = ["sweep", "--config", str(module), "--sweep", "t", "--seeds", "0,1", "--out", str(out),
+    argv = ["sweep", "--config", str(module), "--sweep", "e", "--seeds", "0,1", "--out", str(out),
             f"--config.pretrain.cache_dir={shapes_caches['pretrain']}",
-            f"--config.data.cache_dir={shapes_caches['data']}"]
+            f"--config.data.cache_dir={shapes_caches['data']}", "--config.eval.zero_shot=True"]
     assert cli.main(argv) == 0
     text = (out / "sweep.md").read_text()
     assert "mean ± std over seeds [0, 1]" in text and "| zero-shot |" in text
-    assert "| prompt,smoke |" in text and " ± " in text
+    assert "| parallel,eval=remove,smoke |" in text and " ± " in text
     summary = json.loads((out / "sweep.json").read_text())["summary"]
-    assert summary["prompt,smoke"]["seeds"] == 2
+    assert summary["parallel,smoke"]["seeds"] == summary["parallel,eval=remove,smoke"]["seeds"] == 2
     assert (out / "sweep.png").stat().st_size > 0 and (out / "sweep_params.png").stat().st_size > 0
+    for seed in (0, 1):
+        first, second = out / f"parallel_smoke-seed{seed}", out / f"parallel_evalremove_smoke-seed{seed}"
+        assert (first / "checkpoints").is_dir() and not (second / "checkpoints").exists()
+        res = json.loads((second / "results.json").read_text())
+        assert Path(res["trained_in"]) == first and res["adapted"]["target"]["metrics"]
+        # (what eval_replacement does to the outputs is tested with the prefix method, tests/test_prefix_prompt.py)
+        keep = json.loads((first / "captions_adapted.json").read_text())
+        removed = json.loads((second / "captions_adapted.json").read_text())
+        assert len(keep) == len(removed) > 0
     # a rerun reuses the finished runs instead of training again
+    stamp = (out / "parallel_smoke-seed0" / "results.json").stat().st_mtime_ns
     assert cli.main(argv) == 0
+    assert (out / "parallel_smoke-seed0" / "results.json").stat().st_mtime_ns == stamp
 
 
 def test_training_key_ignores_evaluation_settings():
@@ -55,27 +68,6 @@ def test_training_key_ignores_evaluation_settings():
     assert captioning.training_key(keep) != captioning.training_key(remove)
     other = load_config_file(ptpeft, "full,smoke")
     assert captioning.training_key(keep) != captioning.training_key(other)
-
-
-@pytest.mark.slow
-def test_eval_only_variants_reuse_the_trained_parameters(tmp_path, shapes_caches):
-    module = tmp_path / "tiny_eval_sweep.py"
-    module.write_text(
-        "from vlpeft_jax.cli.config import load_config_file\n"
-        "SWEEPS = {'e': ['parallel,smoke', 'parallel,eval=remove,smoke']}\n"
-        f"def get_config(variant):\n    return load_config_file({str(ROOT / 'configs/shapes_ptpeft.py')!r}, variant)\n")
-    out = tmp_path / "sweep"
-    overrides = [f"--config.pretrain.cache_dir={shapes_caches['pretrain']}",
-                 f"--config.data.cache_dir={shapes_caches['data']}"]
-    sweep.run_sweep(module, "e", [0], out, overrides)
-    first, second = out / "parallel_smoke-seed0", out / "parallel_evalremove_smoke-seed0"
-    assert (first / "checkpoints").is_dir() and not (second / "checkpoints").exists()
-    res = json.loads((second / "results.json").read_text())
-    assert Path(res["trained_in"]) == first and res["adapted"]["target"]["metrics"]
-    # (what eval_replacement does to the outputs is tested with the prefix method, tests/test_prefix_prompt.py)
-    keep = json.loads((first / "captions_adapted.json").read_text())
-    removed = json.loads((second / "captions_adapted.json").read_text())
-    assert len(keep) == len(removed) > 0
 
 
 def test_sweep_errors(tmp_path):
