@@ -17,7 +17,8 @@ NeuroAda on every projection of the decoder, or with LoRA at an equal trainable 
 
 Append ``,smoke`` (e.g. ``top1,smoke``) for a seconds-long run.
 ``python run.py sweep --config configs/shapes_sparse.py --sweep table`` runs the table (target-domain
-metrics against trainable %, ``sweep_params.png``).
+metrics against trainable %, ``sweep_params.png``); ``--sweep repeats --seeds 0,1,2`` repeats seven of its
+rows over three seeds into the same output directory (finished runs are reused).
 
 Example:
     >>> SWEEPS["table"][:3]
@@ -42,7 +43,9 @@ NEUROADA = {
 LORA = {"lora_r1": 1, "lora_r2": 2}
 GPS = {"gps": 4, "gps_top1": 1}
 SWEEPS = {"table": ["top1", "top2", "top20", "magnitude", "gradient", "reverse", "random", "gps", "gps_top1",
-                    "coverage25", "coverage50", "coverage75", "coverage100", "lora_r1", "lora_r2"]}
+                    "coverage25", "coverage50", "coverage75", "coverage100", "lora_r1", "lora_r2"],
+          # the rows repeated over seeds 0, 1, 2 (``--seeds 0,1,2``) to show the seed-to-seed spread
+          "repeats": ["top1", "top20", "magnitude", "random", "gps", "lora_r1", "lora_r2"]}
 COVERAGE_K = 4
 
 
