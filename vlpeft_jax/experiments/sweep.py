@@ -114,11 +114,21 @@ def plot_vs_params(path: Path, summary: Mapping[str, Any], metric: str, domain: 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, row in summary.items():
-        mean, std = row[domain].get(metric, (np.nan, 0.0))
-        pct = max(row["trainable_pct"], 1e-6)
+    points = [(name, max(row["trainable_pct"], 1e-6), *row[domain].get(metric, (np.nan, 0.0)))
+              for name, row in summary.items()]
+    finite = [m for _, _, m, _ in points if np.isfinite(m)]
+    y_span = (max(finite) - min(finite)) if len(finite) > 1 else 1.0
+    step = 0.045 * (y_span or 1.0)
+    labels: list[tuple[float, float]] = []  # (log10 x, y) of the labels placed so far
+    for name, pct, mean, std in points:
         ax.errorbar([pct], [mean], yerr=[std], fmt="o", capsize=3)
-        ax.annotate(name, (pct, mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        # a label that would overlap one already placed moves up until it is clear
+        x, y = float(np.log10(pct)), float(mean) + 0.3 * step
+        while any(abs(x - lx) < 0.15 and abs(y - ly) < step for lx, ly in labels):
+            y += step
+        labels.append((x, y))
+        ax.annotate(name, (pct, mean), xytext=(pct * 1.05, y), fontsize=8,
+                    arrowprops=dict(arrowstyle="-", lw=0.4, alpha=0.5) if y - mean > step else None)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (% of the base)")
     ax.set_ylabel(f"{domain} {metric} x100")
