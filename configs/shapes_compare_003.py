@@ -20,6 +20,7 @@ from pathlib import Path
 import ml_collections
 
 from vlpeft_jax.cli.config import load_config_file
+from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.experiments.captioning import shrink_for_smoke
 
 SWEEPS = {"table": ["prompt", "prefix", "lora", "dora", "full"]}
@@ -40,14 +41,15 @@ def _method(kind: str, dec: ml_collections.ConfigDict) -> dict:
                     targets=[f"{LM}/self_attn"], projection=True, type_embedding=True)
     if kind in ("lora", "dora"):
         return dict(method=kind, targets=[f"{LM}/.*_proj"], rank=8, alpha=16.0, dropout=0.0)
-    raise ValueError(kind)
+    raise ConfigError(f"configs/shapes_compare_003.py: no method {kind!r}; valid: {', '.join(SWEEPS['table'])}")
 
 
 def get_config(variant: str = "lora") -> ml_collections.ConfigDict:
     kind, *opts = [v.strip() for v in (variant or "lora").split(",") if v.strip()]
     lr_opts = [o for o in opts if o.startswith("lr=")]
     if kind not in SWEEPS["table"] or set(opts) - {"smoke", *lr_opts} or len(lr_opts) > 1:
-        raise ValueError(f"variant {variant!r}; valid: {', '.join(SWEEPS['table'])} (optionally ',lr=X', ',smoke')")
+        raise ConfigError(f"configs/shapes_compare_003.py:{variant}: unknown variant; valid: "
+                          f"{', '.join(SWEEPS['table'])} (optionally ',lr=X', ',smoke')")
     smoke = "smoke" in opts
     here = Path(__file__).resolve().parent
     c = load_config_file(here / "shapes_pretrain.py", "smoke" if smoke else None)
