@@ -46,16 +46,25 @@ def _method(kind: str, dec: ml_collections.ConfigDict) -> dict:
 
 def get_config(variant: str = "lora") -> ml_collections.ConfigDict:
     kind, *opts = [v.strip() for v in (variant or "lora").split(",") if v.strip()]
-    lr_opts = [o for o in opts if o.startswith("lr=")]
-    if kind not in SWEEPS["table"] or set(opts) - {"smoke", *lr_opts} or len(lr_opts) > 1:
-        raise ConfigError(f"configs/shapes_compare_003.py:{variant}: unknown variant; valid: "
-                          f"{', '.join(SWEEPS['table'])} (optionally ',lr=X', ',smoke')")
-    smoke = "smoke" in opts
+    valid = f"{', '.join(SWEEPS['table'])} (optionally ',lr=X', ',smoke')"
+    if kind not in SWEEPS["table"]:
+        raise ConfigError(f"configs/shapes_compare_003.py:{variant}: unknown variant; valid: {valid}")
+    smoke, lr = False, LEARNING_RATES.get(kind, 3e-3)
+    for o in opts:
+        key, _, value = o.partition("=")
+        try:
+            if key == "smoke" and not value:
+                smoke = True
+            elif key == "lr" and float(value) > 0:
+                lr = float(value)
+            else:
+                raise ValueError(o)
+        except ValueError:
+            raise ConfigError(f"configs/shapes_compare_003.py:{variant}: bad option {o!r}; valid: {valid}") from None
     here = Path(__file__).resolve().parent
     c = load_config_file(here / "shapes_pretrain.py", "smoke" if smoke else None)
     c.name = f"shapes_003_{kind}"
     c.pretrain.config = str(here / "shapes_pretrain.py") + (":smoke" if smoke else "")
-    lr = float(lr_opts[0][3:]) if lr_opts else LEARNING_RATES.get(kind, 3e-3)
     opt = dict(name="adamw", learning_rate=lr, weight_decay=0.0, warmup_steps=30, schedule="cosine", clip_norm=1.0)
     if kind == "full":
         c.peft = {}

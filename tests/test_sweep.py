@@ -81,5 +81,8 @@ def test_compare_003_learning_rate_option():
     cfg = load_config_file(COMPARE, "prompt,lr=0.03,smoke")
     assert cfg.stages[0]["optimizer"]["learning_rate"] == 0.03
     assert load_config_file(COMPARE, "full,smoke").stages[0]["optimizer"]["learning_rate"] == 5e-4
-    with pytest.raises(ConfigError, match="unknown variant.*lr=X"):
-        load_config_file(COMPARE, "prompt,rate=1")
+    for bad in ("prompt,rate=1", "prompt,lr=fast", "prompt,lr=0"):
+        with pytest.raises(ConfigError, match="bad option.*lr=X"):
+            load_config_file(COMPARE, bad)
+    with pytest.raises(ConfigError, match="unknown variant"):
+        load_config_file(COMPARE, "lorra")
