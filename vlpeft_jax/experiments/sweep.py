@@ -117,8 +117,7 @@ def plot_vs_params(path: Path, summary: Mapping[str, Any], metric: str, domain: 
     points = [(name, max(row["trainable_pct"], 1e-6), *row[domain].get(metric, (np.nan, 0.0)))
               for name, row in summary.items()]
     finite = [m for _, _, m, _ in points if np.isfinite(m)]
-    y_span = (max(finite) - min(finite)) if len(finite) > 1 else 1.0
-    step = 0.045 * (y_span or 1.0)
+    step = 0.045 * ((max(finite) - min(finite) if finite else 0.0) or 1.0)  # label height in data units
     labels: list[tuple[float, float]] = []  # (log10 x, y) of the labels placed so far
     for name, pct, mean, std in points:
         ax.errorbar([pct], [mean], yerr=[std], fmt="o", capsize=3)
