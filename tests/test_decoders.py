@@ -210,6 +210,33 @@ def test_unpadded_batch_matches_hf_default_positions(families):
     assert diff <= TOL
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_logits_to_keep_and_causal_lm_loss_match_transformers(families, name):
+    """``logits_to_keep`` keeps the last positions as HF's does, and the causal-LM loss on them (labels shifted,
+    -100 ignored) is HF's ``labels=`` loss."""
+    from vlpeft_jax.train.losses import causal_lm_loss
+
+    fam = families(name)
+    ids = np.random.default_rng(2).integers(0, VOCAB, (BATCH, LENGTH)).astype(np.int32)
+    labels = ids.copy()
+    labels[:, :3] = -100  # a prompt
+    labels[0, -2:] = -100  # padding of one row
+    ref = fam.hf(input_ids=torch.tensor(ids), logits_to_keep=4)
+    ref_loss = float(fam.hf(input_ids=torch.tensor(ids), labels=torch.tensor(labels).long()).loss)
+    out = jax.jit(lambda p: fam.model.apply({"params": p}, ids, np.ones_like(ids), logits_to_keep=4))(fam.params)
+    assert out.logits.shape == (BATCH, 4, VOCAB)
+    diff = np.abs(np.asarray(out.logits) - ref.logits.detach().numpy()).max()
+    record(f"{name} logits_to_keep=4", diff)
+    assert diff <= TOL
+    full = fam.forward(fam.params, ids, np.ones_like(ids)).logits
+    loss, metrics = causal_lm_loss(full, labels)
+    record(f"{name} causal LM loss", abs(float(loss) - ref_loss))
+    assert abs(float(loss) - ref_loss) <= 1e-5
+    assert 0.0 <= float(metrics["token_accuracy"]) <= 1.0
+    with pytest.raises(ValueError, match="logits_to_keep=-1"):
+        fam.model.apply({"params": fam.params}, ids, logits_to_keep=-1)
+
+
 def test_inputs_embeds_and_embed_tokens(families):
     fam = families("gpt2")
     ids, mask = _batch("left")

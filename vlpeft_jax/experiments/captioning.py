@@ -31,10 +31,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from vlpeft_jax.data import shapes
-from vlpeft_jax.data.batching import IGNORE_INDEX, CaptionBatches, EvalBatches
+from vlpeft_jax.data.batching import CaptionBatches, EvalBatches
 from vlpeft_jax.data.images import ImagePreprocessor
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.eval import decode
@@ -46,6 +45,7 @@ from vlpeft_jax.peft.registry import build_methods
 from vlpeft_jax.peft.selection import for_shapes
 from vlpeft_jax.train import labels as labels_lib
 from vlpeft_jax.train.loop import train
+from vlpeft_jax.train.losses import causal_lm_loss
 from vlpeft_jax.train.stages import Stage
 
 DOMAINS = ("source", "target")
@@ -97,17 +97,11 @@ def caption_loss(module: Any, methods: Sequence[tuple[str, Any]]) -> Any:
 
     def loss_fn(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
         active = [(m, params["peft"][n]) for n, m in methods]
+        t = batch["input_ids"].shape[1]  # the head runs on the text positions only (visual tokens come first)
         out = peft_base.apply_with(module.apply, active, {"params": params["base"]}, batch["input_ids"],
-                                   batch["attention_mask"], batch["pixel_values"], rng=rng, train=True)
-        t = batch["input_ids"].shape[1]
-        logits = out.logits[:, -t:-1].astype(jnp.float32)  # text positions; visual tokens come first
-        labels = batch["labels"][:, 1:]
-        valid = labels != IGNORE_INDEX
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
-        n = jnp.maximum(valid.sum(), 1)
-        loss = jnp.where(valid, ce, 0.0).sum() / n
-        acc = jnp.where(valid, logits.argmax(-1) == labels, False).sum() / n
-        return loss, {"token_accuracy": acc}
+                                   batch["attention_mask"], batch["pixel_values"], rng=rng, train=True,
+                                   logits_to_keep=t)
+        return causal_lm_loss(out.logits, batch["labels"])
 
     return loss_fn
 

@@ -43,6 +43,21 @@ def linear_default(x: Array, kernel: Array, bias: Array | None) -> Array:
     return y
 
 
+def keep_last(h: Array, n: int) -> Array:
+    """The last ``n`` positions of ``h`` ``[b, t, ...]`` (all of them for ``n == 0``).
+
+    The decoders' ``logits_to_keep`` (Hugging Face's name and meaning): the LM head runs only on the
+    positions a loss reads, e.g. the text after a VLM's visual tokens, not on every position.
+
+    Example:
+        >>> keep_last(jnp.zeros((2, 5, 3)), 2).shape
+        (2, 2, 3)
+    """
+    if n < 0:
+        raise ValueError(f"logits_to_keep={n}; must be >= 0 (0 keeps every position)")
+    return h[:, -n:] if n else h
+
+
 class Linear(nn.Module):
     """A dense layer whose application is the ``linear`` hook point.
 

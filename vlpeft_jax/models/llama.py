@@ -374,10 +374,11 @@ class LlamaForCausalLM(nn.Module):
 
     def __call__(self, input_ids: Array | None = None, attention_mask: Array | None = None, *,
                  inputs_embeds: Array | None = None, position_ids: Array | None = None,
-                 cache: layers.KVCache | None = None, decode: bool = False) -> DecoderOutput:
+                 cache: layers.KVCache | None = None, decode: bool = False, logits_to_keep: int = 0
+                 ) -> DecoderOutput:
         hidden_states, mask, new_cache = self.model(input_ids, attention_mask, inputs_embeds, position_ids, cache,
                                                     decode)
         h = hooks.call("final_hidden", (*self.path, "model", "norm"), lambda x: x, hidden_states[-1])
         head = self.model.attend if self.config.tie_word_embeddings else self.lm_head
-        logits = hooks.call("lm_head", (*self.path, "lm_head"), head, h)
+        logits = hooks.call("lm_head", (*self.path, "lm_head"), head, layers.keep_last(h, logits_to_keep))
         return DecoderOutput(logits=logits, hidden_states=hidden_states, attention_mask=mask, cache=new_cache)

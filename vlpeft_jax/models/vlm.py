@@ -237,13 +237,16 @@ class PrefixVLM(nn.Module):
         return self.multi_modal_projector(feats)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, pixel_values: Array | None = None,
-                 *, cache: layers.KVCache | None = None, decode: bool = False) -> DecoderOutput:
+                 *, cache: layers.KVCache | None = None, decode: bool = False, logits_to_keep: int = 0
+                 ) -> DecoderOutput:
         if pixel_values is None:
-            return self.language_model(input_ids, attention_mask, cache=cache, decode=decode)
+            return self.language_model(input_ids, attention_mask, cache=cache, decode=decode,
+                                       logits_to_keep=logits_to_keep)
         visual = self.encode_image(pixel_values)
         text = self.language_model.embed_tokens(input_ids)
         embeds, mask = place_visual_tokens(text, attention_mask, visual, input_ids, self.image_token_id)
-        return self.language_model(None, mask, inputs_embeds=embeds, cache=cache, decode=decode)
+        return self.language_model(None, mask, inputs_embeds=embeds, cache=cache, decode=decode,
+                                   logits_to_keep=logits_to_keep)
 
     def num_visual_tokens(self, num_vision_tokens: int) -> int:
         """``I_pf`` for a vision tower that outputs ``num_vision_tokens`` tokens (class token included)."""
@@ -279,10 +282,13 @@ class QFormerVLM(nn.Module):
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, pixel_values: Array | None = None,
                  *, instruction_ids: Array | None = None, instruction_mask: Array | None = None,
-                 cache: layers.KVCache | None = None, decode: bool = False) -> DecoderOutput:
+                 cache: layers.KVCache | None = None, decode: bool = False, logits_to_keep: int = 0
+                 ) -> DecoderOutput:
         if pixel_values is None:
-            return self.language_model(input_ids, attention_mask, cache=cache, decode=decode)
+            return self.language_model(input_ids, attention_mask, cache=cache, decode=decode,
+                                       logits_to_keep=logits_to_keep)
         visual = self.encode_image(pixel_values, instruction_ids, instruction_mask)
         text = self.language_model.embed_tokens(input_ids)
         embeds, mask = place_visual_tokens(text, attention_mask, visual, input_ids, None)
-        return self.language_model(None, mask, inputs_embeds=embeds, cache=cache, decode=decode)
+        return self.language_model(None, mask, inputs_embeds=embeds, cache=cache, decode=decode,
+                                   logits_to_keep=logits_to_keep)

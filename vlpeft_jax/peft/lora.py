@@ -112,7 +112,7 @@ class LoRA:
                 keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
                 h = jnp.where(keep, x / (1.0 - self.dropout), 0.0).astype(x.dtype)
             s = self.scaling(a.shape[1])
-            return nxt(x, kernel, bias) + s * ((h @ a.astype(x.dtype)) @ b.astype(x.dtype))
+            return nxt(x, kernel, bias) + ((h @ a.astype(x.dtype)) * s) @ b.astype(x.dtype)  # scale the rank-r side
 
         return [hooks.Hook("linear", lora_linear, where=pb.adapted_where(peft_params, "lora_a"))]
 

@@ -1,0 +1,50 @@
+"""Causal language-modelling loss shared by the experiments and the benchmarks.
+
+Labels follow the Hugging Face convention (``labels[:, t]`` is the token at position ``t``; ``-100`` is
+ignored). The loss shifts the *labels* by one (:func:`shift_labels`) instead of slicing the logits
+(``logits[:, :-1]``), which would copy the largest activation of a step; with the decoders'
+``logits_to_keep`` the LM head runs only on the positions the loss reads.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> logits = jnp.zeros((1, 3, 4))  # uniform predictions
+    >>> loss, metrics = causal_lm_loss(logits, jnp.array([[1, 2, 3]]))
+    >>> round(float(loss), 4)  # log(4): two predicted tokens, the last position has no target
+    1.3863
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vlpeft_jax.data.batching import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX", "causal_lm_loss", "shift_labels"]
+
+
+def shift_labels(labels: jax.Array, ignore: int = IGNORE_INDEX) -> jax.Array:
+    """``labels[:, 1:]`` with ``ignore`` appended: the target of every position of a causal LM's logits."""
+    return jnp.pad(labels[:, 1:], ((0, 0), (0, 1)), constant_values=ignore)
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array, ignore: int = IGNORE_INDEX
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean next-token cross-entropy (float32) over the labelled positions, and the token accuracy.
+
+    Args:
+      logits: ``[b, t, vocab]``, position ``i`` predicting token ``i + 1``.
+      labels: ``[b, t]`` token ids, ``ignore`` where there is no target (prompt, padding).
+
+    Returns:
+      ``(loss, {"token_accuracy": ...})``; both are 0 when nothing is labelled.
+    """
+    targets = shift_labels(labels, ignore)
+    valid = targets != ignore
+    logits = logits.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
+    n = jnp.maximum(valid.sum(), 1)
+    loss = jnp.where(valid, ce, 0.0).sum() / n
+    acc = jnp.where(valid, logits.argmax(-1) == targets, False).sum() / n
+    return loss, {"token_accuracy": acc}
