@@ -19,7 +19,6 @@ SUBCOMMANDS = {
     "export": "export adapters (e.g. to Hugging Face PEFT format)",
     "params": "print total/trainable parameter counts (abstract shapes, no memory)",
     "bench": "benchmarks: decode, metrics, train, sparse",
-    "analyze": "analyses: effective rank, attention knockout, logit lens, gradient conflict",
 }
 
 

@@ -40,6 +40,8 @@ def test_bench_train_in_process_with_torch():
     assert lora["ratios"]["ours_over_full_xla_bytes"] == pytest.approx(lora["ours"]["xla_bytes"]
                                                                        / full["ours"]["xla_bytes"])
     assert full["ratios"]["ours_over_full"] == 1.0
+    assert out["settings"]["torch_device"] == "cpu" and out["settings"]["matmul_precision"] == "highest"
+    assert lora["torch"]["device"] == "cpu" and lora["ours"]["device_peak_bytes"] is None  # CPU: no device peak
 
 
 def test_bench_train_isolated_processes_report_rss():
@@ -58,3 +60,31 @@ def test_bench_train_bad_options():
         bench_train.run(["--methods", "lorra"])
     with pytest.raises(ConfigError, match="--repeats=0"):
         bench_train.run(["--repeats", "0"])
+    with pytest.raises(ConfigError, match="--torch-device=cuda: PyTorch sees no CUDA"):
+        bench_train.resolve_torch_device("cuda", "gpu", cuda_available=False)
+    with pytest.raises(ConfigError, match="matmul-precision='bf16'"):
+        bench_train.set_matmul_precision("bf16")
+
+
+def test_accelerator_settings():
+    """Where the PyTorch side runs, and the float32 precision both sides use (the GPU paths themselves need a GPU)."""
+    import jax
+    import torch
+
+    assert bench_train.resolve_torch_device("auto", "cpu", cuda_available=True) == "cpu"
+    assert bench_train.resolve_torch_device("auto", "gpu", cuda_available=True) == "cuda"
+    assert bench_train.resolve_torch_device("auto", "gpu", cuda_available=False) == "cpu"
+    assert bench_train.resolve_torch_device("auto", "tpu", cuda_available=True) == "cpu"
+    assert bench_train.resolve_torch_device("cpu", "gpu", cuda_available=True) == "cpu"
+    before = (jax.config.jax_default_matmul_precision, torch.backends.cuda.matmul.allow_tf32,
+              torch.backends.cudnn.allow_tf32)
+    try:
+        bench_train.set_matmul_precision("tf32")
+        assert jax.config.jax_default_matmul_precision == "tensorfloat32"
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        bench_train.set_matmul_precision("highest")
+        assert jax.config.jax_default_matmul_precision == "highest"
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        jax.config.update("jax_default_matmul_precision", before[0])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[1:]

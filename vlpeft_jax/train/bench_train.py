@@ -21,6 +21,14 @@ gradient clipping, an all-ones attention mask. Threads: PyTorch ``torch.set_num_
 default (a pool as large as the cores the process may use); ``--threads N`` pins each measurement process to
 ``N`` cores, which sets both.
 
+Accelerators: JAX runs on its default backend; ``--torch-device auto`` (the default) puts the PyTorch side on the
+same GPU when JAX runs on one and PyTorch sees CUDA (``cpu`` or ``cuda`` force it). A PyTorch step is timed
+between two ``torch.cuda.synchronize()`` calls, ours until ``jax.block_until_ready``. ``--matmul-precision``
+sets float32 matrix products on both sides alike: ``highest`` (true float32: PyTorch's default, JAX's
+``jax_default_matmul_precision="highest"``) or ``tf32`` (TensorFloat-32 on both, JAX's own GPU default). On a
+GPU the table adds each side's device-memory peak. ``tools/device_bench.sh`` runs the whole measurement on a
+GPU machine from the source tree, with that machine's own packages.
+
 Timing: both steps of a method are built in one fresh process and run alternately (ours, PyTorch, ours, ...)
 for ``--repeats`` pairs after ``--warmup`` pairs (compilation excluded), so both sides see the same load from
 other processes; the table gives the medians and the median of the per-pair ratios. (Timing each side in its
@@ -81,9 +89,13 @@ PEFT_METHODS = ("lora", "dora", "ia3", "prefix", "prompt")  # those peft impleme
 PLAIN_TORCH_METHODS = ("full", "bitfit")  # PyTorch without peft: which parameters require grad
 LORA_RANK, LORA_ALPHA, VIRTUAL_TOKENS, ADAPTER_SIZE = 8, 16.0, 16, 64
 LEARNING_RATE, WEIGHT_DECAY = 1e-4, 0.01
+MATMUL_PRECISIONS = ("highest", "tf32")
 MEMORY_NOTE = ("XLA MiB: compiled.memory_analysis() of our step (argument + output - aliased + temp bytes). "
                "RSS MiB: peak resident memory during steps (VmHWM, reset after warm-up) minus the resident memory "
-               "after the imports; the same measure for both sides, each side alone in a fresh process.")
+               "after the imports; the same measure for both sides, each side alone in a fresh process. "
+               "Device peak MiB (accelerators only): the peak of JAX's allocator over that process "
+               "(memory_stats()['peak_bytes_in_use']) and PyTorch's torch.cuda.max_memory_allocated() over the "
+               "timed steps.")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="process: every method's measurements in fresh Python processes (RSS reported); "
                         "none: all in this process (no RSS)")
     p.add_argument("--no-torch", action="store_true", help="measure our side only")
+    p.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the PyTorch side runs; auto: cuda when JAX runs on a GPU and PyTorch sees CUDA, "
+                        "else cpu")
+    p.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default="highest",
+                   help="float32 matrix products on both sides: highest (true float32, the default of PyTorch) "
+                        "or tf32 (TensorFloat-32 on GPUs that have it; JAX's GPU default). No effect on CPUs")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for both sides (each measurement process is pinned to this many cores; "
                         "default: all cores)")
@@ -187,6 +205,32 @@ def make_batch(shapes: dict[str, int]) -> dict[str, np.ndarray]:
     """Random token ids (seed 0) and an all-ones mask, ``[batch, seq]`` int32."""
     ids = np.random.default_rng(0).integers(0, shapes["vocab"], (shapes["batch"], shapes["seq"]), dtype=np.int32)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def set_matmul_precision(precision: str, torch_too: bool = True) -> None:
+    """The same float32 matrix-product precision on both sides (see ``--matmul-precision``)."""
+    if precision not in MATMUL_PRECISIONS:
+        raise ConfigError(f"bench train --matmul-precision={precision!r}; valid: {', '.join(MATMUL_PRECISIONS)}")
+    jax.config.update("jax_default_matmul_precision", "highest" if precision == "highest" else "tensorfloat32")
+    if torch_too:
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+
+
+def resolve_torch_device(requested: str, jax_backend: str, cuda_available: bool) -> str:
+    """``--torch-device`` -> ``"cpu"`` or ``"cuda"``: auto follows JAX onto a GPU when PyTorch can follow."""
+    if requested == "cuda" and not cuda_available:
+        raise ConfigError("bench train --torch-device=cuda: PyTorch sees no CUDA device here; use cpu or auto")
+    if requested == "auto":
+        return "cuda" if jax_backend == "gpu" and cuda_available else "cpu"
+    return requested
+
+
+def _jax_device_peak() -> int | None:
+    """Peak bytes the JAX allocator has held on the default device in this process (accelerators; None on CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use") if jax.default_backend() != "cpu" else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,8 +339,11 @@ def _times(times: list[float]) -> dict[str, Any]:
     return {"step_s": statistics.median(times), "step_min_s": min(times), "times_s": times}
 
 
-def measure_ours(name: str, model_dir: str, shapes: dict[str, int], repeats: int, warmup: int) -> dict[str, Any]:
-    """Our step of method ``name`` alone in this process: times, XLA memory and the peak-RSS increase."""
+def measure_ours(name: str, model_dir: str, shapes: dict[str, int], repeats: int, warmup: int,
+                 precision: str = "highest") -> dict[str, Any]:
+    """Our step of method ``name`` alone in this process: times, XLA memory, the peak-RSS increase and, on an
+    accelerator, the device allocator's peak."""
+    set_matmul_precision(precision, torch_too=False)
     _start_runtime()
     rss0 = _status_kib("VmRSS")
     ours = OurStep(name, model_dir, shapes, repeats + warmup)
@@ -306,7 +353,7 @@ def measure_ours(name: str, model_dir: str, shapes: dict[str, int], repeats: int
     times = [ours.step() for _ in range(repeats)]
     hwm = _status_kib("VmHWM")
     rss = (hwm - rss0) * 1024 if reset and hwm is not None and rss0 is not None else None
-    return {**_times(times), **ours.info(), "rss_bytes": rss}
+    return {**_times(times), **ours.info(), "rss_bytes": rss, "device_peak_bytes": _jax_device_peak()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,7 +380,7 @@ def peft_config(name: str) -> Any:
 class TorchStep:
     """A peft + PyTorch train step (plain PyTorch for ``full`` and ``bitfit``); :meth:`step` runs one update."""
 
-    def __init__(self, name: str, model_dir: str, shapes: dict[str, int]) -> None:
+    def __init__(self, name: str, model_dir: str, shapes: dict[str, int], device: str = "cpu") -> None:
         import peft
         import torch
         import transformers
@@ -349,23 +396,27 @@ class TorchStep:
         elif name != "full":
             raise ConfigError(f"no PyTorch counterpart of {name!r}; valid: "
                               f"{', '.join(PEFT_METHODS + PLAIN_TORCH_METHODS)}")
-        model.train()
+        model.to(device).train()
+        self.device = device
         params = [p for p in model.parameters() if p.requires_grad]
         self.trainable = int(sum(p.numel() for p in params))
         self.model = model
         self.optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-        self.batch = {k: torch.from_numpy(v).long() for k, v in make_batch(shapes).items()}
+        self.batch = {k: torch.from_numpy(v).long().to(device) for k, v in make_batch(shapes).items()}
+        self._sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         self.uses_peft = name in PEFT_METHODS
         self.losses: list[float] = []
 
     def step(self) -> float:
-        """One update; returns its wall time in seconds."""
+        """One update; returns its wall time in seconds (queued GPU work is waited for)."""
+        self._sync()
         t0 = time.perf_counter()
         loss = self.model(input_ids=self.batch["input_ids"], attention_mask=self.batch["attention_mask"],
                           labels=self.batch["input_ids"]).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._sync()
         elapsed = time.perf_counter() - t0
         self.losses.append(float(loss.detach()))
         return elapsed
@@ -374,6 +425,7 @@ class TorchStep:
         import torch
 
         return {"trainable": self.trainable, "threads": torch.get_num_threads(), "uses_peft": self.uses_peft,
+                "device": self.device,
                 "first_loss": self.losses[0], "last_loss": self.losses[-1]}
 
 
@@ -384,42 +436,60 @@ def _torch_threads(threads: int | None) -> None:
 
 
 def measure_torch(name: str, model_dir: str, shapes: dict[str, int], repeats: int, warmup: int,
-                  threads: int | None = None) -> dict[str, Any]:
+                  threads: int | None = None, device: str = "cpu", precision: str = "highest") -> dict[str, Any]:
     """The PyTorch step alone in this process (``threads`` threads; None: the cores this process may use):
-    times and the peak-RSS increase."""
+    times, the peak-RSS increase and, on CUDA, the peak of ``torch.cuda.max_memory_allocated``."""
+    import torch
+
     _torch_threads(threads)
+    set_matmul_precision(precision)
     rss0 = _status_kib("VmRSS")
-    side = TorchStep(name, model_dir, shapes)
+    side = TorchStep(name, model_dir, shapes, device)
     for _ in range(warmup):
         side.step()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     reset = _reset_peak_rss()
     times = [side.step() for _ in range(repeats)]
     hwm = _status_kib("VmHWM")
     rss = (hwm - rss0) * 1024 if reset and hwm is not None and rss0 is not None else None
-    return {**_times(times), **side.info(), "rss_bytes": rss}
+    peak = int(torch.cuda.max_memory_allocated()) if device == "cuda" else None
+    return {**_times(times), **side.info(), "rss_bytes": rss, "device_peak_bytes": peak}
 
 
 def measure_paired(name: str, model_dir: str, shapes: dict[str, int], repeats: int, warmup: int,
-                   with_torch: bool, threads: int | None = None) -> dict[str, Any]:
+                   with_torch: bool, threads: int | None = None, device: str = "cpu",
+                   precision: str = "highest") -> dict[str, Any]:
     """Both steps built in this process and run alternately (ours, PyTorch, ours, ...), so that both see the
-    same load from other processes; ``{"ours": ..., "torch": ... or None, "pair_ratios": [...]}``."""
+    same load from other processes; ``{"ours": ..., "torch": ... or None, "pair_ratios": [...]}``.
+
+    On CUDA, PyTorch's allocator peak over the timed steps is measured here too (it counts PyTorch's own
+    allocations only); JAX's peak is process-wide and is left to :func:`measure_ours`.
+    """
+    set_matmul_precision(precision, torch_too=with_torch)
     _start_runtime()
     ours = OurStep(name, model_dir, shapes, repeats + warmup)
     side = None
     if with_torch:
         _torch_threads(threads)
-        side = TorchStep(name, model_dir, shapes)
+        side = TorchStep(name, model_dir, shapes, device)
     for _ in range(warmup):
         ours.step()
         if side is not None:
             side.step()
+    cuda = side is not None and device == "cuda"
+    if cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
     ours_times, torch_times = [], []
     for _ in range(repeats):
         ours_times.append(ours.step())
         if side is not None:
             torch_times.append(side.step())
-    return {"ours": {**_times(ours_times), **ours.info()},
-            "torch": None if side is None else {**_times(torch_times), **side.info()},
+    torch_peak = int(torch.cuda.max_memory_allocated()) if cuda else None
+    return {"ours": {**_times(ours_times), **ours.info(), "device_peak_bytes": None},
+            "torch": None if side is None else {**_times(torch_times), **side.info(), "device_peak_bytes": torch_peak},
             "pair_ratios": [t / o for t, o in zip(torch_times, ours_times, strict=True)] if side is not None else []}
 
 
@@ -462,14 +532,14 @@ def measure_method(name: str, model_dir: str, shapes: dict[str, int], args: argp
                    ) -> dict[str, Any]:
     """Paired timing and (in fresh processes) memory of one method, merged into ``{"ours", "torch", ...}``."""
     with_torch = not args.no_torch and name in PEFT_METHODS + PLAIN_TORCH_METHODS
-    common = {"name": name, "model_dir": model_dir, "shapes": shapes}
+    common = {"name": name, "model_dir": model_dir, "shapes": shapes, "precision": args.matmul_precision}
     timing_kwargs = {**common, "repeats": args.repeats, "warmup": args.warmup, "with_torch": with_torch,
-                     "threads": args.threads}
+                     "threads": args.threads, "device": args.torch_device}
     if args.isolate == "none":  # XLA's thread pool already exists here: --threads applies to PyTorch only
         out = measure_paired(**timing_kwargs)
-        out["ours"]["rss_bytes"] = None
-        if out["torch"] is not None:
-            out["torch"]["rss_bytes"] = None
+        for side in ("ours", "torch"):
+            if out[side] is not None:
+                out[side]["rss_bytes"] = None
         return out
     cpus = None
     if args.threads is not None and hasattr(os, "sched_getaffinity"):
@@ -480,9 +550,18 @@ def measure_method(name: str, model_dir: str, shapes: dict[str, int], args: argp
         out[side]["rss_bytes"] = out[side]["alone_step_s"] = None
         if args.memory_steps > 0:
             kwargs = {**common, "repeats": args.memory_steps, "warmup": 1}
+            if side == "torch":
+                kwargs.update(threads=args.threads, device=args.torch_device)
             alone = _in_fresh_process(side, kwargs, cpus, workdir)
-            out[side]["rss_bytes"], out[side]["alone_step_s"] = alone["rss_bytes"], alone["step_s"]
+            for key in ("rss_bytes", "device_peak_bytes"):
+                out[side][key] = alone[key]
+            out[side]["alone_step_s"] = alone["step_s"]
     return out
+
+
+def _device_name() -> str:
+    d = jax.local_devices()[0]
+    return f"{jax.default_backend()} ({getattr(d, 'device_kind', d.platform)})"
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -513,13 +592,20 @@ def run(argv: list[str]) -> dict[str, Any]:
             raise ConfigError(f"bench train --{option}={value}; must be >= {low}")
     if args.threads is not None and not 1 <= args.threads <= _cores():
         raise ConfigError(f"bench train --threads={args.threads}; must be in [1, {_cores()}] (the cores available)")
+    if args.no_torch:
+        args.torch_device = "cpu"
+    else:
+        import torch
+
+        args.torch_device = resolve_torch_device(args.torch_device, jax.default_backend(), torch.cuda.is_available())
     shapes = {k: int(getattr(args, k)) for k in ("layers", "width", "heads", "vocab", "batch", "seq")}
     skipped = [n for n in names if not _available(n)]
     names = [n for n in names if n not in skipped]
     load_before = os.getloadavg()
     print(f"bench train: GPT-2 {shapes['layers']} layers, width {shapes['width']}, {shapes['heads']} heads, vocab "
           f"{shapes['vocab']}, batch {shapes['batch']} x {shapes['seq']} tokens, float32, AdamW; "
-          f"{args.repeats} timed steps after {args.warmup} warm-up; backend {jax.default_backend()}, "
+          f"{args.repeats} timed steps after {args.warmup} warm-up; JAX on {_device_name()}, PyTorch on "
+          f"{args.torch_device}, float32 matmul precision {args.matmul_precision}; "
           f"{args.threads or _cores()} of {_cores()} cores, load average {', '.join(f'{x:.2f}' for x in load_before)}")
     if skipped:
         print(f"not available in this version (skipped): {', '.join(skipped)}")
@@ -541,15 +627,20 @@ def run(argv: list[str]) -> dict[str, Any]:
             "torch_over_ours_pairs": statistics.median(r["pair_ratios"]) if r["pair_ratios"] else None,
             "torch_over_ours_min": None if torch_side is None else _ratio(torch_side["step_min_s"], ours["step_min_s"]),
             "torch_over_ours_rss": None if torch_side is None else _ratio(torch_side["rss_bytes"], ours["rss_bytes"]),
+            "torch_over_ours_device_peak": None if torch_side is None else _ratio(torch_side["device_peak_bytes"],
+                                                                                    ours["device_peak_bytes"]),
             "ours_over_full": None if full is None else _ratio(ours["step_s"], full["step_s"]),
             "ours_over_full_xla_bytes": None if full is None else _ratio(ours["xla_bytes"], full["xla_bytes"]),
             "ours_over_full_rss": None if full is None else _ratio(ours["rss_bytes"], full["rss_bytes"]),
         }
 
+    device_memory = any(r[side] is not None and r[side].get("device_peak_bytes") is not None
+                        for r in results.values() for side in ("ours", "torch"))
     print()
     print("| method | trainable | ours ms/step | PyTorch ms/step | PyTorch/ours (>1: we are faster) | median of "
-          "pair ratios | ours/full FT | ours XLA MiB | ours RSS MiB | PyTorch RSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "pair ratios | ours/full FT | ours XLA MiB | ours RSS MiB | PyTorch RSS MiB |"
+          + (" ours device peak MiB | PyTorch device peak MiB |" if device_memory else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if device_memory else ""))
     for name, r in results.items():
         ours, torch_side, ratios = r["ours"], r["torch"], r["ratios"]
         torch_ms = "-" if torch_side is None else f"{1000 * torch_side['step_s']:.1f}"
@@ -558,7 +649,10 @@ def run(argv: list[str]) -> dict[str, Any]:
         print(f"| {name} | {ours['trainable']:,} | {1000 * ours['step_s']:.1f} | {torch_ms} | "
               f"{_fmt(ratios['torch_over_ours'])} | {_fmt(ratios['torch_over_ours_pairs'])} | "
               f"{_fmt(ratios['ours_over_full'])} | {_mib(ours['xla_bytes'])} | "
-              f"{_mib(ours['rss_bytes'])} | {_mib(None if torch_side is None else torch_side['rss_bytes'])} |")
+              f"{_mib(ours['rss_bytes'])} | {_mib(None if torch_side is None else torch_side['rss_bytes'])} |"
+              + (f" {_mib(ours.get('device_peak_bytes'))} | "
+                 f"{_mib(None if torch_side is None else torch_side.get('device_peak_bytes'))} |"
+                 if device_memory else ""))
     print()
     print("Step times: medians over steps run alternately (ours, PyTorch, ours, ...) in one process, so that both "
           "sides see the same load; a pair ratio is one PyTorch step / the our step before it. " + MEMORY_NOTE)
@@ -576,11 +670,13 @@ def run(argv: list[str]) -> dict[str, Any]:
     return {
         "settings": {**shapes, "repeats": args.repeats, "warmup": args.warmup, "isolate": args.isolate,
                      "memory_steps": args.memory_steps,
-                     "threads": args.threads or _cores(),
+                     "threads": args.threads or _cores(), "torch_device": args.torch_device,
+                     "matmul_precision": args.matmul_precision,
                      "methods": names, "lora_rank": LORA_RANK, "lora_alpha": LORA_ALPHA,
                      "virtual_tokens": VIRTUAL_TOKENS, "learning_rate": LEARNING_RATE, "weight_decay": WEIGHT_DECAY,
                      "dtype": "float32"},
-        "environment": {"backend": jax.default_backend(), "cpu_count": os.cpu_count(), "versions": versions,
+        "environment": {"backend": jax.default_backend(), "device": _device_name(), "cpu_count": os.cpu_count(),
+                        "versions": versions,
                         "load_average_before": list(load_before), "load_average_after": list(load_after)},
         "skipped": skipped,
         "results": results,
