@@ -173,6 +173,33 @@ def test_neuron_fraction_and_budget(llama):
 # --------------------------------------------------------------------------------------------- NeuroAda
 
 
+@pytest.mark.parametrize("with_rows", [False, True])
+def test_merged_linear_gradients_equal_autodiff(with_rows):
+    """The scatter path's custom backward (no dense xᵀg for the values) against JAX's autodiff of the plain
+    merged-weight formula, for every input: activations, kernel (when trained too), bias and values."""
+    from vlpeft_jax.models.layers import linear_default
+    from vlpeft_jax.peft.neuroada import merged_linear
+    from vlpeft_jax.peft.selection import scatter_add
+
+    keys = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(keys[0], (2, 5, 12))
+    kernel, bias = jax.random.normal(keys[1], (12, 8)), jax.random.normal(keys[2], (8,))
+    rows = jnp.array([1, 4, 6], jnp.int32) if with_rows else None
+    n = 3 if with_rows else 8
+    values = jax.random.normal(keys[3], (n, 2))
+    indices = jax.random.randint(keys[4], (n, 2), 0, 12).astype(jnp.int32)
+    proj = jax.random.normal(keys[5], (2, 5, 8))
+
+    def loss(fn):
+        return lambda x, w, b, v: jnp.sum(fn(x, w, b, v) * proj)
+
+    fast = jax.grad(loss(lambda x, w, b, v: merged_linear(x, w, b, v, indices, rows)), argnums=(0, 1, 2, 3))
+    plain = jax.grad(loss(lambda x, w, b, v: linear_default(x, scatter_add(w, indices, v, rows), b)),
+                     argnums=(0, 1, 2, 3))
+    for got, want in zip(jax.jit(fast)(x, kernel, bias, values), plain(x, kernel, bias, values), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_gather_equals_scatter_equals_merged(llama):
     module, base, batch, _ = llama
     attn, mlp = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
