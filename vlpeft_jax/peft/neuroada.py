@@ -70,8 +70,9 @@ def choose_mode(d_in: int, k: int, tokens: int) -> str:
     k=1: 2.11 / 2.27 s per step, 155 / 310 MiB of XLA temporaries; k=2: 2.39 / 2.06 s, 197 / 310 MiB;
     k=4: 3.42 / 2.39 s, 292 / 312 MiB; k=8: 4.95 / 2.21 s, 482 / 314 MiB. So the rule follows memory (the
     point of NeuroAda); scatter is faster on CPU from k=2 on. (Measured before :func:`merged_linear`, which
-    removed the scatter path's dense weight gradient: in ``run.py bench train``'s GPT-2 at k=1 it cut the
-    step from 125 to 99 GFLOP, LoRA's count, and the time by 9-13%.) Not measured on accelerators yet.
+    removed the scatter path's dense weight gradient: in ``run.py bench train``'s GPT-2 at k=1, steps run
+    alternately in one process, it cut the step from 125 to 99 GFLOP (LoRA's count), 2018 to 1386 ms and
+    504 to 482 MiB of XLA memory.) Not measured on accelerators yet.
 
     Example:
         >>> choose_mode(1024, 1, 256), choose_mode(1024, 8, 256), choose_mode(4096, 20, 4096)
@@ -125,9 +126,13 @@ def _merged_linear_bwd(res, g):
     dx = jnp.einsum("...o,io->...i", g, merged.astype(g.dtype)).astype(x.dtype)
     dkernel = jnp.einsum("...i,...o->io", x, g.astype(x.dtype)).astype(merged.dtype)
     dbias = None if bias is None else g.reshape(-1, g.shape[-1]).sum(0).astype(bias.dtype)
-    g_sel = g if rows is None else jnp.take(g, rows, axis=-1)
-    dvalues = jnp.einsum("...n,...nk->nk", g_sel.astype(jnp.float32),
-                         jnp.take(x, indices, axis=-1).astype(jnp.float32)).astype(values.dtype)
+    g_sel = (g if rows is None else jnp.take(g, rows, axis=-1)).reshape(-1, indices.shape[0], 1)
+    x_sel = jnp.take(x.reshape(-1, x.shape[-1]), indices, axis=-1)  # [tokens, n, k]
+    # the product in the activations' own layout, then a sum over tokens as a product with ones: XLA does not
+    # transpose g (the batched contraction "tn,tnk->nk" made it write g transposed, 3x slower on CPU)
+    ones = jnp.ones((g_sel.shape[0],), jnp.float32)
+    dvalues = jnp.einsum("t,tnk->nk", ones, g_sel.astype(jnp.float32) * x_sel.astype(jnp.float32))
+    dvalues = dvalues.astype(values.dtype)
     return dx, dkernel, dbias, dvalues, None, None
 
 
