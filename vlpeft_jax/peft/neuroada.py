@@ -66,13 +66,13 @@ def choose_mode(d_in: int, k: int, tokens: int) -> str:
 
     The gather path's temporaries are the gathered activations (``tokens·d_out·k``), the scatter path's the
     merged weights (``d_in·d_out``). Measured in full train steps on CPU (``python run.py bench sparse``:
-    LLaMA-style, 4 layers, width 1024, MLP 2752, 256 tokens, all seven projections), gather / scatter:
-    k=1: 2.11 / 2.27 s per step, 155 / 310 MiB of XLA temporaries; k=2: 2.39 / 2.06 s, 197 / 310 MiB;
-    k=4: 3.42 / 2.39 s, 292 / 312 MiB; k=8: 4.95 / 2.21 s, 482 / 314 MiB. So the rule follows memory (the
-    point of NeuroAda); scatter is faster on CPU from k=2 on. (Measured before :func:`merged_linear`, which
-    removed the scatter path's dense weight gradient: in ``run.py bench train``'s GPT-2 at k=1, steps run
-    alternately in one process, it cut the step from 125 to 99 GFLOP (LoRA's count), 2018 to 1386 ms and
-    504 to 482 MiB of XLA memory.) Not measured on accelerators yet.
+    LLaMA-style, 4 layers, width 1024, MLP 2752, 256 tokens, all seven projections; 2-core Xeon, after
+    :func:`merged_linear` removed the scatter path's dense weight gradient), gather / scatter: k=1: 462 / 392
+    ms per step, 155 / 292 MiB of XLA temporaries; k=2: 633 / 469 ms, 197 / 292 MiB; k=4: 764 / 460 ms,
+    292 / 300 MiB; k=8: 957 / 442 ms, 482 / 315 MiB. So the rule follows memory (the point of NeuroAda);
+    scatter is the faster path on CPU at every k (``mode="scatter"`` when speed matters more). In
+    ``run.py bench train``'s GPT-2 at k=1, :func:`merged_linear` cut the scatter step from 125 to 99 GFLOP
+    (LoRA's count), 2018 to 1386 ms and 504 to 482 MiB. Not measured on accelerators yet.
 
     Example:
         >>> choose_mode(1024, 1, 256), choose_mode(1024, 8, 256), choose_mode(4096, 20, 4096)
