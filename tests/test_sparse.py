@@ -21,6 +21,7 @@ from vlpeft_jax.peft.lora import LoRA
 from vlpeft_jax.peft.neuroada import NeuroAda, choose_mode, projection_memory
 from vlpeft_jax.peft.registry import build_methods
 from vlpeft_jax.train import labels as labels_lib
+from vlpeft_jax.train.losses import lm_loss
 from vlpeft_jax.train.state import TrainState
 from vlpeft_jax.train.step import make_train_step
 
@@ -52,16 +53,6 @@ def _jit_logits(module, methods):
     return jax.jit(f)
 
 
-def _lm_loss(module, methods):
-    def loss_fn(params, batch, rng):
-        active = [(m, params["peft"][n]) for n, m in methods]
-        logits = pb.apply_with(module.apply, active, {"params": params["base"]}, batch["input_ids"],
-                               batch["attention_mask"]).logits[:, :-1]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["input_ids"][:, 1:]).mean(), {}
-
-    return loss_fn
-
-
 def _random_values(p, key):
     def leaf(path, v):
         if path[-1].key != "values":
@@ -81,7 +72,7 @@ def test_selection_is_per_neuron_and_ranks_by_the_strategy(llama, strategy):
     k = 3
     scores = None
     if strategy == "gradient":
-        loss = lambda p, b: _lm_loss(module, [])({"base": p, "peft": {}}, b, None)[0]  # noqa: E731
+        loss = lambda p, b: lm_loss(module, [])({"base": p, "peft": {}}, b, None)[0]  # noqa: E731
         scores = selection.gradient_scores(loss, base, [batch, batch], TARGETS)
     chosen = selection.select(base, TARGETS, k=k, strategy=strategy, rng=jax.random.key(3), scores=scores)
     assert len(chosen) == 2 * 7
@@ -115,7 +106,7 @@ def scores_of(scores, path):
 def test_gradient_scores_are_the_modulus_of_the_summed_gradient(llama):
     module, base, batch, _ = llama
     other = {k: jnp.roll(v, 1, axis=1) for k, v in batch.items()}
-    loss = lambda p, b: _lm_loss(module, [])({"base": p, "peft": {}}, b, None)[0]  # noqa: E731
+    loss = lambda p, b: lm_loss(module, [])({"base": p, "peft": {}}, b, None)[0]  # noqa: E731
     scores = selection.gradient_scores(loss, base, [batch, other], ("q_proj",))
     assert set(pb.module_paths(scores)) == {("model", f"layers_{i}", "self_attn", "q_proj") for i in range(2)}
     g = jax.jit(jax.grad(lambda p: loss(p, batch) + loss(p, other)))(base)  # Eq. 4.1 on the whole selection set
@@ -300,7 +291,7 @@ def test_training_updates_values_only_and_keeps_indices_frozen(llama):
     # optimizer state only (d_out, k) per projection (Eq. 5.6): 2 moments of every values array
     state_sizes = sorted(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim == 2)
     assert state_sizes == sorted(2 * [v.size for v in jax.tree.leaves(trainable)])
-    step = jax.jit(make_train_step(_lm_loss(module, [("neuroada", ada)]), tx))
+    step = jax.jit(make_train_step(lm_loss(module, [("neuroada", ada)]), tx))
     losses = []
     for _ in range(4):
         state, metrics = step(state, batch)
@@ -325,7 +316,7 @@ def test_train_loop_checkpoints_and_restores_the_integer_indices(llama, tmp_path
 
     def run():
         return train(params, [stage], lambda i, start: (batch for _ in range(start, 2)), tmp_path,
-                     loss_fn=_lm_loss(module, [("neuroada", ada)]), progress=False, verbose=False,
+                     loss_fn=lm_loss(module, [("neuroada", ada)]), progress=False, verbose=False,
                      tensorboard=False, async_checkpoints=False)
 
     first = run()
@@ -372,7 +363,7 @@ def test_auto_mode_rule():
 
 def test_gps_changes_only_selected_entries(llama):
     module, base, batch, _ = llama
-    loss = lambda p, b: _lm_loss(module, [])({"base": p, "peft": {}}, b, None)[0]  # noqa: E731
+    loss = lambda p, b: lm_loss(module, [])({"base": p, "peft": {}}, b, None)[0]  # noqa: E731
     scores = selection.gradient_scores(loss, base, [batch], TARGETS)
     gps = gps_lib.GPS(targets=TARGETS, k=2)
     masks = gps.masks(jax.random.key(0), base, scores=scores)
@@ -385,7 +376,7 @@ def test_gps_changes_only_selected_entries(llama):
     # the dense reference: optimizer moments of the full kernels (Eq. 5.5) and one bool per weight
     moments = [x for x in jax.tree.leaves(state.opt_state.inner) if x.ndim == 2]
     assert sum(x.size for x in moments) == 2 * sum(m.size for m in jax.tree.leaves(masks))
-    step = jax.jit(make_train_step(_lm_loss(module, []), tx))
+    step = jax.jit(make_train_step(lm_loss(module, []), tx))
     losses = []
     for _ in range(3):
         state, metrics = step(state, batch)

@@ -49,6 +49,7 @@ from vlpeft_jax.peft import gps as gps_lib
 from vlpeft_jax.peft.lora import LoRA
 from vlpeft_jax.peft.neuroada import NeuroAda, choose_mode
 from vlpeft_jax.train import labels as labels_lib
+from vlpeft_jax.train.losses import lm_loss
 from vlpeft_jax.train.state import TrainState
 from vlpeft_jax.train.step import make_train_step
 
@@ -81,18 +82,6 @@ def _model(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     module, inputs = registry.build_model(cfg)
     base = layers.unbox(jax.jit(module.init)(jax.random.key(0), **inputs))["params"]
     return module, base
-
-
-def _lm_loss(module: Any, methods: list[tuple[str, Any]]) -> Callable[..., Any]:
-    def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
-        active = [(m, params["peft"][n]) for n, m in methods]
-        out = pb.apply_with(module.apply, active, {"params": params["base"]}, batch["input_ids"],
-                            batch["attention_mask"], rng=rng, train=True)
-        logits = out.logits[:, :-1].astype(jnp.float32)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["input_ids"][:, 1:])
-        return ce.mean(), {}
-
-    return loss_fn
 
 
 def _nbytes(tree: Any) -> int:
@@ -165,25 +154,25 @@ def run(argv: list[str]) -> dict[str, Any]:
 
     def neuroada_setup(name: str, ada: NeuroAda) -> _Setup:
         params = {"base": base, "peft": {"neuroada": ada.init(jax.random.key(1), base)}}
-        return _prepare(name, params, ada.trainable_rules(), adamw, _lm_loss(module, [("neuroada", ada)]), batch)
+        return _prepare(name, params, ada.trainable_rules(), adamw, lm_loss(module, [("neuroada", ada)]), batch)
 
     setups = []
     gps = gps_lib.GPS(targets=TARGETS, k=args.k, selection="magnitude")  # selection does not change the cost
     masks = gps.masks(jax.random.key(1), base)
     setups.append(_prepare("gps", {"base": base, "peft": {}}, gps.trainable_rules(masks), gps.optimizer(adamw, masks),
-                           _lm_loss(module, []), batch))
+                           lm_loss(module, []), batch))
     del masks
     for mode in ("gather", "scatter"):
         setups.append(neuroada_setup(f"neuroada_{mode}", NeuroAda(targets=TARGETS, k=args.k, mode=mode)))
     lora = LoRA(targets=TARGETS, rank=args.lora_rank, alpha=2.0 * args.lora_rank)
     lora_params = lora.init(jax.random.key(1), base)
     setups.append(_prepare("lora", {"base": base, "peft": {"lora": lora_params}}, [("peft/lora/.*", "lora")], adamw,
-                           _lm_loss(module, [("lora", lora)]), batch))
+                           lm_loss(module, [("lora", lora)]), batch))
     budget_ada = NeuroAda(targets=TARGETS, budget=float(lora.num_params(lora_params)), mode="auto")
     setups.append(neuroada_setup("neuroada_lora_budget", budget_ada))
     budget_k = int(jax.tree.leaves(setups[-1].state.trainable)[0].shape[1])
     if not args.no_full:
-        setups.append(_prepare("full", {"base": base, "peft": {}}, [("base/.*", "full")], adamw, _lm_loss(module, []),
+        setups.append(_prepare("full", {"base": base, "peft": {}}, [("base/.*", "full")], adamw, lm_loss(module, []),
                                batch))
     _time_round_robin(setups, batch, args.steps, args.warmup)
     results: dict[str, dict[str, Any]] = {s.name: s.record for s in setups}

@@ -79,10 +79,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlpeft_jax.errors import ConfigError
-from vlpeft_jax.peft import base as pb
 from vlpeft_jax.peft import presets
 from vlpeft_jax.peft import registry as peft_registry
-from vlpeft_jax.train.losses import causal_lm_loss
+from vlpeft_jax.train.losses import lm_loss
 
 METHODS = ("lora", "dora", "ia3", "prefix", "prompt", "adapter", "bitfit", "neuroada", "full")
 PEFT_METHODS = ("lora", "dora", "ia3", "prefix", "prompt")  # those peft implements
@@ -259,23 +258,6 @@ def our_method(name: str, shapes: dict[str, int]) -> tuple[Any | None, list[tupl
         return None, presets.full_finetuning()
     rules = method.trainable_rules() if hasattr(method, "trainable_rules") else presets.method(name)
     return method, rules
-
-
-def lm_loss(module: Any, methods: Sequence[tuple[str, Any]]) -> Callable[..., tuple[jax.Array, dict]]:
-    """Causal-LM cross-entropy (mean over the ``t - 1`` predicted tokens) with ``methods`` active.
-
-    Positions a method adds in front of the sequence (prompt tuning) get no logits (``logits_to_keep``), as
-    peft's labels of -100 ignore them.
-    """
-
-    def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
-        ids = batch["input_ids"]
-        active = [(m, params["peft"][n]) for n, m in methods]
-        out = pb.apply_with(module.apply, active, {"params": params["base"]}, ids, batch["attention_mask"],
-                            rng=rng, train=True, logits_to_keep=ids.shape[1])
-        return causal_lm_loss(out.logits, ids)[0], {}
-
-    return loss_fn
 
 
 class OurStep:

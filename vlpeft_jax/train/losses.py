@@ -15,13 +15,17 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from vlpeft_jax.data.batching import IGNORE_INDEX
+from vlpeft_jax.peft import base as pb
 
-__all__ = ["IGNORE_INDEX", "causal_lm_loss", "shift_labels"]
+__all__ = ["IGNORE_INDEX", "causal_lm_loss", "lm_loss", "shift_labels"]
 
 
 def shift_labels(labels: jax.Array, ignore: int = IGNORE_INDEX) -> jax.Array:
@@ -48,3 +52,22 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array, ignore: int = IGNORE_IN
     loss = jnp.where(valid, ce, 0.0).sum() / n
     acc = jnp.where(valid, logits.argmax(-1) == targets, False).sum() / n
     return loss, {"token_accuracy": acc}
+
+
+def lm_loss(module: Any, methods: Sequence[tuple[str, Any]]) -> Callable[..., tuple[jax.Array, dict]]:
+    """A text-only loss function ``(params, batch, rng) -> (loss, {})`` for the benchmarks: causal-LM
+    cross-entropy (mean over the ``t - 1`` predicted tokens of ``batch["input_ids"]``) with ``methods``
+    (``(name, method)`` pairs, ``params["peft"][name]``) active over ``params["base"]``.
+
+    Positions a method adds in front of the sequence (prompt tuning) get no logits (``logits_to_keep``), as
+    peft's labels of -100 ignore them.
+    """
+
+    def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
+        ids = batch["input_ids"]
+        active = [(m, params["peft"][n]) for n, m in methods]
+        out = pb.apply_with(module.apply, active, {"params": params["base"]}, ids, batch["attention_mask"],
+                            rng=rng, train=True, logits_to_keep=ids.shape[1])
+        return causal_lm_loss(out.logits, ids)[0], {}
+
+    return loss_fn
