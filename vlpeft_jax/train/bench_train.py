@@ -228,8 +228,26 @@ def resolve_torch_device(requested: str, jax_backend: str, cuda_available: bool)
 
 def _jax_device_peak() -> int | None:
     """Peak bytes the JAX allocator has held on the default device in this process (accelerators; None on CPU)."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use") if jax.default_backend() != "cpu" else None
+    if jax.default_backend() == "cpu":
+        return None
+    return (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+
+
+def _reset_torch_peak(device: str) -> None:
+    """Starts PyTorch's allocator peak afresh (CUDA only; see :func:`_torch_peak`)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _torch_peak(device: str) -> int | None:
+    """``torch.cuda.max_memory_allocated()`` since :func:`_reset_torch_peak` (None off CUDA)."""
+    if device != "cuda":
+        return None
+    import torch
+
+    return int(torch.cuda.max_memory_allocated())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,22 +439,18 @@ def measure_torch(name: str, model_dir: str, shapes: dict[str, int], repeats: in
                   threads: int | None = None, device: str = "cpu", precision: str = "highest") -> dict[str, Any]:
     """The PyTorch step alone in this process (``threads`` threads; None: the cores this process may use):
     times, the peak-RSS increase and, on CUDA, the peak of ``torch.cuda.max_memory_allocated``."""
-    import torch
-
     _torch_threads(threads)
     set_matmul_precision(precision)
     rss0 = _status_kib("VmRSS")
     side = TorchStep(name, model_dir, shapes, device)
     for _ in range(warmup):
         side.step()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    _reset_torch_peak(device)
     reset = _reset_peak_rss()
     times = [side.step() for _ in range(repeats)]
     hwm = _status_kib("VmHWM")
     rss = (hwm - rss0) * 1024 if reset and hwm is not None and rss0 is not None else None
-    peak = int(torch.cuda.max_memory_allocated()) if device == "cuda" else None
-    return {**_times(times), **side.info(), "rss_bytes": rss, "device_peak_bytes": peak}
+    return {**_times(times), **side.info(), "rss_bytes": rss, "device_peak_bytes": _torch_peak(device)}
 
 
 def measure_paired(name: str, model_dir: str, shapes: dict[str, int], repeats: int, warmup: int,
@@ -459,19 +473,16 @@ def measure_paired(name: str, model_dir: str, shapes: dict[str, int], repeats: i
         ours.step()
         if side is not None:
             side.step()
-    cuda = side is not None and device == "cuda"
-    if cuda:
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
+    if side is not None:
+        _reset_torch_peak(device)
     ours_times, torch_times = [], []
     for _ in range(repeats):
         ours_times.append(ours.step())
         if side is not None:
             torch_times.append(side.step())
-    torch_peak = int(torch.cuda.max_memory_allocated()) if cuda else None
     return {"ours": {**_times(ours_times), **ours.info(), "device_peak_bytes": None},
-            "torch": None if side is None else {**_times(torch_times), **side.info(), "device_peak_bytes": torch_peak},
+            "torch": None if side is None else {**_times(torch_times), **side.info(),
+                                                "device_peak_bytes": _torch_peak(device)},
             "pair_ratios": [t / o for t, o in zip(torch_times, ours_times, strict=True)] if side is not None else []}
 
 
