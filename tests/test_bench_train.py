@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from vlpeft_jax.benchmarks import train as bench_train
 from vlpeft_jax.errors import ConfigError
-from vlpeft_jax.train import bench_train
 
 TINY = ["--layers", "1", "--width", "32", "--heads", "2", "--vocab", "64", "--batch", "2", "--seq", "8",
         "--repeats", "2", "--warmup", "1"]

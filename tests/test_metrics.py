@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vlpeft_jax.benchmarks import metrics as bench_metrics
 from vlpeft_jax.errors import InputError
-from vlpeft_jax.eval import bench_metrics, captions, clipscore, rtcm, tokenize
+from vlpeft_jax.eval import captions, clipscore, rtcm, tokenize
 
 pycocoevalcap = pytest.importorskip("pycocoevalcap")
 from pycocoevalcap.bleu.bleu import Bleu  # noqa: E402

@@ -1,7 +1,7 @@
 """``run.py bench NAME [--out FILE.json] [options]``: benchmarks that print ratios measured side by side.
 
-Each benchmark is a function ``run(argv: list[str]) -> dict`` in its own module; it prints its table and
-returns the results, which are written as JSON to ``--out`` when given.
+Each benchmark is a function ``run(argv: list[str]) -> dict`` in its own module of :mod:`vlpeft_jax.benchmarks`;
+it prints its table and returns the results, which are written as JSON to ``--out`` when given.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 from vlpeft_jax.errors import ConfigError
 
 BENCHMARKS = {
-    "decode": "vlpeft_jax.eval.bench_decode",
-    "metrics": "vlpeft_jax.eval.bench_metrics",
-    "train": "vlpeft_jax.train.bench_train",
-    "sparse": "vlpeft_jax.peft.bench_sparse",
+    "decode": "vlpeft_jax.benchmarks.decode",
+    "metrics": "vlpeft_jax.benchmarks.metrics",
+    "train": "vlpeft_jax.benchmarks.train",
+    "sparse": "vlpeft_jax.benchmarks.sparse",
 }
 
 

@@ -79,8 +79,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlpeft_jax.errors import ConfigError
-from vlpeft_jax.peft import presets
 from vlpeft_jax.peft import registry as peft_registry
+from vlpeft_jax.train import presets
 from vlpeft_jax.train.losses import lm_loss
 
 METHODS = ("lora", "dora", "ia3", "prefix", "prompt", "adapter", "bitfit", "neuroada", "full")
@@ -504,7 +504,7 @@ def _in_fresh_process(job: str, kwargs: dict[str, Any], cpus: list[int] | None, 
     stem = os.path.join(workdir, f"{job}_{kwargs['name']}")
     spec = {"job": job, "kwargs": kwargs, "cpus": cpus, "result": stem + ".json"}
     Path(stem + ".spec.json").write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, "-m", "vlpeft_jax.train.bench_train", stem + ".spec.json"],
+    proc = subprocess.run([sys.executable, "-m", "vlpeft_jax.benchmarks.train", stem + ".spec.json"],
                           capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.exists(spec["result"]):
         raise RuntimeError(f"bench train: the {job} measurement of {kwargs['name']!r} failed (exit "
