@@ -39,7 +39,7 @@ import ml_collections
 from vlpeft_jax.cli.config import load_config_file
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.experiments.captioning import shrink_for_smoke
-from vlpeft_jax.peft import presets
+from vlpeft_jax.train import presets
 
 SECOND = ("lora", "s_adapter", "p_adapter", "full")
 EVAL_REPLACEMENTS = ("keep", "remove", "zeros", "noise")

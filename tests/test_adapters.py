@@ -24,13 +24,14 @@ from vlpeft_jax.hf import bert as hf_bert
 from vlpeft_jax.hf import decoders, vision
 from vlpeft_jax.models import hooks
 from vlpeft_jax.peft import base as pb
-from vlpeft_jax.peft import presets
 from vlpeft_jax.peft.adapters import BottleneckAdapter, ffn_hook_points
 from vlpeft_jax.peft.bitfit import BitFit
 from vlpeft_jax.peft.llama_adapter import LlamaAdapter, attention_modules
 from vlpeft_jax.peft.registry import build_method, build_methods
 from vlpeft_jax.train import labels as labels_lib
+from vlpeft_jax.train import presets
 from vlpeft_jax.train.stages import Stage, plan_stages
+from vlpeft_jax.tree import leaf_paths, path_str
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -152,7 +153,7 @@ def _randomise(tree, key, names=("adapter_up", "adapter_up_bias", "adapter_down_
     """Non-zero values for the zero-initialised leaves, so that the adapters change the outputs."""
     def leaf(path, v):
         if path[-1].key in names:
-            return 0.3 * jax.random.normal(jax.random.fold_in(key, hash(labels_lib.path_str(path)) % 2**31), v.shape)
+            return 0.3 * jax.random.normal(jax.random.fold_in(key, hash(path_str(path)) % 2**31), v.shape)
         return v
     return jax.tree_util.tree_map_with_path(leaf, tree)
 
@@ -560,9 +561,9 @@ def test_bitfit_rules_select_exactly_the_biases(families):
     bitfit = build_methods({"bitfit": {}})["bitfit"]
     assert isinstance(bitfit, BitFit) and bitfit.init(jax.random.key(0), fam.params) == {}
     labels = labels_lib.make_labels(run_tree, bitfit.trainable_rules())
-    trained = {p for p, label in zip(labels_lib.leaf_paths(run_tree), jax.tree.leaves(labels), strict=True)
+    trained = {p for p, label in zip(leaf_paths(run_tree), jax.tree.leaves(labels), strict=True)
                if label != labels_lib.FROZEN}
-    biases = {"base/" + p for p in labels_lib.leaf_paths(fam.params) if p.rsplit("/", 1)[-1] == "bias"}
+    biases = {"base/" + p for p in leaf_paths(fam.params) if p.rsplit("/", 1)[-1] == "bias"}
     assert trained == biases and any("/ln_1/" in p for p in trained)  # linear and LayerNorm biases
     assert labels_lib.count_params(run_tree, labels)["trainable"] == bitfit.num_trainable(fam.params)
     one_layer = BitFit(targets=("transformer/h_1/.*",))
@@ -577,7 +578,7 @@ def test_bitfit_rules_select_exactly_the_biases(families):
 
 
 def _leaves(tree) -> dict:
-    return dict(zip(labels_lib.leaf_paths(tree), jax.tree.leaves(tree), strict=True))
+    return dict(zip(leaf_paths(tree), jax.tree.leaves(tree), strict=True))
 
 
 def test_presets_on_the_run_tree(families):

@@ -36,6 +36,7 @@ from vlpeft_jax.train.checkpoint import Checkpointer
 from vlpeft_jax.train.loop import TrainingDivergedError, train
 from vlpeft_jax.train.state import TrainState
 from vlpeft_jax.train.step import make_eval_step, make_train_step
+from vlpeft_jax.tree import layer_stacks, leaf_paths, path_str
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # Every train() call builds fresh closures, so jax retraces and XLA recompiles identical programs; a
@@ -115,7 +116,7 @@ def adamw(lr=1e-2, **kw):
 
 
 def leaves_by_path(tree) -> dict[str, np.ndarray]:
-    return {labels.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def quiet(**kw):
@@ -128,7 +129,7 @@ def quiet(**kw):
 
 def test_labels_presets_counts_and_errors():
     params = init_params()
-    paths = labels.leaf_paths(params)
+    paths = leaf_paths(params)
     head = labels.make_labels(params, labels.head_rules(["base/head"]))
     assert {p for p, g in zip(paths, jax.tree.leaves(head), strict=True) if g != labels.FROZEN} == {
         "base/head/bias", "base/head/kernel"}
@@ -136,7 +137,7 @@ def test_labels_presets_counts_and_errors():
     last = labels.make_labels(params, labels.last_k_layers_rules(params, 1, label="last"))
     assert {p for p, g in zip(paths, jax.tree.leaves(last), strict=True) if g == "last"} == {
         "base/model/layers_1/bias", "base/model/layers_1/kernel"}
-    assert labels.layer_stacks(params) == {"base/model": {0: "layers_0", 1: "layers_1"}}
+    assert layer_stacks(params) == {"base/model": {0: "layers_0", 1: "layers_1"}}
 
     probe = labels.make_labels(params, labels.linear_probe_rules("head"))
     assert jax.tree.leaves(probe).count("probe") == 2

@@ -36,6 +36,7 @@ from vlpeft_jax.peft.gps import GPS
 from vlpeft_jax.peft.neuroada import NeuroAda
 from vlpeft_jax.train import labels, optim, sharding, stages
 from vlpeft_jax.train.loop import train
+from vlpeft_jax.tree import path_str
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -136,7 +137,7 @@ def worker() -> dict:
         out[name] = {
             "losses": [h["loss"] for h in result.history],
             "params": {k: np.asarray(v).tolist() for k, v in
-                       ((labels.path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(result.params)[0])},
+                       ((path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(result.params)[0])},
             "devices": len(up_kernel.sharding.device_set),
             "up_kernel_spec": _spec(up_kernel),
             "up_kernel_mu_spec": _spec(mu),

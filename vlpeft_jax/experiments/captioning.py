@@ -40,12 +40,12 @@ from vlpeft_jax.eval import decode
 from vlpeft_jax.eval.captions import evaluate_captions
 from vlpeft_jax.models import layers, registry
 from vlpeft_jax.peft import base as peft_base
-from vlpeft_jax.peft.presets import check_stage_methods
 from vlpeft_jax.peft.registry import build_methods
 from vlpeft_jax.peft.selection import for_shapes
 from vlpeft_jax.train import labels as labels_lib
 from vlpeft_jax.train.loop import train
 from vlpeft_jax.train.losses import causal_lm_loss
+from vlpeft_jax.train.presets import check_stage_methods
 from vlpeft_jax.train.stages import Stage
 
 DOMAINS = ("source", "target")

@@ -56,9 +56,9 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-HOOK_KINDS = ("linear", "attention", "mlp", "embed", "final_hidden", "lm_head", "positions")
+from vlpeft_jax.tree import layer_index
 
-_LAYER_RE = re.compile(r"^(?:layers?|h|blocks?)_(\d+)$")
+HOOK_KINDS = ("linear", "attention", "mlp", "embed", "final_hidden", "lm_head", "positions")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +85,12 @@ class HookContext:
 
     @property
     def layer(self) -> int | None:
-        """Index of the enclosing transformer layer (``layers_<i>``, ``layer_<i>``, ``h_<i>``), or None."""
+        """Index of the enclosing transformer layer (:func:`vlpeft_jax.tree.layer_index`: ``layers_<i>``, ``layer_<i>``,
+        ``h_<i>``, ``blocks_<i>``), or None."""
         for name in reversed(self.path):
-            m = _LAYER_RE.match(name)
-            if m:
-                return int(m.group(1))
+            index = layer_index(name)
+            if index is not None:
+                return index
         return None
 
     @property

@@ -15,15 +15,24 @@ A method is a small frozen dataclass with pure functions (DESIGN §2, invariants
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import jax
-import numpy as np
 
-from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.models import hooks
+
+# The tree utilities live in vlpeft_jax.tree; re-exported here for the methods that use them as ``pb.<name>``.
+from vlpeft_jax.tree import (  # noqa: F401
+    adapted_where,
+    copy_tree,
+    count,
+    get_path,
+    lookup,
+    match_targets,
+    module_paths,
+    set_path,
+)
 
 Params = dict[str, Any]
 
@@ -37,90 +46,6 @@ class PeftMethod(Protocol):
               ) -> list[hooks.Hook]: ...
 
     def merge(self, base_params: Params, peft_params: Params) -> Params: ...
-
-
-def module_paths(params: Mapping[str, Any], leaf_name: str = "kernel", prefix: tuple[str, ...] = ()
-                 ) -> list[tuple[str, ...]]:
-    """Paths of every sub-dict holding ``leaf_name`` (e.g. every linear layer: it holds a ``kernel``)."""
-    out = []
-    for k, v in params.items():
-        if isinstance(v, Mapping):
-            if leaf_name in v and not isinstance(v[leaf_name], Mapping):
-                out.append(prefix + (k,))
-            out.extend(module_paths(v, leaf_name, prefix + (k,)))
-    return out
-
-
-def match_targets(params: Mapping[str, Any], patterns: str | Sequence[str], *, leaf_name: str = "kernel",
-                  method: str = "method", min_ndim: int = 2) -> list[tuple[str, ...]]:
-    """Module paths whose ``/``-joined name matches any pattern (full match, or a suffix of whole names).
-
-    A pattern without regex meta-characters (e.g. ``q_proj``) matches modules whose last names equal it,
-    as peft's ``target_modules`` does; anything else is a regular expression over the full path.
-    Raises :class:`ConfigError` naming the available paths when a pattern matches nothing.
-    """
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    candidates = [p for p in module_paths(params, leaf_name)
-                  if np.ndim(get_path(params, p + (leaf_name,))) >= min_ndim]
-    names = ["/".join(p) for p in candidates]
-    chosen: list[tuple[str, ...]] = []
-    for pat in patterns:
-        if re.fullmatch(r"[A-Za-z0-9_/]+", pat):
-            hits = [p for p, n in zip(candidates, names, strict=True) if n == pat or n.endswith("/" + pat)]
-        else:
-            rx = re.compile(pat)
-            hits = [p for p, n in zip(candidates, names, strict=True) if rx.fullmatch(n)]
-        if not hits:
-            shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
-            raise ConfigError(f"{method}: target pattern {pat!r} matches no module with a {leaf_name!r}; "
-                              f"available: {shown}")
-        chosen.extend(h for h in hits if h not in chosen)
-    return chosen
-
-
-def get_path(tree: Mapping[str, Any], path: Iterable[str]) -> Any:
-    node: Any = tree
-    for k in path:
-        node = node[k]
-    return node
-
-
-def set_path(tree: Params, path: Sequence[str], value: Any) -> None:
-    node = tree
-    for k in path[:-1]:
-        node = node.setdefault(k, {})
-    node[path[-1]] = value
-
-
-def copy_tree(tree: Mapping[str, Any]) -> Params:
-    """A structural copy of nested dicts (leaves shared): safe to ``set_path`` into."""
-    return {k: copy_tree(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
-
-
-def lookup(peft_params: Mapping[str, Any], path: Sequence[str]) -> Mapping[str, Any] | None:
-    """The method's parameters for module ``path``, or None if the module is not adapted."""
-    node: Any = peft_params
-    for k in path:
-        if not isinstance(node, Mapping) or k not in node:
-            return None
-        node = node[k]
-    return node
-
-
-def adapted_where(peft_params: Mapping[str, Any], marker: str) -> Callable[[tuple[str, ...]], bool]:
-    """A hook ``where`` predicate: True for modules whose parameters in ``peft_params`` hold ``marker``."""
-
-    def where(path: tuple[str, ...]) -> bool:
-        node = lookup(peft_params, path)
-        return isinstance(node, Mapping) and marker in node
-
-    return where
-
-
-def count(tree: Any) -> int:
-    """Number of scalars in a pytree."""
-    return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(tree)))
 
 
 def apply_with(apply_fn: Callable[..., Any], methods: Sequence[tuple[PeftMethod, Params]], *args: Any,

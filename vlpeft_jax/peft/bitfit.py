@@ -32,7 +32,7 @@ import numpy as np
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.models import hooks
 from vlpeft_jax.peft import base as pb
-from vlpeft_jax.train import labels as labels_lib
+from vlpeft_jax.tree import leaf_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,7 @@ class BitFit:
     def bias_paths(self, base_params: pb.Params) -> list[str]:
         """``/``-joined paths (relative to the base tree) of the biases that train."""
         rx = re.compile(f"(?:{self._module_regex})/bias")
-        return [p for p in labels_lib.leaf_paths(base_params) if rx.fullmatch(p)]
+        return [p for p in leaf_paths(base_params) if rx.fullmatch(p)]
 
     def trainable_rules(self, label: str | None = None) -> list[tuple[str, str]]:
         """The stage rule over the run tree ``{"base", "peft"}`` that trains exactly these biases."""
@@ -74,7 +74,7 @@ class BitFit:
 
     def init(self, rng: jax.Array, base_params: pb.Params) -> pb.Params:
         if not self.bias_paths(base_params):
-            modules = sorted({p.rsplit("/", 1)[0] for p in labels_lib.leaf_paths(base_params) if p.endswith("/bias")})
+            modules = sorted({p.rsplit("/", 1)[0] for p in leaf_paths(base_params) if p.endswith("/bias")})
             shown = ", ".join(modules[:12]) + (" ..." if len(modules) > 12 else "")
             raise ConfigError(f"{self.name}: no bias parameter in modules matching {list(self.targets)}; "
                               f"modules with a bias: {shown or 'none (this model has no biases)'}")
@@ -93,5 +93,5 @@ class BitFit:
     def num_trainable(self, base_params: Any) -> int:
         """Number of bias scalars that train."""
         chosen = set(self.bias_paths(base_params))
-        leaves = zip(labels_lib.leaf_paths(base_params), jax.tree.leaves(base_params), strict=True)
+        leaves = zip(leaf_paths(base_params), jax.tree.leaves(base_params), strict=True)
         return sum(int(np.prod(x.shape)) for p, x in leaves if p in chosen)

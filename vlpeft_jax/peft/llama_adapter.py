@@ -55,6 +55,7 @@ from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.models import hooks, layers
 from vlpeft_jax.peft import base as pb
 from vlpeft_jax.peft.adapters import match_paths
+from vlpeft_jax.tree import layer_index
 
 KEY_PROJECTIONS = ("k_proj", "key")
 VALUE_PROJECTIONS = ("v_proj", "value")
@@ -89,12 +90,12 @@ def _top_layers(paths: list[tuple[str, ...]], n: int | None, method: str) -> lis
     """The ``n`` highest-indexed layers of every layer stack among ``paths`` (all if ``n`` is None)."""
     stacks: dict[tuple[str, ...], list[tuple[int, tuple[str, ...]]]] = {}
     for p in paths:
-        layer_at = [i for i, seg in enumerate(p) if hooks._LAYER_RE.match(seg)]
+        layer_at = [i for i, seg in enumerate(p) if layer_index(seg) is not None]
         if not layer_at:  # not inside a layer stack: its own group
             stacks.setdefault(p, []).append((0, p))
             continue
         cut = layer_at[-1]
-        stacks.setdefault(p[:cut], []).append((int(hooks._LAYER_RE.match(p[cut]).group(1)), p))
+        stacks.setdefault(p[:cut], []).append((layer_index(p[cut]), p))
     chosen: list[tuple[str, ...]] = []
     for container, members in stacks.items():
         members.sort()
@@ -234,10 +235,10 @@ class LlamaAdapter:
             raise peft_io.AdapterStateError(f"{self.name}: no adaption prompts to export")
         layers_at = {}
         for path, rel in adapted:
-            if len(rel) != 3 or rel[0] != "model" or rel[2] != "self_attn" or not hooks._LAYER_RE.match(rel[1]):
+            if len(rel) != 3 or rel[0] != "model" or rel[2] != "self_attn" or layer_index(rel[1]) is None:
                 raise peft_io.UnsupportedAdapterError(f"{self.name}: {'/'.join(path)} is not a decoder layer's "
                                                       "self_attn; peft adapts model.layers.<i>.self_attn only")
-            layers_at[int(hooks._LAYER_RE.match(rel[1]).group(1))] = (path, rel)
+            layers_at[layer_index(rel[1])] = (path, rel)
         n, total = len(layers_at), arch.num_hidden_layers
         if sorted(layers_at) != list(range(total - n, total)):
             raise peft_io.UnsupportedAdapterError(

@@ -3,7 +3,9 @@
 The pieces, in the order data flows through them:
 
 - :mod:`~vlpeft_jax.train.labels`: rules -> a labels pytree (group label or ``"frozen"`` per leaf);
-  split/merge of trainable and frozen parameters; preset rules (full, head, last-k layers, linear probe).
+  split/merge of trainable and frozen parameters; rule builders (full, head, last-k layers, linear probe).
+- :mod:`~vlpeft_jax.train.presets`: those rules placed on a run tree ``{"base", "peft"}`` (plus a PEFT
+  method's and BitFit's rules), and the check that stages train only methods they activate.
 - :mod:`~vlpeft_jax.train.optim`: per-group optimizers via ``optax.partition``, schedules, decay masks.
 - :mod:`~vlpeft_jax.train.state`: :class:`TrainState`.
 - :mod:`~vlpeft_jax.train.step`: jitted train step (gradients of trainable leaves only, accumulation,

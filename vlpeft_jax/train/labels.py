@@ -35,34 +35,12 @@ import jax
 import numpy as np
 
 from vlpeft_jax.errors import ConfigError
-from vlpeft_jax.models.hooks import _LAYER_RE
+from vlpeft_jax.tree import layer_stacks, path_str
 
 FROZEN = "frozen"
 
 Rule = tuple[str, str]
 """``(regex over the "/"-joined leaf path, group label)``."""
-
-
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def path_str(key_path: Sequence[Any]) -> str:
-    """A JAX key path as the ``/``-joined string that rules match, e.g. ``"base/head/kernel"``."""
-    return "/".join(_key_name(k) for k in key_path)
-
-
-def leaf_paths(tree: Any) -> list[str]:
-    """The ``/``-joined paths of all leaves of ``tree``, in flattening order.
-
-    Example:
-        >>> leaf_paths({"b": {"kernel": 1, "bias": 2}, "a": 3})
-        ['a', 'b/bias', 'b/kernel']
-    """
-    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _compile_rules(rules: Iterable[Rule]) -> list[tuple[re.Pattern[str], str, str]]:
@@ -185,29 +163,6 @@ def head_rules(patterns: Sequence[str] = (r"(?:.*/)?lm_head",), label: str = "he
 def linear_probe_rules(head: str, label: str = "probe") -> list[Rule]:
     """Linear probing: only the module named ``head`` (a path suffix such as ``classifier``) trains."""
     return [(r"(?:.*/)?" + re.escape(head.strip("/")) + "/.*", label)]
-
-
-def layer_stacks(params: Any) -> dict[str, dict[int, str]]:
-    """Transformer layer stacks found in the parameter paths: ``{container path: {index: segment}}``.
-
-    A layer is the outermost path segment like ``layers_3``, ``layer_3``, ``h_3`` or ``blocks_3``
-    (Hugging Face list indices written with an underscore).
-
-    Example:
-        >>> import numpy as np
-        >>> p = {"model": {"layers_0": {"w": np.ones(1)}, "layers_1": {"w": np.ones(1)}}}
-        >>> layer_stacks(p)
-        {'model': {0: 'layers_0', 1: 'layers_1'}}
-    """
-    stacks: dict[str, dict[int, str]] = {}
-    for path in leaf_paths(params):
-        segments = path.split("/")
-        for i, seg in enumerate(segments):
-            m = _LAYER_RE.match(seg)
-            if m:
-                stacks.setdefault("/".join(segments[:i]), {})[int(m.group(1))] = seg
-                break
-    return {k: dict(sorted(v.items())) for k, v in stacks.items()}
 
 
 def last_k_layers_rules(params: Any, k: int, *, label: str = "last_layers", stack: str | None = None) -> list[Rule]:

@@ -37,6 +37,7 @@ import optax
 
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.train import labels as labels_lib
+from vlpeft_jax.tree import path_str
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -202,7 +203,7 @@ def decay_mask(no_decay: tuple[str, ...]) -> Callable[[Any], Any]:
 
     def mask(params: Any) -> Any:
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: not any(c.fullmatch(labels_lib.path_str(path)) for c in compiled), params)
+            lambda path, _: not any(c.fullmatch(path_str(path)) for c in compiled), params)
 
     return mask
 

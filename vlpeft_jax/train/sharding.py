@@ -32,8 +32,8 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlpeft_jax.errors import ConfigError, InputError
-from vlpeft_jax.train import labels as labels_lib
 from vlpeft_jax.train.state import TrainState
+from vlpeft_jax.tree import path_str
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -160,7 +160,7 @@ def opt_state_shardings(opt_state: Any, trainable: Any, trainable_shardings: Any
     by_path: dict[tuple[str, ...], tuple[tuple[int, ...], Any]] = {}
     flat = jax.tree_util.tree_flatten_with_path(trainable)[0]
     for (path, x), sh in zip(flat, jax.tree.leaves(trainable_shardings), strict=True):
-        by_path[tuple(labels_lib.path_str([k]) for k in path)] = (tuple(x.shape), sh)
+        by_path[tuple(path_str([k]) for k in path)] = (tuple(x.shape), sh)
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def pick(path: Sequence[Any], x: Any) -> NamedSharding:

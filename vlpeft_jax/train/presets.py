@@ -34,8 +34,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from vlpeft_jax.errors import ConfigError
+from vlpeft_jax.peft.bitfit import BitFit
 from vlpeft_jax.train import labels as labels_lib
 from vlpeft_jax.train.stages import Stage
+from vlpeft_jax.tree import leaf_paths
 
 Rule = labels_lib.Rule
 BASE = "base"
@@ -91,8 +93,6 @@ def last_k_layers(params: Mapping[str, Any], k: int, *, stack: str | None = None
 
 def bitfit(targets: str | Sequence[str] = (".*",), label: str = "bitfit") -> list[Rule]:
     """Train the base biases of modules matching ``targets`` (see :class:`vlpeft_jax.peft.bitfit.BitFit`)."""
-    from vlpeft_jax.peft.bitfit import BitFit
-
     return BitFit(targets=targets, root=BASE).trainable_rules(label)
 
 
@@ -119,7 +119,7 @@ def methods_trained(trainable: Iterable[Rule], names: Iterable[str], params: Any
     compiled = [(re.compile(p), p, label) for p, label in trainable]
     found: dict[str, str] = {}
     if params is not None:
-        for path in labels_lib.leaf_paths(params):
+        for path in leaf_paths(params):
             parts = path.split("/", 2)
             if len(parts) < 3 or parts[0] != PEFT or parts[1] not in names or parts[1] in found:
                 continue
