@@ -507,9 +507,9 @@ def test_bad_inputs(models):
     with pytest.raises(ConfigError, match="num_virtual_tokens=0"):
         DeepPromptTuning(num_virtual_tokens=0)
     with pytest.raises(peft_io.AdapterShapeError, match="has 3 layers but"):
-        PrefixTuning.from_peft_state({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 1, "num_attention_heads": 4,
-                                      "token_dim": 16, "num_layers": 3},
-                                     {"prompt_embeddings": np.zeros((1, 3 * 2 * 16))}, params)
+        peft_io.import_peft_state({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 1, "num_attention_heads": 4,
+                                   "token_dim": 16, "num_layers": 3},
+                                  {"prompt_embeddings": np.zeros((1, 3 * 2 * 16))}, params)
 
 
 def test_registry_builds_hashable_methods():

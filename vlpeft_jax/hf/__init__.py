@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in (and, with :mod:`vlpeft_jax.hf.peft_io`, PEFT adapters out and in).
+"""Hugging Face checkpoints in (and, with :mod:`vlpeft_jax.hf.peft_io`, PEFT adapters out and in; the per-method
+peft formats are in :mod:`vlpeft_jax.hf.peft_formats`).
 
 :func:`load_pretrained` reads any supported local checkpoint directory by its ``model_type``; the
 family loaders (:mod:`~vlpeft_jax.hf.decoders`, :mod:`~vlpeft_jax.hf.vision`, :mod:`~vlpeft_jax.hf.bert`)

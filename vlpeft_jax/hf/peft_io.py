@@ -15,19 +15,21 @@ LoRA's ``lora_B.weight`` is ``(out, r)`` (our ``lora_b`` transposed), DoRA's mag
 ``(out, 1)`` or ``(1, in)`` for feed-forward modules. GPT-2's ``Conv1D`` layers get ``fan_in_fan_out=true``
 (it changes only how peft reads the *base* weight; adapter tensors have the same layout for every layer type).
 
-Methods plug in (so that new methods add their export without editing this file): a method class has a
-``peft_type`` class attribute (peft's ``PeftType`` value, e.g. ``"IA3"``) and implements
+Formats, keyed by method name. The method classes (:mod:`vlpeft_jax.peft`) know nothing of peft's format;
+each method family's conversion is a module of :mod:`vlpeft_jax.hf.peft_formats` that exposes a
+:class:`PeftFormat` per method: its ``peft_type`` (peft's ``PeftType`` value, e.g. ``"IA3"``) and
 
-- ``to_peft_state(peft_params, info, prefix) -> (config_fields, state)``: its ``adapter_config.json``
+- ``to_state(method, peft_params, info, prefix) -> (config_fields, state)``: its ``adapter_config.json``
   fields (this module adds ``peft_type``, ``task_type``, ``base_model_name_or_path``...) and its tensors by
   peft key (:meth:`BaseModelInfo.peft_key` builds module keys);
-- classmethod ``from_peft_state(config, state, base_params, prefix, name) -> (method, peft_params)``.
+- ``from_state(config, state, base_params, prefix, name) -> (method, peft_params)``.
 
-:data:`PEFT_TYPE_METHODS` says which registered method imports which ``peft_type``; LoRA's (and rsLoRA's)
-plug-in is :func:`lora_to_peft_state` / :func:`lora_from_peft_state` here; DoRA (``peft_type`` LORA with
-``use_dora``) and IA3 implement theirs in their own files. ``prefix`` is the path of the Hugging Face model
-inside our tree: ``("language_model",)`` for the decoder of a VLM, whose adapters are then written with the
-LM's own keys (``base_model.model.model.layers.0...``), loadable onto the LM alone.
+:data:`PEFT_FORMATS` maps a method's registered name (:data:`vlpeft_jax.peft.registry.METHODS`; an instance's
+class, or its nearest registered base class, gives the name) to its format, and :data:`PEFT_TYPE_METHODS` says
+which registered method imports which ``peft_type``. A new method adds its export with a module there and
+one entry in each. ``prefix`` is the path of the Hugging Face model inside our tree: ``("language_model",)``
+for the decoder of a VLM, whose adapters are then written with the LM's own keys
+(``base_model.model.model.layers.0...``), loadable onto the LM alone.
 
 Example (a LoRA on a tiny GPT-2 checkpoint directory ``hf_dir``)::
 
@@ -40,6 +42,7 @@ Example (a LoRA on a tiny GPT-2 checkpoint directory ``hf_dir``)::
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -47,21 +50,19 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vlpeft_jax.errors import CheckpointError
 from vlpeft_jax.hf import io
 from vlpeft_jax.peft import base as pb
-from vlpeft_jax.peft.lora import LoRA
+from vlpeft_jax.peft import registry
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
 
-# peft_type -> the registered method (vlpeft_jax.peft.registry) whose class imports it. LORA with
+# peft_type -> the registered method (vlpeft_jax.peft.registry) whose format imports it. LORA with
 # use_dora=true goes to "dora".
 PEFT_TYPE_METHODS: dict[str, str] = {
     "LORA": "lora",
@@ -75,13 +76,15 @@ PEFT_TYPE_METHODS: dict[str, str] = {
 TASK_TYPES: dict[str, str] = {"gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "qwen2": "CAUSAL_LM",
                               "bert": "FEATURE_EXTRACTION"}
 
-# LoRA config fields whose non-empty values change what the adapter holds or does beyond A, B (and the
-# DoRA magnitude): importing them would silently drop part of the adapter.
-UNSUPPORTED_LORA_FIELDS = ("modules_to_save", "lora_bias", "layer_replication", "trainable_token_indices",
-                           "target_parameters", "use_qalora", "alora_invocation_tokens", "megatron_config",
-                           "use_bdlora", "arrow_config")
-# init_lora_weights values that also rewrite the base weights (the adapter needs that modified base).
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+# registered method name -> "module:FORMAT", its PeftFormat (imported on first use, as the methods are).
+PEFT_FORMATS: dict[str, str] = {
+    "lora": "vlpeft_jax.hf.peft_formats.lora:LORA_FORMAT",  # LoRA and rsLoRA (use_rslora)
+    "dora": "vlpeft_jax.hf.peft_formats.lora:DORA_FORMAT",
+    "ia3": "vlpeft_jax.hf.peft_formats.ia3:IA3_FORMAT",
+    "prefix": "vlpeft_jax.hf.peft_formats.prompts:PREFIX_FORMAT",
+    "prompt": "vlpeft_jax.hf.peft_formats.prompts:PROMPT_FORMAT",
+    "llama_adapter": "vlpeft_jax.hf.peft_formats.llama_adapter:LLAMA_ADAPTER_FORMAT",
+}
 
 
 class AdapterError(CheckpointError):
@@ -258,7 +261,7 @@ def base_model_info(base: BaseModelInfo | str | os.PathLike | Any) -> BaseModelI
 
 
 # --------------------------------------------------------------------------------------------------
-# Helpers for method plug-ins
+# Helpers for the formats (vlpeft_jax.hf.peft_formats)
 
 
 def adapted_modules(peft_params: Mapping[str, Any], marker: str, prefix: Sequence[str], method: str
@@ -320,102 +323,48 @@ def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any
     return default
 
 
-def _number(x: float) -> int | float:
-    return int(x) if float(x).is_integer() else float(x)
-
-
 # --------------------------------------------------------------------------------------------------
-# LoRA / rsLoRA plug-in
+# Formats by method name
 
 
-def lora_to_peft_state(lora: LoRA, peft_params: Mapping[str, Any], info: BaseModelInfo,
-                       prefix: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """A LoRA's (or rsLoRA's) peft config fields and ``lora_A.weight`` ``(r, in)`` / ``lora_B.weight`` ``(out, r)``."""
-    state: dict[str, np.ndarray] = {}
-    ranks: dict[tuple[str, ...], int] = {}
-    for path, rel in adapted_modules(peft_params, "lora_a", prefix, lora.name):
-        p = pb.get_path(peft_params, path)
-        a = np.asarray(jax.device_get(p["lora_a"]), np.float32)
-        b = np.asarray(jax.device_get(p["lora_b"]), np.float32)
-        if a.ndim != 2 or b.ndim != 2:
-            raise AdapterShapeError(f"{lora.name}: {'/'.join(path)} has lora_a {a.shape} and lora_b {b.shape}; "
-                                    "peft stores 2-D factors only")
-        state[info.peft_key(rel, "lora_A.weight")] = np.ascontiguousarray(a.T)
-        state[info.peft_key(rel, "lora_B.weight")] = np.ascontiguousarray(b.T)
-        ranks[rel] = a.shape[1]
-    paths = list(ranks)
-    config = {
-        "r": int(lora.rank), "lora_alpha": _number(lora.alpha), "lora_dropout": float(lora.dropout),
-        "use_rslora": bool(lora.use_rslora), "use_dora": False,
-        "target_modules": info.target_modules(paths), "fan_in_fan_out": info.fan_in_fan_out(paths),
-        "bias": "none", "init_lora_weights": True if lora.init_weights == "kaiming" else "gaussian",
-        # Per-module ranks as exact module names (peft matches ``(.*\.)?(key)$``).
-        "rank_pattern": {re.escape(hf_module_name(p)): r for p, r in ranks.items() if r != lora.rank},
-        "alpha_pattern": {}, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "lora_bias": False, "exclude_modules": None,
-    }
-    return config, state
+@dataclasses.dataclass(frozen=True)
+class PeftFormat:
+    """How one method converts to and from peft's format (see the module docstring).
 
-
-def _check_lora_config(config: Mapping[str, Any], name: str) -> None:
-    if config.get("bias", "none") != "none":
-        raise UnsupportedAdapterError(f"{name}: bias={config['bias']!r} (trained biases) is not supported; only "
-                                      "bias='none' adapters import")
-    for field in UNSUPPORTED_LORA_FIELDS:
-        if config.get(field):
-            raise UnsupportedAdapterError(f"{name}: {field}={config[field]!r} is not supported")
-    init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
-        raise UnsupportedAdapterError(
-            f"{name}: init_lora_weights={init!r} also rewrites the base weights; convert the adapter to a plain LoRA "
-            "with peft first (save_pretrained(..., path_initial_model_for_weight_conversion=...))")
-    if float(config.get("lora_alpha", 8)) == 0 and config.get("alpha_pattern"):
-        raise UnsupportedAdapterError(f"{name}: lora_alpha=0 with an alpha_pattern cannot be represented")
-
-
-def lora_from_peft_state(config: Mapping[str, Any], state: Mapping[str, np.ndarray], base_params: Mapping[str, Any],
-                         prefix: Sequence[str] = (), *, extra_suffixes: Sequence[str] = (), name: str = "lora"
-                         ) -> tuple[LoRA, dict[str, Any], dict[tuple[str, ...], dict[str, tuple[str, np.ndarray]]]]:
-    """A peft LoRA/rsLoRA adapter -> ``(LoRA, peft_params, extras)``.
-
-    ``extras`` maps each module path to its tensors named by ``extra_suffixes`` (DoRA's magnitude), so that
-    variants build on this. Ranks come from the tensors (``rank_pattern`` is implied); a module's
-    ``alpha_pattern`` value is folded into its ``lora_b`` (``B · α_i/α``), which gives identical outputs.
+    Attributes:
+      peft_type: peft's ``PeftType`` value written to ``adapter_config.json``.
+      to_state: ``(method, peft_params, info, prefix) -> (config_fields, tensors)``.
+      from_state: ``(config, tensors, base_params, prefix, name) -> (method, peft_params)``.
     """
-    _check_lora_config(config, name)
-    prefix = tuple(prefix)
-    alpha = float(config.get("lora_alpha", 8))
-    rank = int(config.get("r", 8))
-    params: dict[str, Any] = {}
-    ranks: dict[tuple[str, ...], int] = {}
-    extras: dict[tuple[str, ...], dict[str, tuple[str, np.ndarray]]] = {}
-    groups = group_module_state(state, ("lora_A.weight", "lora_B.weight", *extra_suffixes), name)
-    if not groups:
-        raise AdapterStateError(f"{name}: the adapter holds no LoRA tensors")
-    for module, found in groups.items():
-        path = prefix + module_path(module)
-        for part in ("lora_A.weight", "lora_B.weight"):
-            if part not in found:
-                raise AdapterStateError(f"{name}: {PEFT_PREFIX}{module}.{part} is missing (module {module})")
-        (key_a, a), (key_b, b) = found["lora_A.weight"], found["lora_B.weight"]
-        kernel = find_kernel(base_params, path, key_a)
-        d_in, d_out = kernel.shape[-2], kernel.shape[-1]
-        if a.ndim != 2:
-            raise AdapterShapeError(f"tensor {key_a!r} has shape {a.shape}; the base model's layer needs (r, {d_in})")
-        r = a.shape[0]
-        check_shape(key_a, a, (r, d_in))
-        check_shape(key_b, b, (d_out, r))
-        alpha_i = float(pattern_value(config.get("alpha_pattern") or {}, module, alpha))
-        b = b.T * np.float32(alpha_i / alpha) if alpha_i != alpha else b.T
-        pb.set_path(params, path, {"lora_a": jnp.asarray(a.T, jnp.float32), "lora_b": jnp.asarray(b, jnp.float32)})
-        ranks[path] = r
-        extras[path] = {s: found[s] for s in extra_suffixes if s in found}
-    init = config.get("init_lora_weights", True)
-    lora = LoRA(targets=tuple("/".join(p) for p in ranks), rank=rank, alpha=alpha,
-                dropout=float(config.get("lora_dropout", 0.0)), use_rslora=bool(config.get("use_rslora", False)),
-                rank_pattern=tuple(("/".join(p), r) for p, r in ranks.items() if r != rank),
-                init_weights="gaussian" if init == "gaussian" else "kaiming", name=name)
-    return lora, params, extras
+
+    peft_type: str
+    to_state: Callable[[Any, Mapping[str, Any], BaseModelInfo, tuple[str, ...]],
+                       tuple[dict[str, Any], dict[str, np.ndarray]]]
+    from_state: Callable[..., tuple[Any, dict[str, Any]]]
+
+
+def method_kind(method: Any) -> str | None:
+    """The registered name of a method instance: its class's, or its nearest registered base class's.
+
+    Example:
+        >>> from vlpeft_jax.peft.dora import DoRA
+        >>> method_kind(DoRA()), method_kind(object())
+        ('dora', None)
+    """
+    by_class = {spec: kind for kind, spec in registry.METHODS.items()}
+    for cls in type(method).__mro__:
+        kind = by_class.get(f"{cls.__module__}:{cls.__qualname__}")
+        if kind is not None:
+            return kind
+    return None
+
+
+def peft_format(kind: str | None) -> PeftFormat | None:
+    """The :class:`PeftFormat` of a registered method name, or None if the method has no peft counterpart."""
+    if kind not in PEFT_FORMATS:
+        return None
+    module, attr = PEFT_FORMATS[kind].split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,17 +376,14 @@ def peft_state(method: Any, peft_params: Mapping[str, Any], base: BaseModelInfo 
     """``(adapter_config, tensors)`` of a method, as :func:`export_peft` writes them."""
     info = base_model_info(base)
     method_name = getattr(method, "name", type(method).__name__)
-    to_state = getattr(method, "to_peft_state", None)
-    if to_state is None and isinstance(method, LoRA):
-        def to_state(p: Any, i: BaseModelInfo, pre: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-            return lora_to_peft_state(method, p, i, pre)
-    if to_state is None:
-        raise UnsupportedAdapterError(f"{method_name}: {type(method).__name__} has no peft export; exportable: "
-                                      "LoRA, rsLoRA, DoRA, IA3 and methods that define to_peft_state")
-    fields, state = to_state(peft_params, info, tuple(prefix))
+    fmt = peft_format(method_kind(method))
+    if fmt is None:
+        raise UnsupportedAdapterError(f"{method_name}: {type(method).__name__} has no peft export; exportable "
+                                      f"methods: {', '.join(PEFT_FORMATS)} (lora includes rsLoRA)")
+    fields, state = fmt.to_state(method, peft_params, info, tuple(prefix))
     if not state:
         raise AdapterStateError(f"{method_name}: nothing to export under {'/'.join(prefix) or 'the model root'}")
-    config = {"peft_type": getattr(method, "peft_type", "LORA"), "task_type": info.task_type,
+    config = {"peft_type": fmt.peft_type, "task_type": info.task_type,
               "base_model_name_or_path": info.base_model_name_or_path, "revision": None, "inference_mode": True,
               "auto_mapping": None, **fields}
     return config, state
@@ -460,7 +406,8 @@ def export_peft(method: Any, peft_params: Mapping[str, Any], base_model_type_or_
     """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` as ``PeftModel.save_pretrained`` does.
 
     Args:
-      method: a LoRA, DoRA or IA3 instance (or any method with ``to_peft_state``).
+      method: an instance of a method with a peft format (:data:`PEFT_FORMATS`: LoRA, rsLoRA, DoRA, IA3,
+        prefix tuning, prompt tuning, LLaMA-Adapter).
       peft_params: its parameters (paths mirroring the base model's).
       base_model_type_or_info: a :class:`BaseModelInfo`, a local Hugging Face checkpoint directory (recorded
         as ``base_model_name_or_path``), one of our architecture configs, or a model type (``gpt2``...).
@@ -506,19 +453,13 @@ def method_for(config: Mapping[str, Any]) -> str:
 def import_peft_state(config: Mapping[str, Any], state: Mapping[str, np.ndarray], base_params: Mapping[str, Any],
                       *, prefix: Sequence[str] = (), name: str | None = None) -> tuple[Any, dict[str, Any]]:
     """``(method, peft_params)`` from a peft config and its tensors (see :func:`import_peft`)."""
-    from vlpeft_jax.peft import registry
-
     kind = method_for(config)
     name = name or kind
-    cls = registry.method_class(kind)
-    if cls is LoRA:
-        lora, params, _ = lora_from_peft_state(config, state, base_params, prefix, name=name)
-        return lora, params
-    from_state = getattr(cls, "from_peft_state", None)
-    if from_state is None:
+    fmt = peft_format(kind)
+    if fmt is None:
         raise UnsupportedAdapterError(f"peft_type {config.get('peft_type')!r} maps to method {kind!r}, which has no "
-                                      "peft import (from_peft_state) in this version")
-    return from_state(config, state, base_params, tuple(prefix), name=name)
+                                      "peft import (no entry in PEFT_FORMATS) in this version")
+    return fmt.from_state(config, state, base_params, tuple(prefix), name=name)
 
 
 def import_peft(adapter_dir: str | os.PathLike, base_params: Mapping[str, Any], *, prefix: Sequence[str] = (),

@@ -16,7 +16,8 @@ a constant in backward (``jax.lax.stop_gradient``), as DoRA §4.3 suggests and p
 treating ||V + ΔV||_c as a constant, thereby detaching it from the gradient graph"): gradients reach
 ``m`` and, through ``(x A) B``, the LoRA factors, and nothing else. The norm needs the dense ``A B``
 (as in peft); its gradient is never formed. :meth:`DoRA.merge` gives ``W' = g ⊙ (W + s·A B)`` with the
-bias unchanged, peft's ``merge``.
+bias unchanged, peft's ``merge``. In peft's files DoRA is a LoRA adapter with ``use_dora=true``: see
+:mod:`vlpeft_jax.hf.peft_formats.lora`.
 
 Settings, initialisation, rank checks and scaling (LoRA or rsLoRA) are LoRA's (:class:`~vlpeft_jax.peft.lora.LoRA`,
 composed, not copied). Other hooks on the same module that run inside DoRA (registered before it) are
@@ -35,12 +36,10 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vlpeft_jax.models import hooks
 from vlpeft_jax.peft import base as pb
@@ -76,8 +75,6 @@ class DoRA:
     rank_pattern: tuple[tuple[str, int], ...] = ()
     init_weights: str = "kaiming"
     name: str = "dora"
-
-    peft_type: ClassVar[str] = "LORA"  # peft stores DoRA as LoRA with use_dora=True
 
     def __post_init__(self) -> None:
         lora = self.lora  # validates every setting, with this instance's name in the messages
@@ -139,36 +136,3 @@ class DoRA:
 
     def num_params(self, peft_params: pb.Params) -> int:
         return pb.count(peft_params)
-
-    # ---------------------------------------------------------------------------------- peft interop
-
-    def to_peft_state(self, peft_params: pb.Params, info: Any, prefix: tuple[str, ...] = ()
-                      ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """peft's ``adapter_config.json`` fields and tensors: LoRA's plus ``lora_magnitude_vector`` [out]."""
-        from vlpeft_jax.hf import peft_io
-
-        config, state = peft_io.lora_to_peft_state(self.lora, peft_params, info, prefix)
-        for path, rel in peft_io.adapted_modules(peft_params, "magnitude", prefix, self.name):
-            m = np.asarray(jax.device_get(pb.get_path(peft_params, path)["magnitude"]), np.float32)
-            state[info.peft_key(rel, "lora_magnitude_vector")] = m
-        config["use_dora"] = True
-        return config, state
-
-    @classmethod
-    def from_peft_state(cls, config: Mapping[str, Any], state: Mapping[str, np.ndarray], base_params: pb.Params,
-                        prefix: tuple[str, ...] = (), name: str = "dora") -> tuple[DoRA, pb.Params]:
-        """The method and parameters of a peft LoRA adapter saved with ``use_dora=True``."""
-        from vlpeft_jax.hf import peft_io
-
-        lora, params, extras = peft_io.lora_from_peft_state(config, state, base_params, prefix,
-                                                            extra_suffixes=("lora_magnitude_vector",), name=name)
-        for path, found in extras.items():
-            key, m = found.get("lora_magnitude_vector", (None, None))
-            kernel = pb.get_path(base_params, path + ("kernel",))
-            if m is None:
-                raise peft_io.AdapterStateError(f"{name}: the adapter has use_dora=true but no "
-                                                f"lora_magnitude_vector for module {'/'.join(path)}")
-            peft_io.check_shape(key, m, (kernel.shape[-1],))
-            pb.get_path(params, path)["magnitude"] = jnp.asarray(m, jnp.float32)
-        fields = {f.name: getattr(lora, f.name) for f in dataclasses.fields(LoRA)}
-        return cls(**fields), params

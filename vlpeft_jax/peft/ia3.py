@@ -10,7 +10,7 @@ Each adapted linear layer gets one vector, initialised to ones (training starts 
 This is peft's ``IA3Layer`` (``peft/tuners/ia3/layer.py``): ``ia3_l`` of shape ``(out, 1)`` or ``(1, in)``.
 :meth:`IA3.merge` folds the vectors into the weights (and, for output scaling, the bias), as peft's
 ``merge`` does. The defaults are peft's for LLaMA (keys, values and ``down_proj``, the last one scaled at
-its input).
+its input). peft-format export and import: :mod:`vlpeft_jax.hf.peft_formats.ia3`.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -24,13 +24,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.models import hooks
@@ -50,8 +48,6 @@ class IA3:
     targets: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
     feedforward_modules: tuple[str, ...] = ("down_proj",)
     name: str = "ia3"
-
-    peft_type: ClassVar[str] = "IA3"
 
     def __post_init__(self) -> None:
         for field in ("targets", "feedforward_modules"):
@@ -119,62 +115,3 @@ class IA3:
 
     def num_params(self, peft_params: pb.Params) -> int:
         return pb.count(peft_params)
-
-    # ---------------------------------------------------------------------------------- peft interop
-
-    def to_peft_state(self, peft_params: pb.Params, info: Any, prefix: tuple[str, ...] = ()
-                      ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """peft's IA3 config fields and ``ia3_l`` tensors (``(out, 1)``, or ``(1, in)`` for feed-forward)."""
-        from vlpeft_jax.hf import peft_io
-
-        state: dict[str, np.ndarray] = {}
-        scaled_out = peft_io.adapted_modules(peft_params, "output_scale", prefix, self.name)
-        scaled_in = peft_io.adapted_modules(peft_params, "input_scale", prefix, self.name)
-        for (path, rel), key in [(m, "output_scale") for m in scaled_out] + [(m, "input_scale") for m in scaled_in]:
-            v = np.asarray(jax.device_get(pb.get_path(peft_params, path)[key]), np.float32)
-            state[info.peft_key(rel, "ia3_l")] = v[:, None] if key == "output_scale" else v[None, :]
-        out_paths, in_paths = [rel for _, rel in scaled_out], [rel for _, rel in scaled_in]
-        # peft wants feedforward_modules to be entries of target_modules, and tells them apart from the other
-        # targets by a plain ``name.endswith(entry)``: each entry covers one kind only, else full names.
-        ff_entries = info.target_modules(in_paths, within=in_paths) if in_paths else []
-        ff_names = {peft_io.hf_module_name(p) for p in in_paths}
-        all_names = ff_names | {peft_io.hf_module_name(p) for p in out_paths}
-        if any(n not in ff_names for f in ff_entries for n in all_names if n.endswith(f)):
-            ff_entries = sorted(ff_names)
-        out_entries = info.target_modules(out_paths, within=out_paths) if out_paths else []
-        config = {"target_modules": sorted(set(out_entries) | set(ff_entries)), "feedforward_modules": ff_entries,
-                  "fan_in_fan_out": info.fan_in_fan_out(out_paths + in_paths), "init_ia3_weights": True,
-                  "modules_to_save": None, "exclude_modules": None}
-        return config, state
-
-    @classmethod
-    def from_peft_state(cls, config: Mapping[str, Any], state: Mapping[str, np.ndarray], base_params: pb.Params,
-                        prefix: tuple[str, ...] = (), name: str = "ia3") -> tuple[IA3, pb.Params]:
-        """The method and parameters of a peft IA3 adapter (``ia3_l`` per module)."""
-        from vlpeft_jax.hf import peft_io
-
-        if config.get("modules_to_save"):
-            raise peft_io.UnsupportedAdapterError(
-                f"{name}: modules_to_save={config['modules_to_save']!r} (whole trained modules) is not supported")
-        feedforward = config.get("feedforward_modules") or []
-        params: pb.Params = {}
-        targets, scaled_in = [], []
-        for module, found in peft_io.group_module_state(state, ("ia3_l",), name).items():
-            key, value = found["ia3_l"]
-            path = tuple(prefix) + peft_io.module_path(module)
-            kernel = peft_io.find_kernel(base_params, path, key)
-            d_in, d_out = kernel.shape[-2], kernel.shape[-1]
-            # peft's rule (IA3Model._check_target_module_feedforward): a regex string or plain suffixes.
-            if isinstance(feedforward, str):
-                is_ff = re.fullmatch(feedforward, module) is not None
-            else:
-                is_ff = any(module.endswith(f) for f in feedforward)
-            if is_ff:
-                peft_io.check_shape(key, value, (1, d_in))
-                pb.set_path(params, path, {"input_scale": jnp.asarray(value[0], jnp.float32)})
-                scaled_in.append("/".join(path))
-            else:
-                peft_io.check_shape(key, value, (d_out, 1))
-                pb.set_path(params, path, {"output_scale": jnp.asarray(value[:, 0], jnp.float32)})
-            targets.append("/".join(path))
-        return cls(targets=tuple(targets), feedforward_modules=tuple(scaled_in), name=name), params

@@ -25,7 +25,7 @@ bias, peft adds that bias twice.
 
 Not mergeable (the prompts attend through their own softmax): :meth:`LlamaAdapter.merge` raises.
 
-peft interop (``peft_type`` ``ADAPTION_PROMPT``, through :mod:`vlpeft_jax.hf.peft_io`): peft saves
+peft interop (``peft_type`` ``ADAPTION_PROMPT``, in :mod:`vlpeft_jax.hf.peft_formats.llama_adapter`): peft saves
 ``base_model.model.model.layers.<i>.self_attn.adaption_prompt`` ``[1, adapter_len, d]`` and ``...adaption_gate``
 ``[1]`` for the top ``adapter_layers`` ``self_attn`` modules (``target_modules: "self_attn"``). Exported and
 imported for LLaMA only: peft has no Qwen2 adaption prompt, its GPT-2 one differs from ours (above), and with an
@@ -44,12 +44,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.models import hooks, layers
@@ -124,8 +123,6 @@ class LlamaAdapter:
     tanh_gate: bool = False
     name: str = "llama_adapter"
 
-    peft_type: ClassVar[str] = "ADAPTION_PROMPT"
-
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", (self.targets,) if isinstance(self.targets, str) else tuple(self.targets))
         if int(self.adapter_len) <= 0:
@@ -196,120 +193,3 @@ class LlamaAdapter:
 
     def num_params(self, peft_params: pb.Params) -> int:
         return pb.count(peft_params)
-
-    # ------------------------------------------------------------------------------------------------
-    # peft interop
-
-    def to_peft_state(self, peft_params: pb.Params, info: Any = None, prefix: Sequence[str] = ()
-                      ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """peft ADAPTION_PROMPT config fields and tensors (the plug-in of :mod:`vlpeft_jax.hf.peft_io`).
-
-        ``info`` (a :class:`~vlpeft_jax.hf.peft_io.BaseModelInfo` with the model's config) is needed: peft adapts
-        the top ``adapter_layers`` of all the model's ``self_attn`` modules, so the adapted layers must be exactly
-        those. ``prefix`` is the Hugging Face model's path in our tree (``("language_model",)`` in a VLM).
-        """
-        from vlpeft_jax.hf import peft_io
-        from vlpeft_jax.models.llama import LlamaConfig
-
-        model_type = getattr(info, "model_type", None)
-        arch = getattr(info, "config", None)
-        if model_type != "llama":
-            why = ("peft's GPT-2 adaption prompt adds the prompt attention after c_proj without projecting it, ours "
-                   "projects it through c_proj like the paper" if model_type == "gpt2" else
-                   "peft's AdaptionPrompt supports llama, mistral and gpt2 only")
-            raise peft_io.UnsupportedAdapterError(f"{self.name}: LLaMA-Adapter exports to peft ADAPTION_PROMPT for "
-                                                  f"LLaMA models, not for model type {model_type!r}: {why}")
-        if not isinstance(arch, LlamaConfig):
-            raise peft_io.UnsupportedAdapterError(
-                f"{self.name}: the export needs the model's config (peft adapts the top adapter_layers of all its "
-                "layers); pass the Hugging Face checkpoint directory or our LlamaConfig, not only the model type")
-        _check_peft_compatible(arch.o_proj_bias, self.name, peft_io)
-        if arch.num_attention_heads * arch.head_dim != arch.hidden_size:
-            raise peft_io.UnsupportedAdapterError(
-                f"{self.name}: num_attention_heads x head_dim ({arch.num_attention_heads} x {arch.head_dim}) != "
-                f"hidden_size ({arch.hidden_size}); peft's AdaptionPrompt derives the key/value heads from "
-                "hidden_size and would split the prompt keys wrongly")
-        prefix = tuple(prefix)
-        adapted = peft_io.adapted_modules(peft_params, "adaption_prompt", prefix, self.name)
-        if not adapted:
-            raise peft_io.AdapterStateError(f"{self.name}: no adaption prompts to export")
-        layers_at = {}
-        for path, rel in adapted:
-            if len(rel) != 3 or rel[0] != "model" or rel[2] != "self_attn" or layer_index(rel[1]) is None:
-                raise peft_io.UnsupportedAdapterError(f"{self.name}: {'/'.join(path)} is not a decoder layer's "
-                                                      "self_attn; peft adapts model.layers.<i>.self_attn only")
-            layers_at[layer_index(rel[1])] = (path, rel)
-        n, total = len(layers_at), arch.num_hidden_layers
-        if sorted(layers_at) != list(range(total - n, total)):
-            raise peft_io.UnsupportedAdapterError(
-                f"{self.name} adapts layers {sorted(layers_at)}; peft's adapter_layers={n} means the top {n} of "
-                f"{total} layers ({list(range(total - n, total))})")
-        state: dict[str, np.ndarray] = {}
-        lengths = set()
-        for path, rel in layers_at.values():
-            node = pb.get_path(peft_params, path)
-            prompt = np.asarray(jax.device_get(node["adaption_prompt"]), np.float32)
-            gate = np.asarray(jax.device_get(node["adaption_gate"]), np.float32)
-            if self.tanh_gate:  # peft multiplies by the gate itself: tanh(g) gives the same outputs
-                gate = np.tanh(gate)
-            lengths.add(prompt.shape[1])
-            state[info.peft_key(rel, "adaption_prompt")] = prompt
-            state[info.peft_key(rel, "adaption_gate")] = gate.reshape(1)
-        if len(lengths) != 1:
-            raise peft_io.AdapterShapeError(f"{self.name}: peft needs one adapter_len for every layer; got "
-                                            f"{sorted(lengths)}")
-        return {"adapter_len": int(lengths.pop()), "adapter_layers": n, "target_modules": "self_attn"}, state
-
-    @classmethod
-    def from_peft_state(cls, config: Mapping[str, Any], state: Mapping[str, Any], base_params: pb.Params,
-                        prefix: Sequence[str] = (), name: str = "llama_adapter") -> tuple[LlamaAdapter, pb.Params]:
-        """``(method, peft_params)`` from a peft ADAPTION_PROMPT config and tensors.
-
-        The method targets exactly the adapted attention modules (full paths under ``prefix``), with peft's gate
-        used as is (``tanh_gate=False``).
-        """
-        from vlpeft_jax.hf import peft_io
-
-        prefix = tuple(prefix)
-        if config.get("peft_type") != cls.peft_type:
-            raise peft_io.UnsupportedAdapterError(f"adapter peft_type={config.get('peft_type')!r}; expected "
-                                                  f"{cls.peft_type!r}")
-        groups = peft_io.group_module_state(state, ("adaption_prompt", "adaption_gate"), name)
-        if not groups:
-            raise peft_io.AdapterStateError(f"{name}: the adapter holds no adaption_prompt tensors")
-        if config.get("adapter_layers") is not None and int(config["adapter_layers"]) != len(groups):
-            raise peft_io.AdapterStateError(f"{name}: adapter_layers={config['adapter_layers']} but the adapter holds "
-                                            f"tensors for {len(groups)} modules")
-        candidates = attention_modules(base_params)
-        params: pb.Params = {}
-        for module, found in groups.items():
-            for part in ("adaption_prompt", "adaption_gate"):
-                if part not in found:
-                    raise peft_io.AdapterStateError(f"{name}: {peft_io.PEFT_PREFIX}{module}.{part} is missing")
-            (key_p, prompt), (key_g, gate) = found["adaption_prompt"], found["adaption_gate"]
-            path = prefix + peft_io.module_path(module)
-            if path not in candidates:
-                shown = ", ".join("/".join(p) for p in list(candidates)[:8])
-                raise peft_io.AdapterTargetError(f"tensor {key_p!r} adapts {'/'.join(path)}, which is not an attention "
-                                                 f"module of the base model; its attention modules: {shown}")
-            attn = pb.get_path(base_params, path)
-            if "c_attn" in attn:
-                raise peft_io.UnsupportedAdapterError(
-                    f"{name}: {'/'.join(path)} is GPT-2 attention; peft's GPT-2 adaption prompt adds the prompt "
-                    "attention after c_proj without projecting it, which this LLaMA-Adapter does not reproduce")
-            _check_peft_compatible("bias" in attn.get("o_proj", {}), name, peft_io)
-            length = int(config.get("adapter_len") or np.shape(prompt)[1])
-            peft_io.check_shape(key_p, prompt, (1, length, candidates[path]))
-            peft_io.check_shape(key_g, gate, (1,))
-            pb.set_path(params, path, {"adaption_prompt": jnp.asarray(prompt, jnp.float32),
-                                       "adaption_gate": jnp.asarray(gate, jnp.float32)})
-        paths = sorted(pb.module_paths(params, "adaption_prompt"))
-        method = cls(targets=tuple("/".join(p) for p in paths), adapter_len=length, adapter_layers=None, name=name)
-        return method, params
-
-
-def _check_peft_compatible(o_proj_bias: bool, name: str, peft_io: Any) -> None:
-    if o_proj_bias:
-        raise peft_io.UnsupportedAdapterError(
-            f"{name}: the model has an o_proj bias; peft's AdaptionPrompt projects the prompt attention with o_proj "
-            "(bias included) and adds it to the attention output, so the bias counts twice there and once here")

@@ -43,6 +43,9 @@ model's position table (GPT-2 ``n_positions``, BERT ``max_position_embeddings``)
 evaluation replacement ``remove`` the model runs without a prefix, so positions are not shifted; ``zeros`` and
 ``noise`` keep a prefix of ``P`` positions and the shift.
 
+peft-format export and import (``PREFIX_TUNING``, the finalized prefixes as ``prompt_embeddings``):
+:mod:`vlpeft_jax.hf.peft_formats.prompts`.
+
 Example:
     >>> import jax, jax.numpy as jnp
     >>> base = {"model": {f"layers_{i}": {"self_attn": {"k_proj": {"kernel": jnp.zeros((8, 4))}}}
@@ -61,7 +64,7 @@ import math
 import re
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -201,8 +204,6 @@ class PrefixTuning:
     noise_std: float | None = None
     name: str = "prefix"
 
-    peft_type: ClassVar[str] = "PREFIX_TUNING"
-
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", (self.targets,) if isinstance(self.targets, str) else tuple(self.targets))
         if int(self.num_virtual_tokens) <= 0:
@@ -341,94 +342,6 @@ class PrefixTuning:
 
     def num_params(self, peft_params: pb.Params) -> int:
         return pb.count(peft_params)
-
-    # ------------------------------------------------------------------------------------------------
-    # peft interop
-
-    def to_peft_state(self, peft_params: pb.Params, info: Any = None, prefix: Sequence[str] = ()
-                      ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """peft PREFIX_TUNING ``adapter_config.json`` fields and tensors (the plug-in of :mod:`vlpeft_jax.hf.peft_io`).
-
-        peft saves the prefix encoder's *output* as ``prompt_embeddings`` ``[P, L * 2 * kvh * hd]`` (per token:
-        layer, then key/value, then head, then head_dim) and loads it in inference mode with or without
-        ``prefix_projection``; so the encoder form is finalized first. ``prefix`` is the Hugging Face model's path
-        in our tree (every prefixed layer must be under it); ``info`` is not needed (sizes come from the tensors).
-        """
-        from vlpeft_jax.hf import peft_io
-
-        prefix = tuple(prefix)
-        prefixes = self.layer_prefixes(peft_params)
-        outside = [p for p in prefixes if p[:len(prefix)] != prefix]
-        if outside:
-            raise peft_io.UnsupportedAdapterError(
-                f"{self.name} adapts {'/'.join(outside[0])}, outside the exported model {'/'.join(prefix)!r}; a peft "
-                "adapter covers one Hugging Face model, so restrict the method's targets to it")
-        if not prefixes:
-            raise peft_io.AdapterStateError(f"{self.name}: no prefixes to export")
-        paths = sorted(prefixes, key=natural_key)
-        shapes = {tuple(prefixes[p][0].shape) for p in paths}
-        if len(shapes) != 1:
-            raise peft_io.AdapterShapeError(f"{self.name}: peft needs one prefix shape for every layer; got "
-                                            f"{sorted(shapes)}")
-        n, kvh, hd = shapes.pop()
-        flat = [np.stack([np.asarray(prefixes[p][0]), np.asarray(prefixes[p][1])], axis=1).reshape(n, 2 * kvh * hd)
-                for p in paths]
-        state = {"prompt_embeddings": np.concatenate(flat, axis=1).astype(np.float32)}
-        token_dim = kvh * hd
-        config = {
-            "num_virtual_tokens": int(n), "token_dim": token_dim, "num_transformer_submodules": 1,
-            "num_attention_heads": int(kvh), "num_layers": len(paths), "modules_to_save": None, "init_weights": None,
-            "encoder_hidden_size": int(self.encoder_hidden_size or token_dim),
-            "prefix_projection": bool(self.projection),
-        }
-        return config, state
-
-    @classmethod
-    def from_peft_state(cls, config: Mapping[str, Any], state: Mapping[str, Any], base_params: pb.Params,
-                        prefix: Sequence[str] = (), name: str = "prefix") -> tuple[PrefixTuning, pb.Params]:
-        """``(method, peft_params)`` (plain form) from a peft PREFIX_TUNING adapter config and tensors.
-
-        The adapter's ``num_layers`` layers are the self-attention modules under ``prefix`` (the Hugging Face
-        model's path in our tree), in layer order; the method targets exactly those.
-        """
-        from vlpeft_jax.hf import peft_io
-
-        prefix = tuple(prefix)
-        if config.get("peft_type") != cls.peft_type:
-            raise peft_io.UnsupportedAdapterError(f"adapter peft_type={config.get('peft_type')!r}; expected "
-                                                  f"{cls.peft_type!r}")
-        if int(config.get("num_transformer_submodules") or 1) != 1:
-            raise peft_io.UnsupportedAdapterError("prefix adapters of encoder-decoder models "
-                                                  "(num_transformer_submodules=2) are not supported")
-        missing = [k for k in ("num_virtual_tokens", "num_attention_heads", "token_dim", "num_layers")
-                   if config.get(k) is None]
-        if missing:
-            raise peft_io.AdapterStateError(f"{name}: the prefix adapter config lacks {', '.join(missing)}")
-        if "prompt_embeddings" not in state:
-            raise peft_io.AdapterStateError(f"{name}: the prefix adapter has no 'prompt_embeddings' tensor "
-                                            f"(tensors: {sorted(state)})")
-        n, kvh = int(config["num_virtual_tokens"]), int(config["num_attention_heads"])
-        num_layers, hd = int(config["num_layers"]), int(config["token_dim"]) // int(config["num_attention_heads"])
-        emb = np.asarray(state["prompt_embeddings"], np.float32)
-        peft_io.check_shape("prompt_embeddings", emb, (n, num_layers * 2 * kvh * hd))
-        sites = [s for s in attention_sites(base_params, (), method=name) if s.path[:len(prefix)] == prefix]
-        if len(sites) != num_layers:
-            where = "/".join(prefix) or "the model root"
-            raise peft_io.AdapterShapeError(
-                f"{name}: the prefix adapter has {num_layers} layers but {where} has {len(sites)} self-attention "
-                f"modules ({', '.join(s.name for s in sites[:3])} ...)")
-        method = cls(num_virtual_tokens=n, num_kv_heads=kvh, targets=tuple(s.name for s in sites),
-                     projection=bool(config.get("prefix_projection", False)),
-                     encoder_hidden_size=config.get("encoder_hidden_size"), name=name)
-        kv = emb.reshape(n, num_layers, 2, kvh, hd)
-        params: pb.Params = {}
-        for i, site in enumerate(sites):
-            if site.kv_width != kvh * hd:
-                raise peft_io.AdapterShapeError(f"{name}: prefix heads {kvh}x{hd} do not fit {site.name} (key width "
-                                                f"{site.kv_width})")
-            pb.set_path(params, site.path, {"prefix_keys": jnp.asarray(kv[:, i, 0]),
-                                            "prefix_values": jnp.asarray(kv[:, i, 1])})
-        return method, params
 
 
 def replace_prefix(peft_params: pb.Params, mode: str, rng: jax.Array | None = None, *,

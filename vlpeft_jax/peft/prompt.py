@@ -28,6 +28,8 @@ which runs first in every forward pass, records whether this pass is a prefill.
 
 Logits (and hidden states) of prompted decoders have ``P`` more positions: ``[b, P + t, vocab]``.
 
+peft-format export and import of :class:`PromptTuning` (``PROMPT_TUNING``): :mod:`vlpeft_jax.hf.peft_formats.prompts`.
+
 Example:
     >>> import jax, jax.numpy as jnp
     >>> base = {"model": {"embed_tokens": {"embedding": jnp.ones((10, 4))}}}
@@ -42,13 +44,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlpeft_jax.errors import ConfigError
+from vlpeft_jax.errors import CheckpointError, ConfigError
 from vlpeft_jax.models import hooks
 from vlpeft_jax.peft import base as pb
 from vlpeft_jax.peft.prefix import AttentionSite, attention_sites, holders, matches, natural_key
@@ -120,10 +123,20 @@ def embed_sites(base_params: Mapping[str, Any], targets: Sequence[str] = (), *, 
 
 def tokenize_init_text(tokenizer_dir: str, text: str) -> tuple[int, ...]:
     """Token ids of ``text`` as peft's TEXT init computes them (``tokenizer(text)["input_ids"]``, special tokens
-    included), with the tokenizer saved in a local Hugging Face directory."""
-    from vlpeft_jax.hf import load_tokenizer
+    included), with the tokenizer saved in a local Hugging Face directory (transformers ``AutoTokenizer``, offline;
+    loaded here rather than through :func:`vlpeft_jax.hf.load_tokenizer`, a higher layer)."""
+    from transformers import AutoTokenizer
 
-    return tuple(int(i) for i in load_tokenizer(tokenizer_dir)(text)["input_ids"])
+    d = Path(tokenizer_dir).expanduser()
+    if not d.is_dir():
+        raise ConfigError(f"tokenizer={str(tokenizer_dir)!r} is not a local directory; the prompt's text init reads a "
+                          "Hugging Face tokenizer saved on this machine (there is no network access: download a hub "
+                          "tokenizer elsewhere and pass its directory)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{d}: no loadable tokenizer ({e})") from None
+    return tuple(int(i) for i in tokenizer(text)["input_ids"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,8 +245,6 @@ class _PromptSettings:
 class PromptTuning(_PromptSettings):
     """Prompt tuning / prompt learning (see the module docstring and :class:`_PromptSettings` for the settings)."""
 
-    peft_type: ClassVar[str] = "PROMPT_TUNING"
-
     def init(self, rng: jax.Array, base_params: pb.Params) -> pb.Params:
         sites = self._sites(base_params)
         ids = self.init_ids() if self.init_from == "text" else None
@@ -248,65 +259,6 @@ class PromptTuning(_PromptSettings):
         prompts = {p: pb.get_path(peft_params, p)["prompt_embeddings"] for p in paths}
         insert_at = {p: insert_index(p) for p in paths}
         return [self._embed_hook(prompts, insert_at)]
-
-    # ------------------------------------------------------------------------------------------------
-    # peft interop
-
-    def to_peft_state(self, peft_params: pb.Params, info: Any = None, prefix: Sequence[str] = ()
-                      ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """peft PROMPT_TUNING config fields and ``prompt_embeddings`` ``[P, d]`` (plug-in of
-        :mod:`vlpeft_jax.hf.peft_io`); ``prefix`` is the Hugging Face model's path in our tree, ``info`` (its
-        ``config``, if any) fills in ``num_attention_heads`` / ``num_layers`` (peft derives them otherwise)."""
-        from vlpeft_jax.hf import peft_io
-
-        prefix = tuple(prefix)
-        paths = holders(peft_params, "prompt_embeddings")
-        if len(paths) != 1 or paths[0][:len(prefix)] != prefix:
-            raise peft_io.UnsupportedAdapterError(
-                f"{self.name}: a peft prompt covers one token embedding of the exported model "
-                f"{'/'.join(prefix)!r}; this method has prompts at {', '.join('/'.join(p) for p in paths) or 'none'}")
-        emb = np.asarray(pb.get_path(peft_params, paths[0])["prompt_embeddings"], np.float32)
-        text_init = self.init_from == "text" and bool(self.init_text and self.tokenizer)
-        arch = getattr(info, "config", None)
-        config = {
-            "num_virtual_tokens": int(emb.shape[0]), "token_dim": int(emb.shape[1]), "num_transformer_submodules": 1,
-            "num_attention_heads": getattr(arch, "num_attention_heads", None),
-            "num_layers": getattr(arch, "num_hidden_layers", None), "modules_to_save": None,
-            "prompt_tuning_init": "TEXT" if text_init else "SAMPLE_VOCAB" if self.init_from == "vocab" else "RANDOM",
-            "prompt_tuning_init_text": self.init_text if text_init else None,
-            "tokenizer_name_or_path": self.tokenizer if text_init else None, "tokenizer_kwargs": None,
-        }
-        return config, {"prompt_embeddings": emb}
-
-    @classmethod
-    def from_peft_state(cls, config: Mapping[str, Any], state: Mapping[str, Any], base_params: pb.Params,
-                        prefix: Sequence[str] = (), name: str = "prompt") -> tuple[PromptTuning, pb.Params]:
-        """``(method, peft_params)`` from a peft PROMPT_TUNING config and tensors; the prompt goes into the one
-        token-embedding table under ``prefix`` (the Hugging Face model's path in our tree)."""
-        from vlpeft_jax.hf import peft_io
-
-        prefix = tuple(prefix)
-        if config.get("peft_type") != cls.peft_type:
-            raise peft_io.UnsupportedAdapterError(f"adapter peft_type={config.get('peft_type')!r}; expected "
-                                                  f"{cls.peft_type!r}")
-        if int(config.get("num_transformer_submodules") or 1) != 1:
-            raise peft_io.UnsupportedAdapterError("prompt adapters of encoder-decoder models "
-                                                  "(num_transformer_submodules=2) are not supported")
-        if "prompt_embeddings" not in state:
-            raise peft_io.AdapterStateError(f"{name}: the prompt adapter has no 'prompt_embeddings' tensor "
-                                            f"(tensors: {sorted(state)})")
-        emb = np.asarray(state["prompt_embeddings"], np.float32)
-        sites = [s for s in embed_sites(base_params, (), method=name) if s.path[:len(prefix)] == prefix]
-        if len(sites) != 1:
-            raise peft_io.AdapterTargetError(f"{name}: a peft prompt needs exactly one token table under "
-                                             f"{'/'.join(prefix) or 'the model root'!r}; found "
-                                             f"{[s.name for s in sites]}")
-        n = int(config.get("num_virtual_tokens") or emb.shape[0])
-        peft_io.check_shape("prompt_embeddings", emb, (n, sites[0].width))
-        method = cls(num_virtual_tokens=n, targets=(sites[0].name,), name=name)
-        params: pb.Params = {}
-        pb.set_path(params, sites[0].path, {"prompt_embeddings": jnp.asarray(emb)})
-        return method, params
 
 
 def tower_root(path: Sequence[str]) -> tuple[str, ...]:
