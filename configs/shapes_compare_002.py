@@ -19,11 +19,9 @@ Example:
     ['full,pt=120,ft=280', 'full,pt=200,ft=200', 'full,pt=280,ft=120']
 """
 
-from pathlib import Path
-
 import ml_collections
 
-from vlpeft_jax.cli.config import load_config_file
+from configs import common
 
 ADAPTED = ("lora", "s_adapter", "p_adapter")
 
@@ -37,4 +35,4 @@ SWEEPS: dict[str, list[str]] = {
 
 
 def get_config(variant: str = "lora") -> ml_collections.ConfigDict:
-    return load_config_file(Path(__file__).resolve().parent / "shapes_ptpeft.py", variant)
+    return common.load("shapes_ptpeft.py", variant)

@@ -15,13 +15,10 @@ Example:
     ['prompt', 'prefix', 'lora', 'dora', 'full']
 """
 
-from pathlib import Path
-
 import ml_collections
 
-from vlpeft_jax.cli.config import load_config_file
-from vlpeft_jax.errors import ConfigError
-from vlpeft_jax.experiments.captioning import shrink_for_smoke
+from configs import common
+from vlpeft_jax.data.shapes import shapes_tokenizer
 
 SWEEPS = {"table": ["prompt", "prefix", "lora", "dora", "full"]}
 LM = "language_model/model/layers_\\d+"
@@ -31,41 +28,23 @@ LEARNING_RATES = {"full": 5e-4}  # every other method: 3e-3; a variant's ',lr=X'
 
 def _method(kind: str, dec: ml_collections.ConfigDict) -> dict:
     if kind == "prompt":
-        from vlpeft_jax.data.shapes import shapes_tokenizer
-
         ids = tuple(shapes_tokenizer().encode(INSTRUCTION, add_special_tokens=False))
         return dict(method="prompt", num_virtual_tokens=len(ids), init_from="text", init_token_ids=ids,
                     targets=["language_model/model/embed_tokens"])
     if kind == "prefix":
         return dict(method="prefix", num_virtual_tokens=8, num_kv_heads=dec.num_key_value_heads,
                     targets=[f"{LM}/self_attn"], projection=True, type_embedding=True)
-    if kind in ("lora", "dora"):
-        return dict(method=kind, targets=[f"{LM}/.*_proj"], rank=8, alpha=16.0, dropout=0.0)
-    raise ConfigError(f"configs/shapes_compare_003.py: no method {kind!r}; valid: {', '.join(SWEEPS['table'])}")
+    return dict(method=kind, targets=[f"{LM}/.*_proj"], rank=8, alpha=16.0, dropout=0.0)  # lora, dora
 
 
 def get_config(variant: str = "lora") -> ml_collections.ConfigDict:
-    kind, *opts = [v.strip() for v in (variant or "lora").split(",") if v.strip()]
-    valid = f"{', '.join(SWEEPS['table'])} (optionally ',lr=X', ',smoke')"
-    if kind not in SWEEPS["table"]:
-        raise ConfigError(f"configs/shapes_compare_003.py:{variant}: unknown variant; valid: {valid}")
-    smoke, lr = False, LEARNING_RATES.get(kind, 3e-3)
-    for o in opts:
-        key, _, value = o.partition("=")
-        try:
-            if key == "smoke" and not value:
-                smoke = True
-            elif key == "lr" and float(value) > 0:
-                lr = float(value)
-            else:
-                raise ValueError(o)
-        except ValueError:
-            raise ConfigError(f"configs/shapes_compare_003.py:{variant}: bad option {o!r}; valid: {valid}") from None
-    here = Path(__file__).resolve().parent
-    c = load_config_file(here / "shapes_pretrain.py", "smoke" if smoke else None)
+    kind, opts = common.parse_variant(variant, "configs/shapes_compare_003.py", SWEEPS["table"],
+                                      {"smoke": False, "lr": 0.0}, default="lora")
+    smoke, lr = opts["smoke"], opts["lr"] or LEARNING_RATES.get(kind, 3e-3)
+    c = common.load("shapes_pretrain.py", "smoke" if smoke else None)
     c.name = f"shapes_003_{kind}"
-    c.pretrain.config = str(here / "shapes_pretrain.py") + (":smoke" if smoke else "")
-    opt = dict(name="adamw", learning_rate=lr, weight_decay=0.0, warmup_steps=30, schedule="cosine", clip_norm=1.0)
+    c.pretrain.config = common.path("shapes_pretrain.py", smoke)
+    opt = common.adamw(lr)
     if kind == "full":
         c.peft = {}
         stage = dict(name="full", steps=400, trainable=[["base/.*", "full"]], optimizer=opt, methods=[])
@@ -77,5 +56,5 @@ def get_config(variant: str = "lora") -> ml_collections.ConfigDict:
     c.train.max_length = 40
     c.eval.zero_shot = True
     if smoke:
-        shrink_for_smoke(c)
+        common.shrink_for_smoke(c)
     return c

@@ -5,28 +5,23 @@ adds LoRA (rank 8, alpha 16, dropout 0.05) to every projection of the decoder, t
 on target-domain captions, and reports zero-shot vs adapted scores on both domains.
 """
 
-from pathlib import Path
-
 import ml_collections
 
-from vlpeft_jax.cli.config import load_config_file
-from vlpeft_jax.experiments.captioning import shrink_for_smoke
+from configs import common
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    here = Path(__file__).resolve().parent
-    c = load_config_file(here / "shapes_pretrain.py", variant or None)
+    _, opts = common.parse_variant(variant, "configs/shapes_lora.py", (), {"smoke": False})
+    c = common.load("shapes_pretrain.py", "smoke" if opts["smoke"] else None)
     c.name = "shapes_lora"
-    c.pretrain.config = str(here / "shapes_pretrain.py")
+    c.pretrain.config = common.path("shapes_pretrain.py", opts["smoke"])
     c.peft = dict(lora=dict(targets=[r"language_model/.*_proj"], rank=8, alpha=16.0, dropout=0.05))
-    opt = dict(name="adamw", learning_rate=3e-3, weight_decay=0.0, warmup_steps=30, schedule="cosine",
-               clip_norm=1.0)
+    opt = common.adamw(3e-3)
     c.stages = [dict(name="lora", steps=400, trainable=[["peft/lora/.*", "lora"]], optimizer=opt,
                      methods=["lora"])]
     c.train.domain = "target"
     c.train.max_length = 40
     c.eval.zero_shot = True
-    if variant == "smoke":
-        c.pretrain.config += ":smoke"
-        shrink_for_smoke(c)
+    if opts["smoke"]:
+        common.shrink_for_smoke(c)
     return c

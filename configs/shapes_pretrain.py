@@ -8,11 +8,13 @@ for tests.
 
 import ml_collections
 
-from vlpeft_jax.experiments.captioning import shrink_for_smoke
+from configs import common
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    _, opts = common.parse_variant(variant, "configs/shapes_pretrain.py", (), {"smoke": False})
     c = ml_collections.ConfigDict()
+    c.task = "captioning"
     c.name = "shapes_pretrain"
     c.seed = 0
     c.run_dir = ""
@@ -27,13 +29,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     )
     c.peft = {}
-    opt = dict(name="adamw", learning_rate=2e-3, weight_decay=0.01, warmup_steps=50, schedule="cosine",
-               clip_norm=1.0)
+    opt = common.adamw(2e-3, weight_decay=0.01, warmup_steps=50)
     c.stages = [dict(name="pretrain", steps=700, trainable=[["base/.*", "full"]], optimizer=opt, methods=[])]
     c.train = dict(domain="source", batch_size=32, max_length=24, checkpoint_every=0, progress=True)
     c.eval = dict(split="val", max_examples=0, batch_size=50, method="greedy", num_beams=1, length_penalty=1.0,
                   max_new_tokens=40, metrics=["BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D"], zero_shot=False)
     c.pretrain = dict(config="", cache_dir=".cache/pretrained")
-    if variant == "smoke":
-        shrink_for_smoke(c)
+    if opts["smoke"]:
+        common.shrink_for_smoke(c)
     return c

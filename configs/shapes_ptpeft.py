@@ -26,19 +26,16 @@ fine-tuning keeps the word embeddings (= the tied LM head here) frozen (App. B.5
 the same total budget (400 updates by default), as Table 6 compares.
 
 Example:
-    >>> from vlpeft_jax.cli.config import load_config_file
+    >>> from vlpeft_jax.config import load_config_file
     >>> cfg = load_config_file("configs/shapes_ptpeft.py:lora,pt=300,ft=100")
     >>> [(s["name"], s["steps"], s["methods"]) for s in cfg.stages]
     [('prefix', 300, ['prefix']), ('lora', 100, ['prefix', 'lora'])]
 """
 
-from pathlib import Path
-
 import ml_collections
 
-from vlpeft_jax.cli.config import load_config_file
+from configs import common
 from vlpeft_jax.errors import ConfigError
-from vlpeft_jax.experiments.captioning import shrink_for_smoke
 from vlpeft_jax.train import presets
 
 SECOND = ("lora", "s_adapter", "p_adapter", "full")
@@ -99,19 +96,17 @@ def _parse(variant: str) -> tuple[str, str, dict]:
 def get_config(variant: str = "lora") -> ml_collections.ConfigDict:
     kind, x, opts = _parse(variant)
     smoke = opts["smoke"]
-    here = Path(__file__).resolve().parent
-    c = load_config_file(here / "shapes_pretrain.py", "smoke" if smoke else None)
+    c = common.load("shapes_pretrain.py", "smoke" if smoke else None)
     c.name = "shapes_ptpeft_" + "_".join(v.strip().replace("=", "") for v in (variant or "lora").split(",")
                                          if v.strip() and v.strip() != "smoke")
-    c.pretrain.config = str(here / "shapes_pretrain.py") + (":smoke" if smoke else "")
+    c.pretrain.config = common.path("shapes_pretrain.py", smoke)
     dec = c.model.decoder
     prefix = dict(method="prefix", num_virtual_tokens=8, num_kv_heads=dec.num_key_value_heads,
                   targets=[f"{LM}/self_attn"], projection=True, type_embedding=True,
                   eval_replacement=opts["eval"])
     c.peft = {**({} if kind == "only" else {"prefix": prefix}), **(method_settings(x, smoke) if x else {})}
 
-    pt_opt = dict(name="adamw", learning_rate=3e-3, weight_decay=0.0, warmup_steps=30, schedule="cosine",
-                  clip_norm=1.0)
+    pt_opt = common.adamw(3e-3)
     x_opt = dict(pt_opt, learning_rate=5e-4, weight_decay=0.01) if x == "full" else dict(pt_opt)
     x_methods = [x] if x in c.peft else []
     total = opts["pt"] + opts["ft"]
@@ -152,8 +147,5 @@ def get_config(variant: str = "lora") -> ml_collections.ConfigDict:
     c.train.max_length = 40
     c.eval.zero_shot = False
     if smoke:
-        shrink_for_smoke(c)
-        for s in c.stages:
-            for group in s["optimizer"].get("groups", {}).values():
-                group["warmup_steps"] = 0
+        common.shrink_for_smoke(c)
     return c

@@ -25,13 +25,9 @@ Example:
     ['top1', 'top2', 'top20']
 """
 
-from pathlib import Path
-
 import ml_collections
 
-from vlpeft_jax.cli.config import load_config_file
-from vlpeft_jax.errors import ConfigError
-from vlpeft_jax.experiments.captioning import shrink_for_smoke
+from configs import common
 
 TARGETS = r"language_model/.*_proj"
 NEUROADA = {
@@ -59,22 +55,19 @@ def decoder_neurons(decoder: dict) -> int:
 
 
 def get_config(variant: str = "top1") -> ml_collections.ConfigDict:
-    name, *flags = [v.strip() for v in (variant or "top1").split(",")]
-    if name not in {**NEUROADA, **LORA, **GPS} or any(f != "smoke" for f in flags):
-        raise ConfigError(f"configs/shapes_sparse.py:{variant}: unknown variant; valid: "
-                          f"{', '.join([*NEUROADA, *GPS, *LORA])} (optionally followed by ',smoke')")
-    here = Path(__file__).resolve().parent
-    c = load_config_file(here / "shapes_pretrain.py", "smoke" if flags else None)
+    name, opts = common.parse_variant(variant, "configs/shapes_sparse.py", [*NEUROADA, *GPS, *LORA],
+                                      {"smoke": False}, default="top1")
+    smoke = opts["smoke"]
+    c = common.load("shapes_pretrain.py", "smoke" if smoke else None)
     c.name = f"shapes_sparse_{name}"
-    c.pretrain.config = str(here / "shapes_pretrain.py") + (":smoke" if flags else "")
-    opt = dict(name="adamw", learning_rate=3e-3, weight_decay=0.0, warmup_steps=30, schedule="cosine", clip_norm=1.0)
+    c.pretrain.config = common.path("shapes_pretrain.py", smoke)
+    opt = common.adamw(3e-3)
     c.selection = dict(num_batches=8, domain="target")
     if name in GPS:
-        # no PEFT method: the stage trains the selected base entries (its rules come from the masks)
-        c.peft = {}
-        c.gps = dict(targets=[TARGETS], k=GPS[name], selection="gradient", stages=["gps"])
+        # GPS trains selected base entries in place: its stage rules and masked optimizer come with the method
+        c.peft = dict(gps=dict(method="gps", targets=[TARGETS], k=GPS[name], selection="gradient"))
         opt["learning_rate"] = 1e-2  # the same step as NeuroAda's deltas: the same entries, trained in place
-        c.stages = [dict(name="gps", steps=400, trainable=[], optimizer=opt, methods=[])]
+        c.stages = [dict(name="gps", steps=400, trainable=[], optimizer=opt, methods=["gps"])]
     elif name in LORA:
         r = LORA[name]
         c.peft = dict(lora=dict(targets=[TARGETS], rank=r, alpha=2.0 * r))
@@ -92,6 +85,6 @@ def get_config(variant: str = "top1") -> ml_collections.ConfigDict:
     c.train.domain = "target"
     c.train.max_length = 40
     c.eval.zero_shot = True
-    if flags:
-        shrink_for_smoke(c)
+    if smoke:
+        common.shrink_for_smoke(c)
     return c

@@ -474,9 +474,9 @@ def test_export_errors_and_method_settings(families):
 def vlm_run(tmp_path_factory):
     from vlpeft_jax.cli.config import load_config_file
     from vlpeft_jax.data.tokenizer import WordTokenizer
-    from vlpeft_jax.experiments import captioning
     from vlpeft_jax.models import layers, registry
     from vlpeft_jax.peft.registry import build_methods
+    from vlpeft_jax.train import checkpoint
 
     d = tmp_path_factory.mktemp("vlm_run")
     cfg = load_config_file(ROOT / "configs/shapes_lora.py", "smoke")
@@ -490,7 +490,9 @@ def vlm_run(tmp_path_factory):
     }
     tokenizer = WordTokenizer.train(["a red circle above a blue square", "two green triangles"])
     tokenizer.save(d / "tokenizer")
-    module, inputs = registry.build_model(captioning.model_config(cfg, tokenizer.vocab_size))
+    model_cfg = cfg.model.to_dict()
+    model_cfg["decoder"]["vocab_size"] = tokenizer.vocab_size
+    module, inputs = registry.build_model(model_cfg)
     # Random base weights filled on the host (compiling the VLM's init would cost more than the whole test).
     abstract = jax.eval_shape(lambda: layers.unbox(module.init(key(0), **inputs))["params"])
     rng = np.random.default_rng(0)
@@ -503,8 +505,8 @@ def vlm_run(tmp_path_factory):
     base = jax.tree_util.tree_map_with_path(fill, abstract)
     methods = build_methods(cfg.peft)
     peft_params = {n: perturb_ours(m.init(key(i), base), seed=i) for i, (n, m) in enumerate(methods.items())}
-    captioning.save_params(d / "final" / "base.npz", base)
-    captioning.save_params(d / "final" / "peft.npz", peft_params)
+    checkpoint.save_tree(d / "final" / "base", base)
+    checkpoint.save_tree(d / "final" / "peft", peft_params)
     (d / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     return d, cfg, module, base, methods, peft_params, tokenizer
 

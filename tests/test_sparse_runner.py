@@ -15,7 +15,7 @@ import pytest
 import run as cli
 from vlpeft_jax.cli.config import apply_overrides, load_config_file
 from vlpeft_jax.errors import ConfigError
-from vlpeft_jax.experiments import captioning
+from vlpeft_jax.experiments import runner
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def runs(tmp_path_factory, shapes_caches):
     out = {}
     for variant in ("gps", "gradient"):
         cfg = _config(variant, root, shapes_caches)
-        out[variant] = (cfg, captioning.run(cfg))
+        out[variant] = (cfg, runner.run(cfg))
     return root, out
 
 
@@ -59,8 +59,8 @@ def test_gps_equals_neuroada_with_the_same_gradient_selection(runs):
 def test_gps_changes_only_its_selected_entries(runs):
     root, out = runs
     cfg = out["gps"][0]
-    module, params, _, _ = captioning.load_final(root / "gps", cfg)
-    _, ada_params, _, methods = captioning.load_final(root / "gradient", out["gradient"][0])
+    _, params = runner.load_final(root / "gps", cfg)
+    _, ada_params = runner.load_final(root / "gradient", out["gradient"][0])
     base = ada_params["base"]  # NeuroAda leaves the (cached, pretrained) base unchanged
     changed = jax.tree.map(lambda a, b: np.asarray(a) != np.asarray(b), params["base"], base)
     # every changed entry is one NeuroAda selected (the same selection): indices [d_out, k] per kernel
@@ -95,8 +95,9 @@ def test_gradient_selection_without_a_dataset_is_one_error(tmp_path, shapes_cach
     for variant in ("gradient", "gps"):
         cfg = _config(variant, tmp_path, shapes_caches, selection={"num_batches": 0})
         with pytest.raises(ConfigError, match="needs a selection dataset"):
-            captioning.run(cfg)
+            runner.run(cfg)
+    # (GPS is a method now: a stage naming a method that is not defined replaces the old `gps.stages` check)
     cfg = _config("gps", tmp_path, shapes_caches)
-    cfg.gps.stages = ["nope"]
-    with pytest.raises(ConfigError, match="gps.stages"):
-        captioning.run(cfg)
+    cfg.stages[0]["methods"] = ["nope"]
+    with pytest.raises(ConfigError, match="activates method.*'nope'.*not defined"):
+        runner.run(cfg)

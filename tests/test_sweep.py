@@ -9,7 +9,7 @@ import run as cli
 from vlpeft_jax.cli import params as params_cli
 from vlpeft_jax.cli.config import load_config_file
 from vlpeft_jax.errors import ConfigError
-from vlpeft_jax.experiments import captioning, sweep
+from vlpeft_jax.experiments import runner, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARE = ROOT / "configs/shapes_compare_003.py"
@@ -63,11 +63,11 @@ def test_training_key_ignores_evaluation_settings():
     ptpeft = ROOT / "configs/shapes_ptpeft.py"
     keep, remove = (load_config_file(ptpeft, v) for v in ("parallel,smoke", "parallel,eval=remove,smoke"))
     assert keep.peft.prefix.eval_replacement != remove.peft.prefix.eval_replacement
-    assert captioning.training_key(keep) == captioning.training_key(remove)
+    assert runner.training_key(keep) == runner.training_key(remove)
     remove.seed = 1
-    assert captioning.training_key(keep) != captioning.training_key(remove)
+    assert runner.training_key(keep) != runner.training_key(remove)
     other = load_config_file(ptpeft, "full,smoke")
-    assert captioning.training_key(keep) != captioning.training_key(other)
+    assert runner.training_key(keep) != runner.training_key(other)
 
 
 def test_sweep_errors(tmp_path):

@@ -1,7 +1,7 @@
 """``run.py eval --run RUN_DIR [--split val|test|ood] [--method greedy|beam] [--num-beams N] [--out DIR]``.
 
-Decodes the evaluation split with the run's final parameters (the PEFT methods of its stages active),
-writes the generated captions in COCO results format per domain, the metrics JSON and a Markdown table.
+Evaluates the run's final parameters (the PEFT methods of its stages active) with the run's task: writes the
+predictions in the task's results format (captions: COCO results), the metrics JSON and a Markdown table.
 """
 
 from __future__ import annotations
@@ -34,23 +34,22 @@ def main(argv: list[str]) -> int:
             cfg.eval[key] = value
     if cfg.eval.method == "beam" and cfg.eval.num_beams < 2:
         cfg.eval.num_beams = 3
-    from vlpeft_jax.experiments import captioning
+    from vlpeft_jax.experiments import runner
 
-    module, params, tokenizer, methods = captioning.load_final(args.run, cfg)
-    world = captioning.load_world(cfg)
-    active = tuple(dict.fromkeys(n for s in cfg.stages for n in s.get("methods", ())))
-    res = captioning.evaluate(module, params, [(n, methods[n]) for n in active], tokenizer, world, cfg)
+    setup, params = runner.load_final(args.run, cfg)
+    task = setup.task
+    res = task.evaluate(setup.module, params, setup.active())
     out = args.out or args.run / f"eval-{cfg.eval.split}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "captions.json").write_text(json.dumps(
-        [{"image_id": i, "caption": c} for i, c in res["captions"].items()], indent=1))
-    metrics = {d: res[d] for d in captioning.DOMAINS}
+    name, rows = task.outputs_file(res["outputs"])
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    metrics = {g: res[g] for g in task.groups}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    names = list(cfg.eval.metrics)
-    lines = ["| domain | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
-    for d in captioning.DOMAINS:
-        sc = res[d]["metrics"]
-        lines.append(f"| {d} | " + " | ".join(f"{100 * sc[m]:.1f}" if m in sc else "n/a" for m in names) + " |")
+    names = list(task.report_metrics)
+    lines = [f"| {task.group_label} | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for g in task.groups:
+        sc = res[g]["metrics"]
+        lines.append(f"| {g} | " + " | ".join(f"{100 * sc[m]:.1f}" if m in sc else "n/a" for m in names) + " |")
     table = "\n".join(lines)
     (out / "metrics.md").write_text(table + "\n")
     print(table)

@@ -113,10 +113,11 @@ def main(argv: list[str]) -> int:
     if args.method is not None and args.method not in methods_cfg:
         raise ConfigError(f"--method {args.method!r} is not a method of {args.run}; its methods: "
                           f"{', '.join(methods_cfg)}")
-    from vlpeft_jax.experiments import captioning
+    from vlpeft_jax.experiments import runner
     from vlpeft_jax.hf import peft_io
 
-    module, params, _, methods = captioning.load_final(args.run, cfg)
+    setup, params = runner.load_final(args.run, cfg)
+    module, methods = setup.module, setup.methods
     lm = getattr(module, "language_model", None)
     prefix: tuple[str, ...] = ("language_model",) if lm is not None else ()
     lm_config = (lm if lm is not None else module).config

@@ -1,9 +1,9 @@
 """``run.py params --config configs/X.py``: total and trainable parameter counts, on abstract shapes.
 
 Nothing is allocated: the model and every PEFT method are initialised under ``jax.eval_shape``, so this
-works for 7B-parameter configs on a laptop. Trainable counts follow each stage's ``trainable`` rules; a GPS
-stage (``config.gps``) counts its selected entries (k per involved neuron), and gradient-selected methods
-are counted without a selection pass (their shapes do not depend on the scores).
+works for 7B-parameter configs on a laptop. Trainable counts follow each stage's ``trainable`` rules and the
+active methods' stage rules (a stage with GPS counts its selected entries, k per involved neuron); methods
+are prepared on shapes only, so gradient selection needs no selection pass (shapes do not depend on scores).
 """
 
 from __future__ import annotations
@@ -16,44 +16,38 @@ import jax
 import ml_collections
 
 from vlpeft_jax.cli.config import split_config_args
-from vlpeft_jax.experiments.captioning import build_gps
-from vlpeft_jax.models import layers, registry
-from vlpeft_jax.peft import base as peft_base
+from vlpeft_jax.experiments import runner
+from vlpeft_jax.models import registry
 from vlpeft_jax.peft.registry import build_methods
-from vlpeft_jax.peft.selection import for_shapes
-from vlpeft_jax.train import labels as labels_lib
-from vlpeft_jax.train.stages import Stage
+
+
+def abstract_setup(cfg: ml_collections.ConfigDict) -> tuple[runner.Setup, dict[str, Any]]:
+    """The run's setup and ``{"base": ..., "peft": ...}`` as ``ShapeDtypeStruct`` leaves (nothing allocated)."""
+    model_cfg = cfg.model.to_dict()
+    task = None
+    if model_cfg.get("decoder", model_cfg).get("vocab_size", 1) == 0:
+        # the shapes configs size the vocabulary from the world's tokenizer: the task knows it
+        from vlpeft_jax import tasks
+
+        task = tasks.build(cfg)
+        model_cfg = task.model_config()
+    module, inputs = registry.build_model(model_cfg)
+    base = runner.abstract_base(module, inputs)
+    setup = runner.Setup(cfg, task, module, inputs, base, build_methods(cfg.get("peft")))
+    peft = runner.prepare_methods(setup, jax.random.key(0), abstract=True)
+    return setup, {"base": base, "peft": peft}
 
 
 def abstract_params(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """``{"base": ..., "peft": ...}`` as ``ShapeDtypeStruct`` leaves."""
-    model_cfg = cfg.model.to_dict()
-    dec = model_cfg.get("decoder", model_cfg)
-    if dec.get("vocab_size", 1) == 0:  # the shapes configs size the vocabulary from the world's tokenizer
-        from vlpeft_jax.experiments.captioning import load_world
-
-        dec["vocab_size"] = load_world(cfg).build_tokenizer().vocab_size
-    module, inputs = registry.build_model(model_cfg)
-    base = jax.eval_shape(lambda: layers.unbox(module.init(jax.random.key(0), **inputs))["params"])
-    methods = build_methods(cfg.get("peft"))
-    peft = {n: jax.eval_shape(for_shapes(m).init, jax.random.key(0), base) for n, m in methods.items()}
-    return {"base": base, "peft": peft}
+    return abstract_setup(cfg)[1]
 
 
 def count(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """Counts per stage: trainable, total base, and trainable as % of the base."""
-    params = abstract_params(cfg)
-    total = peft_base.count(params["base"])
-    out: dict[str, Any] = {"base_total": total, "peft_total": peft_base.count(params["peft"]), "stages": {}}
-    gps = build_gps(cfg)
-    for i, s in enumerate(cfg.get("stages", [])):
-        stage = Stage.from_dict(s, f"stages[{i}]")
-        counts = labels_lib.count_params(params, labels_lib.make_labels(params, stage.trainable)) \
-            if stage.trainable else {"trainable": 0}
-        if gps is not None and stage.name in gps[1]:
-            counts["trainable"] += gps[0].num_selected(params["base"])
-        out["stages"][stage.name] = {**counts, "trainable_pct": 100.0 * counts["trainable"] / total}
-    return out
+    setup, params = abstract_setup(cfg)
+    stages, _ = runner.plan_stages(setup, params["peft"])
+    return runner.parameter_counts(params, setup, stages)
 
 
 def main(argv: list[str]) -> int:

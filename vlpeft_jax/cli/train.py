@@ -1,6 +1,7 @@
 """``run.py [train] [--config configs/X.py] [--config.key=value ...]``: run one experiment end to end.
 
-With no ``--config`` it runs the main job, ``configs/shapes_lora.py``.
+With no ``--config`` it runs the main job, ``configs/shapes_lora.py``. Any task (``config.task``) goes through
+the one runner, :mod:`vlpeft_jax.experiments.runner`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ def main(argv: list[str]) -> int:
     cfg, rest = split_config_args(argv, default=DEFAULT_CONFIG)
     parser = argparse.ArgumentParser(prog="run.py train", description=__doc__)
     parser.parse_args(rest)
-    from vlpeft_jax.experiments import captioning
+    from vlpeft_jax.experiments import runner
 
-    captioning.run(cfg)
+    runner.run(cfg)
     return 0

@@ -5,7 +5,7 @@ A sweepable config module defines ``get_config(variant)`` and ``SWEEPS = {name: 
 variant for every seed (each in its own run directory under the sweep directory, so a killed sweep
 resumes: finished runs are skipped, a half-finished one resumes from its checkpoints; a variant that trains
 exactly like an earlier one of the same seed, differing only in evaluation settings, is evaluated on that
-run's parameters instead of being trained again, see :func:`captioning.training_key`), then writes
+run's parameters instead of being trained again, see :func:`runner.training_key`), then writes
 ``sweep.md`` (mean ± std over seeds when there are several), ``sweep.json``, ``sweep.png`` (bars per
 variant) and ``sweep_params.png`` (target-domain metric against trainable %, log scale).
 
@@ -71,21 +71,22 @@ def _cell(v: tuple[float, float] | None, seeds: int) -> str:
     return f"{v[0]:.1f} ± {v[1]:.1f}" if seeds > 1 else f"{v[0]:.1f}"
 
 
-def table(summary: Mapping[str, Any], zero_shot: Mapping[str, Any] | None, metrics: Sequence[str]) -> str:
-    """Markdown: one row per variant (and zero-shot), columns domain x metric, then trainable %."""
-    cols = [f"{d} {m}" for d in DOMAINS for m in metrics]
+def table(summary: Mapping[str, Any], zero_shot: Mapping[str, Any] | None, metrics: Sequence[str],
+          groups: Sequence[str] = DOMAINS) -> str:
+    """Markdown: one row per variant (and zero-shot), columns group (domain) x metric, then trainable %."""
+    cols = [f"{d} {m}" for d in groups for m in metrics]
     lines = ["| variant | " + " | ".join(cols) + " | trainable % |", "|" + "---|" * (len(cols) + 2)]
     if zero_shot:
         cells = [_cell((100 * zero_shot[d]["metrics"][m], 0.0), 1) if m in zero_shot[d]["metrics"] else "n/a"
-                 for d in DOMAINS for m in metrics]
+                 for d in groups for m in metrics]
         lines.append("| zero-shot | " + " | ".join(cells) + " | 0.00 |")
     for variant, row in summary.items():
-        cells = [_cell(row[d].get(m), row["seeds"]) for d in DOMAINS for m in metrics]
+        cells = [_cell(row[d].get(m), row["seeds"]) for d in groups for m in metrics]
         lines.append(f"| {variant} | " + " | ".join(cells) + f" | {row['trainable_pct']:.2f} |")
     return "\n".join(lines)
 
 
-def plot(path: Path, summary: Mapping[str, Any], metric: str) -> None:
+def plot(path: Path, summary: Mapping[str, Any], metric: str, groups: Sequence[str] = DOMAINS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,10 +95,11 @@ def plot(path: Path, summary: Mapping[str, Any], metric: str) -> None:
     names = list(summary)
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 3.8))
     x = np.arange(len(names))
-    for j, domain in enumerate(DOMAINS):
+    width = 0.8 / len(groups)
+    for j, domain in enumerate(groups):
         means = [summary[n][domain].get(metric, (np.nan, 0))[0] for n in names]
         stds = [summary[n][domain].get(metric, (0, 0))[1] for n in names]
-        ax.bar(x + 0.4 * j - 0.2, means, yerr=stds, width=0.4, label=f"{domain} references")
+        ax.bar(x + width * (j + 0.5) - 0.4, means, yerr=stds, width=width, label=str(domain))
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylabel(f"{metric} x100")
     ax.legend()
@@ -140,8 +142,9 @@ def plot_vs_params(path: Path, summary: Mapping[str, Any], metric: str, domain: 
 def run_sweep(config_file: str | Path, sweep: str, seeds: Sequence[int], out_dir: str | Path | None = None,
               overrides: Sequence[str] = (), metric: str = "CIDEr-D") -> dict[str, Any]:
     """Runs every variant x seed of ``SWEEPS[sweep]`` and writes the table and plot; returns the summary."""
-    from vlpeft_jax.cli.config import apply_overrides, load_config_file
-    from vlpeft_jax.experiments import captioning
+    from vlpeft_jax import tasks
+    from vlpeft_jax.config import apply_overrides, load_config_file
+    from vlpeft_jax.experiments import runner
 
     sweeps = load_sweeps(config_file)
     if sweep not in sweeps:
@@ -153,6 +156,7 @@ def run_sweep(config_file: str | Path, sweep: str, seeds: Sequence[int], out_dir
     results: dict[str, list[dict[str, Any]]] = {}
     zero_shot = None
     metrics: list[str] = []
+    groups: list[str] = list(DOMAINS)
     trained: dict[str, Path] = {}  # training key -> finished run directory
     for variant in sweeps[sweep]:
         for seed in seeds:
@@ -163,27 +167,28 @@ def run_sweep(config_file: str | Path, sweep: str, seeds: Sequence[int], out_dir
             if zero_shot is not None or results:  # the base is shared: evaluate it zero-shot only once
                 cfg.eval.zero_shot = False
             done = Path(cfg.run_dir) / "results.json"
-            key = captioning.training_key(cfg)
+            key = runner.training_key(cfg)
             if done.is_file():
                 print(f"[{variant} seed {seed}] finished earlier; reusing {done}")
                 res = json.loads(done.read_text())
             elif key in trained:
                 print(f"[{variant} seed {seed}] trains like {trained[key]}; evaluating its parameters")
-                res = captioning.evaluate_trained(cfg, trained[key])
+                res = runner.evaluate_trained(cfg, trained[key])
             else:
                 print(f"[{variant} seed {seed}] running")
-                res = captioning.run(cfg)
+                res = runner.run(cfg)
             trained.setdefault(key, Path(res.get("trained_in") or cfg.run_dir))
             results.setdefault(variant, []).append(res)
-            metrics = [m for m in captioning.REPORT_METRICS if m in cfg.eval.metrics]
+            task = tasks.task_class(cfg.get("task", "captioning"))
+            metrics, groups = list(task.report_metrics), list(task.groups)
             zero_shot = zero_shot or res.get("zero_shot")
-    summary = summarize(results, metrics)
-    text = table(summary, zero_shot, metrics)
+    summary = summarize(results, metrics, groups)
+    text = table(summary, zero_shot, metrics, groups)
     seeds_note = f"mean ± std over seeds {list(seeds)}" if len(seeds) > 1 else f"seed {seeds[0]}"
     (base / "sweep.md").write_text(f"# {Path(config_file).stem}: {sweep}\n\nScores x100, {seeds_note}.\n\n{text}\n")
     (base / "sweep.json").write_text(json.dumps({"summary": summary, "zero_shot": zero_shot}, indent=2))
-    plot(base / "sweep.png", summary, metric)
-    plot_vs_params(base / "sweep_params.png", summary, metric)
+    plot(base / "sweep.png", summary, metric, groups)
+    plot_vs_params(base / "sweep_params.png", summary, metric, groups[0])
     print(text)
     print(f"sweep directory: {base}")
     return summary

@@ -196,7 +196,7 @@ class BertSelfAttention(nn.Module):
 
         q, k, v = proj("query", hidden), proj("key", source), proj("value", source)
         out = hooks.call("attention", self.path, layers.attention_default, q, k, v, bias,
-                         inputs=hidden, positions=None, decode=False)
+                         inputs=hidden, positions=None, decode=False, module=self)
         return out.reshape(b, t, cfg.hidden_size)
 
 
@@ -278,7 +278,8 @@ class BertLayer(nn.Module):
         cfg = self.config
         intermediate = BertIntermediate(cfg, name=f"intermediate{suffix}")
         output = BertOutput(cfg, name=f"output{suffix}")
-        y = hooks.call("mlp", (*self.path, f"intermediate{suffix}"), lambda h: output.project(intermediate(h)), x)
+        y = hooks.call("mlp", (*self.path, f"intermediate{suffix}"), lambda h: output.project(intermediate(h)), x,
+                       module=self)
         return output(y, x, deterministic)
 
     @nn.compact
@@ -338,7 +339,7 @@ class BertEmbeddings(nn.Module):
         cfg = self.config
         word = _embed(cfg, cfg.vocab_size, ("vocab", "embed"), "word_embeddings")
         embeds, attention_mask = hooks.call("embed", word.path, lambda i, e, m: (e, m), input_ids, word(input_ids),
-                                            attention_mask)
+                                            attention_mask, module=self)
         b, t = embeds.shape[:2]
         added = t - input_ids.shape[1]
         if token_type_ids is None:
@@ -348,7 +349,7 @@ class BertEmbeddings(nn.Module):
         if position_ids is None or added:
             position_ids = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
         # the positions hook's path is the BertModel's (the parent of these embeddings and of the encoder)
-        position_ids = hooks.call("positions", self.path[:-1], lambda p: p, position_ids)
+        position_ids = hooks.call("positions", self.path[:-1], lambda p: p, position_ids, module=self)
         x = (embeds
              + _embed(cfg, cfg.type_vocab_size, (None, "embed"), "token_type_embeddings")(token_type_ids)
              + _embed(cfg, cfg.max_position_embeddings, ("positions", "embed"), "position_embeddings")(position_ids))

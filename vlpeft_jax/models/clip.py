@@ -251,7 +251,7 @@ class CLIPAttention(nn.Module):
         k = split_heads(proj("k_proj"), c.num_attention_heads)
         v = split_heads(proj("v_proj"), c.num_attention_heads)
         out = hooks.call("attention", self.path, layers.attention_default, q, k, v, bias, inputs=x,
-                         positions=positions, decode=False)
+                         positions=positions, decode=False, module=self)
         return layers.Linear(c.hidden_size, axes=("heads", "embed"), dtype=c.dtype,
                              name="out_proj")(out.reshape(*out.shape[:2], -1))
 
@@ -270,7 +270,7 @@ class CLIPMLP(nn.Module):
         return self.fc2(layers.activation(self.config.hidden_act)(self.fc1(x)))
 
     def __call__(self, x: Array) -> Array:
-        return hooks.call("mlp", self.path, self._feed_forward, x)
+        return hooks.call("mlp", self.path, self._feed_forward, x, module=self)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -335,7 +335,7 @@ class CLIPVisionTransformer(nn.Module):
         c = self.config
         check_pixel_values(pixel_values, c.image_size, c.num_channels)
         x = CLIPVisionEmbeddings(c, name="embeddings")(pixel_values)
-        x, mask = embed_hook(self.path + ("embeddings",), x)
+        x, mask = embed_hook(self.path + ("embeddings",), x, module=self)
         x = layers.LayerNorm(c.layer_norm_eps, dtype=c.dtype, name="pre_layrnorm")(x)
         hidden_states = CLIPEncoder(c, name="encoder")(x, layers.padding_bias(mask))
         last = hidden_states[-1]
@@ -402,7 +402,7 @@ class CLIPTextEmbeddings(nn.Module):
         token_embedding = layers.Embed(c.vocab_size, c.hidden_size, axes=("vocab", "embed"), dtype=c.dtype,
                                        name="token_embedding")
         embeds, mask = hooks.call("embed", self.path + ("token_embedding",), identity_embed, input_ids,
-                                  token_embedding(input_ids), attention_mask)
+                                  token_embedding(input_ids), attention_mask, module=self)
         b, t = embeds.shape[:2]
         if t > c.max_position_embeddings:
             raise InputError(f"CLIP text sequence length {t} exceeds max_position_embeddings "

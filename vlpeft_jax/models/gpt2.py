@@ -157,7 +157,7 @@ class GPT2Attention(nn.Module):
             k, v = layers.cache_update_layer(*layer_cache, k, v, cache_index)
             new_cache = (k, v)
         out = hooks.call("attention", self.path, layers.attention_default, q, k, v, bias,
-                         inputs=x, positions=positions, decode=decode)
+                         inputs=x, positions=positions, decode=decode, module=self)
         return self.c_proj(out.reshape(b, t, heads * d)), new_cache
 
 
@@ -172,7 +172,7 @@ class GPT2MLP(nn.Module):
         self.c_proj = layers.Linear(c.hidden_size, axes=("mlp", "embed"), dtype=c.dtype)
 
     def __call__(self, x: Array) -> Array:
-        return hooks.call("mlp", self.path, self._feed_forward, x)
+        return hooks.call("mlp", self.path, self._feed_forward, x, module=self)
 
     def _feed_forward(self, x: Array) -> Array:
         return self.c_proj(layers.activation(self.config.activation_function)(self.c_fc(x)))
@@ -229,7 +229,7 @@ class GPT2Model(nn.Module):
                                                      inputs_embeds, position_ids, decode, self.config.dtype)
         t = embeds.shape[1]
         positions, bias, cache_mask = attention_layout(mask, position_ids, cache)
-        positions = hooks.call("positions", self.path, lambda p: p, positions, decode=decode)
+        positions = hooks.call("positions", self.path, lambda p: p, positions, decode=decode, module=self)
         x = embeds + self.wpe(positions)
         hidden_states = [x]
         new_keys, new_values = [], []
@@ -275,9 +275,9 @@ class GPT2LMHeadModel(nn.Module):
                  ) -> DecoderOutput:
         hidden_states, mask, new_cache = self.transformer(input_ids, attention_mask, inputs_embeds, position_ids,
                                                           cache, decode)
-        h = hooks.call("final_hidden", (*self.path, "transformer", "ln_f"), lambda x: x, hidden_states[-1])
+        h = hooks.call("final_hidden", (*self.path, "transformer", "ln_f"), lambda x: x, hidden_states[-1], module=self)
         head = self.transformer.attend if self.config.tie_word_embeddings else self.lm_head
-        logits = hooks.call("lm_head", (*self.path, "lm_head"), head, layers.keep_last(h, logits_to_keep))
+        logits = hooks.call("lm_head", (*self.path, "lm_head"), head, layers.keep_last(h, logits_to_keep), module=self)
         return DecoderOutput(logits=logits, hidden_states=hidden_states, attention_mask=mask, cache=new_cache)
 
 
@@ -313,7 +313,7 @@ def embed_with_hook(embed: Any, path: tuple[str, ...], input_ids: Array | None, 
     if attention_mask is None:
         attention_mask = jnp.ones((b, t), jnp.int32)
     embeds, mask = hooks.call("embed", path, lambda ids, e, m: (e, m), input_ids, embeds, attention_mask,
-                              decode=decode)
+                              decode=decode, module=embed if isinstance(embed, nn.Module) else None)
     return embeds, mask, (position_ids if embeds.shape[1] == t else None)
 
 

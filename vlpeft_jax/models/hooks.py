@@ -33,6 +33,16 @@ caller's ``position_ids`` for prefix tuning). Its path is the module whose layer
 GPT-2 ``transformer``, LLaMA ``model``, BERT the ``BertModel`` itself (the parent of ``embeddings``).
 ViT, CLIP and the Q-Former have no ``positions`` hook point.
 
+Every hook point passes the Flax module that calls it (``module=``), so a hook can use the **output
+channel**: ``ctx.record(name, value)`` sows ``value`` into the :data:`RECORDS` collection, and
+``vlpeft_jax.peft.base.apply_with(..., record=True)`` returns what was recorded (names ``loss/<term>`` are loss
+terms the runner adds to the task loss; anything else is an intermediate for metrics or analysis); a hook point
+called without a module raises a clear error on ``record``. **Side inputs** are per-batch values given to
+``apply_with(..., side_inputs={...})`` that every hook kind reads with ``ctx.side_input(name)``; the names,
+dtypes and shapes are registered in :data:`SIDE_INPUTS` (which hooks read which: ``attention`` hooks the
+``knockout`` pattern and ``modality``; ``linear``/``mlp``/``embed`` hooks of instruction-aware methods the
+``instruction_ids``/``instruction_mask``; ``final_hidden``/``lm_head`` hooks the ``topic_targets``).
+
 Hooks run inside the traced (jitted) function, so the PEFT parameters they close over are traced
 values; nothing here is global state at run time beyond the context stack, which is only read while
 tracing.
@@ -53,7 +63,7 @@ import contextlib
 import dataclasses
 import re
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from vlpeft_jax.tree import layer_index
@@ -82,6 +92,31 @@ class HookContext:
     decode: bool = False
     inputs: Any = None
     positions: Any = None
+    side_inputs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    module: Any = None
+
+    def record(self, name: str, value: Any) -> None:
+        """Records ``value`` under ``name`` in the output channel (Flax ``sow`` into :data:`RECORDS`).
+
+        What a run reads back: :func:`vlpeft_jax.peft.base.apply_with` with ``record=True`` returns every
+        recorded value by name, in call order. Names starting with ``loss/`` are loss terms the runner adds to
+        the task loss (weighted by ``config.loss_weights``) and logs; anything else is an intermediate (topic
+        ids, attention maps) for metrics and analysis. Outside a recording call (``module.init``, a plain
+        apply) nothing is kept.
+
+        Raises:
+          ValueError: the hook point was called without its module (``module=``), so nothing can be sown.
+        """
+        if self.module is None:
+            raise ValueError(f"hook {self.kind!r} at {self.name!r}: this hook point passes no module, so it "
+                             f"cannot record {name!r}")
+        self.module.sow(RECORDS, name, value)
+
+    def side_input(self, name: str, default: Any = None) -> Any:
+        """The per-batch value ``name`` (see :data:`SIDE_INPUTS`) passed to ``apply_with``, or ``default``."""
+        if name not in SIDE_INPUTS:
+            raise KeyError(f"unknown side input {name!r}; registered: {', '.join(sorted(SIDE_INPUTS))}")
+        return self.side_inputs.get(name, default)
 
     @property
     def layer(self) -> int | None:
@@ -121,21 +156,47 @@ class Hook:
         return self.where is None or bool(self.where(path))
 
 
+RECORDS = "records"
+"""The Flax collection hooks record into (:meth:`HookContext.record`)."""
+
+SIDE_INPUTS: dict[str, str] = {
+    "instruction_ids": "int32 [b, t_i]: token ids of the instruction(s) (PETAL's instruction experts read them)",
+    "instruction_mask": "int32 [b, t_i]: 1 at real instruction tokens, 0 at padding",
+    "modality": "int32 [b, t]: per-token modality of the sequence a layer sees (0 text, 1 image)",
+    "knockout": "bool [b, t_q, t_k] or [layers, b, t_q, t_k]: attention edges to block (attention knockout)",
+    "topic_targets": "int32 [b, t]: target topic per token (KLAFT's topic control)",
+    "toy": "float32 [b]: a test-only value (the capability tests of the method protocol)",
+}
+"""Side inputs a hook may read (``ctx.side_input(name)``): name -> dtype, shape and meaning. A method that
+needs a new one registers it with :func:`register_side_input`."""
+
+
+def register_side_input(name: str, doc: str) -> None:
+    """Declares a side input (its dtype, shape and meaning in ``doc``) so ``apply_with`` accepts it."""
+    SIDE_INPUTS.setdefault(name, doc)
+
+
 class _Stack(threading.local):
     def __init__(self) -> None:
         self.hooks: list[Hook] = []
+        self.side_inputs: dict[str, Any] = {}
 
 
 _STACK = _Stack()
 
 
 @contextlib.contextmanager
-def use_hooks(*hooks: Hook | Sequence[Hook]) -> Iterator[None]:
-    """Activates hooks for the model calls made (traced) inside the ``with`` block.
+def use_hooks(*hooks: Hook | Sequence[Hook], side_inputs: Mapping[str, Any] | None = None) -> Iterator[None]:
+    """Activates hooks (and side inputs) for the model calls made (traced) inside the ``with`` block.
 
     Hooks may be given one by one or as sequences. Hooks registered earlier sit closer to the default
-    implementation; a later hook wraps the earlier ones. Nested blocks add to the outer ones.
+    implementation; a later hook wraps the earlier ones. Nested blocks add to the outer ones. ``side_inputs``
+    (names from :data:`SIDE_INPUTS`) are what the hooks' contexts return from ``ctx.side_input(name)``.
     """
+    side_inputs = dict(side_inputs or {})
+    unknown = sorted(set(side_inputs) - set(SIDE_INPUTS))
+    if unknown:
+        raise ValueError(f"unknown side input(s) {', '.join(unknown)}; registered: {', '.join(sorted(SIDE_INPUTS))}")
     flat: list[Hook] = []
     for h in hooks:
         if isinstance(h, Hook):
@@ -145,12 +206,13 @@ def use_hooks(*hooks: Hook | Sequence[Hook]) -> Iterator[None]:
     for h in flat:
         if not isinstance(h, Hook):
             raise TypeError(f"use_hooks takes Hook objects, got {type(h).__name__}")
-    before = list(_STACK.hooks)
+    before, before_inputs = list(_STACK.hooks), dict(_STACK.side_inputs)
     _STACK.hooks = before + flat
+    _STACK.side_inputs = {**before_inputs, **side_inputs}
     try:
         yield
     finally:
-        _STACK.hooks = before
+        _STACK.hooks, _STACK.side_inputs = before, before_inputs
 
 
 def active_hooks() -> tuple[Hook, ...]:
@@ -159,18 +221,19 @@ def active_hooks() -> tuple[Hook, ...]:
 
 
 def call(kind: str, path: Sequence[str], default: Callable[..., Any], *args: Any,
-         decode: bool = False, inputs: Any = None, positions: Any = None) -> Any:
+         decode: bool = False, inputs: Any = None, positions: Any = None, module: Any = None) -> Any:
     """Runs ``default(*args)`` through the active hooks of ``kind`` that apply to ``path``.
 
     This is what model code calls at a hook point. With no active hook it is exactly
-    ``default(*args)``.
+    ``default(*args)``. ``module`` is the Flax module making the call (the hooks record through it).
     """
     path = tuple(path)
     fn = default
     matching = [h for h in _STACK.hooks if h.kind == kind and h.applies_to(path)]
     if not matching:
         return default(*args)
-    ctx = HookContext(kind=kind, path=path, decode=decode, inputs=inputs, positions=positions)
+    ctx = HookContext(kind=kind, path=path, decode=decode, inputs=inputs, positions=positions,
+                      side_inputs=_STACK.side_inputs, module=module)
     for h in matching:
         fn = _wrap(h.fn, ctx, fn)
     return fn(*args)

@@ -80,7 +80,7 @@ class Linear(nn.Module):
                         self.param_dtype)
         bias = (_param(self, "bias", nn.initializers.zeros, (self.features,), (self.axes[1],), self.param_dtype)
                 if self.use_bias else None)
-        return hooks.call("linear", self.path, linear_default, x.astype(self.dtype), kernel, bias)
+        return hooks.call("linear", self.path, linear_default, x.astype(self.dtype), kernel, bias, module=self)
 
 
 class Embed(nn.Module):

@@ -262,7 +262,7 @@ class LlamaAttention(nn.Module):
             k, v = layers.cache_update_layer(*layer_cache, k, v, cache_index)
             new_cache = (k, v)
         out = hooks.call("attention", self.path, layers.attention_default, q, k, v, bias,
-                         inputs=x, positions=positions, decode=decode)
+                         inputs=x, positions=positions, decode=decode, module=self)
         return self.o_proj(out.reshape(b, t, c.num_attention_heads * c.head_dim)), new_cache
 
 
@@ -278,7 +278,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = layers.Linear(c.hidden_size, axes=("mlp", "embed"), use_bias=c.mlp_bias, dtype=c.dtype)
 
     def __call__(self, x: Array) -> Array:
-        return hooks.call("mlp", self.path, self._feed_forward, x)
+        return hooks.call("mlp", self.path, self._feed_forward, x, module=self)
 
     def _feed_forward(self, x: Array) -> Array:
         act = layers.activation(self.config.hidden_act)
@@ -333,7 +333,7 @@ class LlamaModel(nn.Module):
                                                 inputs_embeds, position_ids, decode, self.config.dtype)
         t = x.shape[1]
         positions, bias, cache_mask = attention_layout(mask, position_ids, cache)
-        positions = hooks.call("positions", self.path, lambda p: p, positions, decode=decode)
+        positions = hooks.call("positions", self.path, lambda p: p, positions, decode=decode, module=self)
         hidden_states = [x]
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
@@ -378,7 +378,7 @@ class LlamaForCausalLM(nn.Module):
                  ) -> DecoderOutput:
         hidden_states, mask, new_cache = self.model(input_ids, attention_mask, inputs_embeds, position_ids, cache,
                                                     decode)
-        h = hooks.call("final_hidden", (*self.path, "model", "norm"), lambda x: x, hidden_states[-1])
+        h = hooks.call("final_hidden", (*self.path, "model", "norm"), lambda x: x, hidden_states[-1], module=self)
         head = self.model.attend if self.config.tie_word_embeddings else self.lm_head
-        logits = hooks.call("lm_head", (*self.path, "lm_head"), head, layers.keep_last(h, logits_to_keep))
+        logits = hooks.call("lm_head", (*self.path, "lm_head"), head, layers.keep_last(h, logits_to_keep), module=self)
         return DecoderOutput(logits=logits, hidden_states=hidden_states, attention_mask=mask, cache=new_cache)

@@ -100,9 +100,9 @@ def identity_embed(ids: Array | None, embeds: Array, mask: Array | None) -> tupl
     return embeds, mask
 
 
-def embed_hook(path: tuple[str, ...], embeds: Array) -> tuple[Array, Array | None]:
+def embed_hook(path: tuple[str, ...], embeds: Array, module: Any = None) -> tuple[Array, Array | None]:
     """Runs the ``embed`` hook on image token embeddings (``ids=None``, no mask); returns (embeds, mask)."""
-    return hooks.call("embed", path, identity_embed, None, embeds, None)
+    return hooks.call("embed", path, identity_embed, None, embeds, None, module=module)
 
 
 def split_heads(x: Array, num_heads: int) -> Array:
@@ -243,7 +243,7 @@ class ViTSelfAttention(nn.Module):
         k = split_heads(proj("key"), c.num_attention_heads)
         v = split_heads(proj("value"), c.num_attention_heads)
         out = hooks.call("attention", self.path, layers.attention_default, q, k, v, bias, inputs=x, positions=None,
-                         decode=False)
+                         decode=False, module=self)
         return out.reshape(*out.shape[:2], -1)
 
 
@@ -302,7 +302,7 @@ class ViTLayer(nn.Module):
 
     def __call__(self, x: Array, bias: Array | None) -> Array:
         x = x + self.attention(self.layernorm_before(x), bias)
-        return x + hooks.call("mlp", self.path, self._feed_forward, self.layernorm_after(x))
+        return x + hooks.call("mlp", self.path, self._feed_forward, self.layernorm_after(x), module=self)
 
 
 class ViTEncoder(nn.Module):
@@ -342,7 +342,7 @@ class ViTModel(nn.Module):
         c = self.config
         check_pixel_values(pixel_values, c.image_size, c.num_channels)
         x = ViTEmbeddings(c, name="embeddings")(pixel_values)
-        x, mask = embed_hook(self.path + ("embeddings",), x)
+        x, mask = embed_hook(self.path + ("embeddings",), x, module=self)
         hidden_states = ViTEncoder(c, name="encoder")(x, layers.padding_bias(mask))
         last = layers.LayerNorm(c.layer_norm_eps, dtype=c.dtype, name="layernorm")(hidden_states[-1])
         pooled = ViTPooler(c, name="pooler")(last) if c.add_pooling_layer else None

@@ -97,7 +97,7 @@ class _ConnectorAttention(nn.Module):
         q = layers.Linear(d, axes=("embed", "heads"), name="q_proj")(h).reshape(b, t, self.num_heads, hd)
         k = layers.Linear(d, axes=("embed", "heads"), name="k_proj")(h).reshape(b, t, self.num_heads, hd)
         v = layers.Linear(d, axes=("embed", "heads"), name="v_proj")(h).reshape(b, t, self.num_heads, hd)
-        a = hooks.call("attention", self.path, layers.attention_default, q, k, v, None, inputs=h)
+        a = hooks.call("attention", self.path, layers.attention_default, q, k, v, None, inputs=h, module=self)
         return layers.Linear(d, axes=("heads", "embed"), name="o_proj")(a.reshape(b, t, d))
 
 
@@ -112,7 +112,7 @@ class _ConnectorMLP(nn.Module):
         fc1 = layers.Linear(4 * d, axes=("embed", "mlp"), name="fc1")
         fc2 = layers.Linear(d, axes=("mlp", "embed"), name="fc2")
         act = layers.activation(self.activation)
-        return hooks.call("mlp", self.path, lambda y: fc2(act(fc1(y))), h)
+        return hooks.call("mlp", self.path, lambda y: fc2(act(fc1(y))), h, module=self)
 
 
 class _ConnectorBlock(nn.Module):

@@ -117,7 +117,7 @@ def match_paths(candidates: Mapping[tuple[str, ...], Any], patterns: tuple[str, 
 
 
 @dataclasses.dataclass(frozen=True)
-class BottleneckAdapter:
+class BottleneckAdapter(pb.Method):
     """Bottleneck adapter settings.
 
     Attributes:

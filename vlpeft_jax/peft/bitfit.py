@@ -36,7 +36,7 @@ from vlpeft_jax.tree import leaf_paths
 
 
 @dataclasses.dataclass(frozen=True)
-class BitFit:
+class BitFit(pb.Method):
     """BitFit settings.
 
     Attributes:

@@ -53,7 +53,7 @@ def column_norm(kernel: jax.Array, delta: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class DoRA:
+class DoRA(pb.Method):
     """DoRA settings (the same as :class:`~vlpeft_jax.peft.lora.LoRA`'s).
 
     Attributes:

@@ -14,9 +14,12 @@ moments per weight, Eq. 5.5), and the masks take one byte per weight (``bool``; 
 a lower bound). :class:`~vlpeft_jax.peft.neuroada.NeuroAda` trains the same kind of per-neuron selection
 with ``[d_out, k]`` state only; ``python run.py bench sparse`` measures the two side by side.
 
-How a run uses it: the stage trains the targeted base kernels (:meth:`GPS.trainable_rules`) and its
-optimizer is wrapped with :func:`masked` (the masks live in the optimizer state, so they are sharded and
-checkpointed like the moments).
+How a run uses it: GPS is a method (``config.peft.<name>.method = "gps"``) whose parameters are the selected
+input indices per neuron (``[n, k]`` int32, as NeuroAda's; never trained). Through the method capabilities
+(:mod:`vlpeft_jax.peft.base`) a stage that activates it trains the targeted base kernels
+(:meth:`GPS.stage_rules`), its optimizer is wrapped with :func:`masked` (:meth:`GPS.optimizer_wrapper`; the
+dense masks are built from the indices when the optimizer state is created and live in it, so they are
+sharded and checkpointed like the moments), and the stage counts ``n * k`` trainable entries per kernel.
 
 Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -88,7 +91,8 @@ def _apply_mask(tree: Any, mask: Any) -> Any:
                         tree, mask, is_leaf=lambda x: x is None)
 
 
-def masked(inner: optax.GradientTransformation, mask: Mapping[str, Any]) -> optax.GradientTransformation:
+def masked(inner: optax.GradientTransformation, mask: Mapping[str, Any] | Callable[[Any], Mapping[str, Any]]
+           ) -> optax.GradientTransformation:
     """Wraps ``inner`` so that only the ``True`` entries of ``mask`` are ever updated (Eq. 4.6).
 
     Args:
@@ -96,14 +100,15 @@ def masked(inner: optax.GradientTransformation, mask: Mapping[str, Any]) -> opta
         then taken over the selected entries only).
       mask: a nested dict mirroring (part of) the parameter tree, with boolean arrays of the parameters'
         shapes; leaves it does not reach are updated normally. ``None`` leaves (frozen parameters in
-        the train state's trainable tree) are left alone.
+        the train state's trainable tree) are left alone. Or a function ``params -> mask`` called by
+        ``init`` (masks built from the parameters' shapes).
 
     The gradient is masked before ``inner`` (so its moments stay zero on unselected entries) and the
     update after it (so weight decay cannot move them either). The masks are stored in the state.
     """
 
     def init(params: Any) -> MaskedState:
-        return MaskedState(mask=_align(mask, params), inner=inner.init(params))
+        return MaskedState(mask=_align(mask(params) if callable(mask) else mask, params), inner=inner.init(params))
 
     def update(updates: Any, state: MaskedState, params: Any = None) -> tuple[Any, MaskedState]:
         grads = _apply_mask(updates, state.mask)
@@ -114,7 +119,7 @@ def masked(inner: optax.GradientTransformation, mask: Mapping[str, Any]) -> opta
 
 
 @dataclasses.dataclass(frozen=True)
-class GPS:
+class GPS(pb.Method):
     """GPS settings (selection as :mod:`vlpeft_jax.peft.selection`; ``gradient`` is the method's own).
 
     Attributes:
@@ -143,16 +148,66 @@ class GPS:
 
         ``scores`` come from :func:`vlpeft_jax.peft.selection.gradient_scores` (required for ``gradient``).
         """
-        chosen = sel.select(base_params, self.targets, k=self.k, budget=self.budget, strategy=self.selection,
-                            neuron_fraction=self.neuron_fraction, rng=rng, scores=scores, name=self.name)
         out: pb.Params = {}
-        for path, s in chosen.items():
+        for path, s in self._select(rng, base_params, scores).items():
             pb.set_path(out, path, {"kernel": sel.selection_mask(s)})
         return out
 
-    def trainable_rules(self, masks: pb.Params, root: str = "base") -> list[tuple[str, str]]:
+    # ------------------------------------------------------------ the method protocol (pb.Method)
+
+    def _select(self, rng: jax.Array, base_params: pb.Params, scores: Mapping[str, Any] | None
+                ) -> dict[tuple[str, ...], sel.Selected]:
+        return sel.select(base_params, self.targets, k=self.k, budget=self.budget, strategy=self.selection,
+                          neuron_fraction=self.neuron_fraction, rng=rng, scores=scores, name=self.name)
+
+    def init(self, rng: jax.Array, base_params: pb.Params, scores: Mapping[str, Any] | None = None) -> pb.Params:
+        """The selected input indices ``{<module path>: {"indices": [n, k], "rows": [n]?}}`` (as NeuroAda's).
+
+        ``gradient`` selection needs ``scores`` (:meth:`prepare` computes them from the run's data).
+        """
+        out: pb.Params = {}
+        for path, s in self._select(rng, base_params, scores).items():
+            pb.set_path(out, path, {"indices": s.indices} | ({} if s.rows is None else {"rows": s.rows}))
+        return out
+
+    def prepare(self, rng: jax.Array, base_params: pb.Params, context: pb.PrepareContext) -> pb.Params:
+        """:meth:`init`, with the gradient scores of the run's selection data for ``selection='gradient'``."""
+        scores = context.scores(base_params, self.targets, self.name) if self.selection == "gradient" else None
+        return self.init(rng, base_params, scores=scores)
+
+    def hooks(self, peft_params: pb.Params, *, rng: jax.Array | None = None, train: bool = False) -> list:
+        """None: GPS changes the base weights themselves, not the forward pass."""
+        return []
+
+    def merge(self, base_params: pb.Params, peft_params: pb.Params) -> pb.Params:
+        """The base unchanged: the trained entries are already in it."""
+        return base_params
+
+    def stage_rules(self, peft_params: pb.Params) -> list[tuple[str, str]]:
+        """Train the selected kernels of the base (their unselected entries are held by the optimizer masks)."""
+        return self.trainable_rules(pb.module_paths(peft_params, "indices"))
+
+    def optimizer_wrapper(self, tx: optax.GradientTransformation, peft_params: pb.Params
+                          ) -> optax.GradientTransformation:
+        """``tx`` restricted to the selected entries; the masks are built from the indices at ``tx.init``."""
+        paths = pb.module_paths(peft_params, "indices")
+
+        def build(params: Any) -> pb.Params:
+            masks: pb.Params = {}
+            for path in paths:
+                p = pb.get_path(peft_params, path)
+                shape = tuple(pb.get_path(params, ("base", *path, "kernel")).shape)
+                chosen = sel.Selected(indices=p["indices"], rows=p.get("rows"), shape=shape)
+                pb.set_path(masks, ("base", *path, "kernel"), sel.selection_mask(chosen))
+            return masks
+
+        return masked(tx, build)
+
+    # ------------------------------------------------------------------------ masks (the reference form)
+
+    def trainable_rules(self, masks: pb.Params | list[tuple[str, ...]], root: str = "base") -> list[tuple[str, str]]:
         """Stage rules training exactly the masked kernels (under ``root`` of the parameter tree)."""
-        paths = pb.module_paths(masks, "kernel")
+        paths = masks if isinstance(masks, list) else pb.module_paths(masks, "kernel")
         if not paths:
             raise ConfigError(f"{self.name}: no masks to train")
         prefix = f"{re.escape(root)}/" if root else ""
@@ -168,6 +223,9 @@ class GPS:
         return sel.count_selected(base_params, self.targets, k=self.k, budget=self.budget,
                                   neuron_fraction=self.neuron_fraction, name=self.name)
 
-    def num_params(self, masks: pb.Params) -> int:
-        """Selected (trainable) entries."""
-        return int(sum(int(jnp.sum(m)) for m in jax.tree.leaves(masks)))
+    def num_params(self, peft_params: pb.Params) -> int:
+        """Selected (trainable) entries: of the indices (:meth:`init`; works on abstract shapes) or the masks."""
+        paths = pb.module_paths(peft_params, "indices")
+        if paths:
+            return sum(pb.count(pb.get_path(peft_params, path)["indices"]) for path in paths)
+        return int(sum(int(jnp.sum(m)) for m in jax.tree.leaves(peft_params)))

@@ -36,7 +36,7 @@ from vlpeft_jax.peft import base as pb
 
 
 @dataclasses.dataclass(frozen=True)
-class IA3:
+class IA3(pb.Method):
     """IA3 settings.
 
     Attributes:

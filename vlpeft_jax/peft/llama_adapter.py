@@ -106,7 +106,7 @@ def _top_layers(paths: list[tuple[str, ...]], n: int | None, method: str) -> lis
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaAdapter:
+class LlamaAdapter(pb.Method):
     """LLaMA-Adapter settings (names follow peft's ``AdaptionPromptConfig``).
 
     Attributes:

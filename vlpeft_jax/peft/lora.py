@@ -35,7 +35,7 @@ INITS = ("kaiming", "gaussian")
 
 
 @dataclasses.dataclass(frozen=True)
-class LoRA:
+class LoRA(pb.Method):
     """LoRA settings.
 
     Attributes:

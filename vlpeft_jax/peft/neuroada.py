@@ -168,7 +168,7 @@ def projection_memory(d_in: int, d_out: int, k: int = 1, *, value_bytes: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
-class NeuroAda:
+class NeuroAda(pb.Method):
     """NeuroAda settings.
 
     Attributes:
@@ -217,6 +217,11 @@ class NeuroAda:
                 entry["rows"] = s.rows
             pb.set_path(out, path, entry)
         return out
+
+    def prepare(self, rng: jax.Array, base_params: pb.Params, context: pb.PrepareContext) -> pb.Params:
+        """:meth:`init`, with the gradient scores of the run's selection data for ``selection='gradient'``."""
+        scores = context.scores(base_params, self.targets, self.name) if self.selection == "gradient" else None
+        return self.init(rng, base_params, scores=scores)
 
     def hooks(self, peft_params: pb.Params, *, rng: jax.Array | None = None, train: bool = False
               ) -> list[hooks.Hook]:

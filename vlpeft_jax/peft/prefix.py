@@ -172,7 +172,7 @@ def _path_key(rng: jax.Array, path: Sequence[str]) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class PrefixTuning:
+class PrefixTuning(pb.Method):
     """Prefix-tuning settings.
 
     Attributes:

@@ -140,7 +140,7 @@ def tokenize_init_text(tokenizer_dir: str, text: str) -> tuple[int, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _PromptSettings:
+class _PromptSettings(pb.Method):
     """Settings shared by :class:`PromptTuning` and :class:`DeepPromptTuning`.
 
     Attributes:

@@ -32,6 +32,7 @@ METHODS: dict[str, str] = {
     "llama_adapter": "vlpeft_jax.peft.llama_adapter:LlamaAdapter",
     "bitfit": "vlpeft_jax.peft.bitfit:BitFit",
     "neuroada": "vlpeft_jax.peft.neuroada:NeuroAda",
+    "gps": "vlpeft_jax.peft.gps:GPS",
 }
 
 

@@ -179,3 +179,48 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+EMPTY_TREE = "EMPTY"
+
+
+def save_tree(directory: str | Path, tree: Any) -> Path:
+    """Writes a parameter tree (e.g. a run's final parameters, a pretrained base) in the checkpoint format.
+
+    The same orbax layout as the train-state checkpoints (one format on disk): ``directory/0/`` with the
+    leaves and their key paths, written to a temporary directory and renamed when complete.
+    """
+    if not jax.tree.leaves(tree):  # orbax refuses empty items: an empty tree is a marker file
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / EMPTY_TREE).write_text("no leaves\n")
+        return Path(directory)
+    ckpt = Checkpointer(directory, keep=1, async_save=False)
+    try:
+        ckpt.save(0, tree, {"kind": "tree"})
+    finally:
+        ckpt.close()
+    return Path(directory)
+
+
+def has_tree(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a complete tree written by :func:`save_tree`."""
+    return (Path(directory) / "0" / "meta").is_dir() or (Path(directory) / EMPTY_TREE).is_file()
+
+
+def load_tree(directory: str | Path, abstract: Any) -> Any:
+    """Reads a tree written by :func:`save_tree` into the structure of ``abstract`` (its key paths are checked).
+
+    Raises:
+      CheckpointError: nothing readable is there, or the stored tree does not match ``abstract``.
+    """
+    if not has_tree(directory):
+        raise CheckpointError(f"{directory} holds no saved parameters")
+    if (Path(directory) / EMPTY_TREE).is_file():
+        if jax.tree.leaves(abstract):
+            raise CheckpointError(f"{directory} holds an empty tree; the model expects parameters there")
+        return abstract
+    ckpt = Checkpointer(directory, keep=1, async_save=False)
+    try:
+        return ckpt.restore(0, abstract)
+    finally:
+        ckpt.close()

@@ -1,0 +1,97 @@
+"""What the experiment configs share: composing configs, variant parsing, optimizer presets, smoke shrinking.
+
+Config files import this module (``from configs import common``) and the public library only.
+
+Example:
+    >>> from configs import common
+    >>> common.parse_variant("lora,smoke,lr=0.01", "configs/x.py", ("lora", "dora"), {"smoke": False, "lr": 3e-3})
+    ('lora', {'smoke': True, 'lr': 0.01})
+    >>> common.adamw(3e-3)["warmup_steps"]
+    30
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from vlpeft_jax.config import load_config_file
+from vlpeft_jax.errors import ConfigError
+
+HERE = Path(__file__).resolve().parent
+
+
+def load(name: str, variant: str | None = None) -> ml_collections.ConfigDict:
+    """The config ``configs/<name>`` (e.g. ``shapes_pretrain.py``), for configs built on another one."""
+    return load_config_file(HERE / name, variant or None)
+
+
+def path(name: str, smoke: bool = False) -> str:
+    """``configs/<name>`` as a config reference (``:smoke`` appended when asked), e.g. for ``pretrain.config``."""
+    return str(HERE / name) + (":smoke" if smoke else "")
+
+
+def adamw(learning_rate: float, *, weight_decay: float = 0.0, warmup_steps: int = 30, schedule: str = "cosine",
+          clip_norm: float | None = 1.0) -> dict[str, Any]:
+    """The stage optimizer the shapes configs use: AdamW, linear warm-up then cosine decay, clipping at 1."""
+    opt: dict[str, Any] = dict(name="adamw", learning_rate=learning_rate, weight_decay=weight_decay,
+                               warmup_steps=warmup_steps, schedule=schedule)
+    if clip_norm is not None:
+        opt["clip_norm"] = clip_norm
+    return opt
+
+
+def parse_variant(variant: str | None, where: str, names: Sequence[str], options: Mapping[str, Any],
+                  default: str | None = None) -> tuple[str, dict[str, Any]]:
+    """Splits ``"NAME,opt,key=value,..."`` into the name and the options, refusing anything unknown.
+
+    ``options`` maps each option to its default: a bool default makes a flag (``smoke``), any other type a
+    ``key=value`` option parsed as that type (numbers must be > 0). With ``names`` empty any name is allowed.
+
+    Raises:
+      ConfigError: naming ``where``, the bad part and what is valid.
+    """
+    parts = [v.strip() for v in (variant or "").split(",") if v.strip()]
+    name = parts.pop(0) if parts and "=" not in parts[0] and parts[0] not in options else (default or "")
+    flags = [k for k, v in options.items() if isinstance(v, bool)]
+    valued = [f"{k}=X" for k, v in options.items() if not isinstance(v, bool)]
+    valid = (f"{', '.join(names)}" if names else "") + (f" (options: {', '.join(flags + valued)})" if options else "")
+    if names and name not in names:
+        raise ConfigError(f"{where}:{variant}: unknown variant {name!r}; valid: {valid}")
+    opts = dict(options)
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if key not in options or isinstance(options[key], bool) == bool(eq):
+            raise ConfigError(f"{where}:{variant}: bad option {part!r}; valid: {valid}")
+        if isinstance(options[key], bool):
+            opts[key] = True
+            continue
+        kind = type(options[key])
+        try:
+            parsed = kind(value)
+            if isinstance(parsed, (int, float)) and parsed <= 0:
+                raise ValueError(value)
+        except ValueError:
+            raise ConfigError(f"{where}:{variant}: bad option {part!r} ({key} must be a positive "
+                              f"{kind.__name__}); valid: {valid}") from None
+        opts[key] = parsed
+    return name, opts
+
+
+def shrink_for_smoke(c: ml_collections.ConfigDict) -> None:
+    """Shrinks a shapes config in place to a seconds-long run (tests, ``configs/X.py:smoke``)."""
+    c.data.update(num_train=32, num_val=8, num_test=8, num_ood=8)
+    c.model.vision.update(hidden_size=32, num_hidden_layers=1, intermediate_size=64)
+    if "decoder" in c.model:
+        c.model.decoder.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    for s in c.stages:
+        s["steps"] = 4
+        s["optimizer"]["warmup_steps"] = 0
+        for group in s["optimizer"].get("groups", {}).values():
+            group["warmup_steps"] = 0
+    c.train.batch_size = 8
+    c.train.progress = False
+    c.eval.update(max_examples=8, batch_size=8, max_new_tokens=8)

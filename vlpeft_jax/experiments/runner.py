@@ -1,0 +1,472 @@
+"""The one generic runner: config -> task -> model -> methods (init, ``prepare``) -> stages -> train -> evaluate
+-> report. Every task and every method goes through it; it never checks a method's name or type (DESIGN §2.1).
+
+1. the task (``config.task``, :func:`vlpeft_jax.tasks.build`) loads its data and sizes the model;
+2. the base model is read from the pretrain cache (``config.pretrain``: a run of this module whose stages,
+   train and seed settings come from another config, with this run's model and data), or trained and cached,
+   or initialised;
+3. each PEFT method of ``config.peft`` is prepared (:meth:`~vlpeft_jax.peft.base.Method.prepare`: gradient
+   selection reads ``config.selection`` batches of the task's training data);
+4. the stages (``config.stages``) get the active methods' extra rules and optimizer wrappers, and train;
+5. zero-shot (the base) and adapted models are evaluated by the task; ``report.md``, ``results.json``,
+   ``scores.png`` and ``samples.png`` go to the run directory.
+
+Parameters on disk use the checkpoint format (orbax, :func:`vlpeft_jax.train.checkpoint.save_tree`):
+``final/peft`` (and ``final/base`` when training changed the base), the pretrain cache's ``params``.
+
+Example (a tiny run, a few seconds):
+    >>> import tempfile
+    >>> from vlpeft_jax.config import load_config_file
+    >>> cfg = load_config_file("configs/shapes_lora.py:smoke")  # doctest: +SKIP
+    >>> cfg.run_dir = tempfile.mkdtemp()  # doctest: +SKIP
+    >>> results = run(cfg)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from vlpeft_jax import tasks
+from vlpeft_jax.config import load_config_file
+from vlpeft_jax.errors import ConfigError
+from vlpeft_jax.models import layers, registry
+from vlpeft_jax.peft import base as peft_base
+from vlpeft_jax.peft import selection
+from vlpeft_jax.peft.registry import build_methods
+from vlpeft_jax.train import checkpoint
+from vlpeft_jax.train import labels as labels_lib
+from vlpeft_jax.train.loop import train
+from vlpeft_jax.train.presets import check_stage_methods
+from vlpeft_jax.train.stages import Stage
+
+SELECTION_DEFAULTS = {"num_batches": 8}
+
+
+# ------------------------------------------------------------------------------------------ run directory
+
+
+def make_run_dir(cfg: ml_collections.ConfigDict) -> Path:
+    """``cfg.run_dir`` if set, else ``runs/<name>-<timestamp>``; created, with ``config.json`` written."""
+    run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2, sort_keys=True))
+    return run_dir
+
+
+def config_hash(*parts: Any) -> str:
+    blob = json.dumps([p.to_dict() if isinstance(p, ml_collections.ConfigDict) else p for p in parts],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def training_key(cfg: ml_collections.ConfigDict) -> str:
+    """A hash of everything in ``cfg`` that affects training: not its name, run directory or ``eval``
+    section, nor method settings named ``eval_*`` (they only change evaluation, e.g. the prefix's
+    ``eval_replacement`` of seed 002 Table 5). Two configs with the same key train identical parameters."""
+    d = cfg.to_dict()
+    for k in ("name", "run_dir", "eval"):
+        d.pop(k, None)
+    d["peft"] = {n: {k: v for k, v in m.items() if not k.startswith("eval_")} for n, m in (d.get("peft") or {}).items()}
+    return config_hash(d)
+
+
+# -------------------------------------------------------------------------------------------- the model
+
+
+def init_base(module: Any, inputs: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    return layers.unbox(jax.jit(module.init)(jax.random.key(seed), **inputs))["params"]
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a run is built from: the task, the model and its base parameters, the PEFT methods."""
+
+    cfg: ml_collections.ConfigDict
+    task: Any
+    module: Any
+    inputs: Mapping[str, Any]
+    base: Any
+    methods: dict[str, Any]
+
+    def active(self, names: Sequence[str] | None = None) -> list[tuple[str, Any]]:
+        """``(name, method)`` of the methods active in the stages (all stages' methods, in order)."""
+        names = names if names is not None else active_names(self.cfg)
+        return [(n, self.methods[n]) for n in names]
+
+
+def active_names(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The method instances some stage activates, in order of first use (what evaluation applies)."""
+    return tuple(dict.fromkeys(n for s in cfg.stages for n in s.get("methods", ())))
+
+
+def build(cfg: ml_collections.ConfigDict, *, base: Any = None, task: Any = None) -> Setup:
+    """Task, model, base parameters (given, from the pretrain cache, or initialised) and methods."""
+    task = task if task is not None else tasks.build(cfg)
+    module, inputs = registry.build_model(task.model_config())
+    if base is None:
+        if cfg.get("pretrain") and cfg.pretrain.get("config"):
+            base = pretrained_base(cfg, task, module, inputs)
+        else:
+            base = init_base(module, inputs, cfg.seed)
+    return Setup(cfg, task, module, inputs, base, build_methods(cfg.get("peft")))
+
+
+def abstract_base(setup_or_module: Any, inputs: Mapping[str, Any] | None = None, seed: int = 0) -> Any:
+    module = getattr(setup_or_module, "module", setup_or_module)
+    inputs = inputs if inputs is not None else setup_or_module.inputs
+    return jax.eval_shape(lambda: init_base(module, inputs, seed))
+
+
+# ---------------------------------------------------------------------------- methods and their stages
+
+
+class SelectionScores:
+    """``|∇W|`` of the base model's task loss over the selection data (``config.selection``), computed on
+    first use for each set of targets and shared by every method asking for them.
+
+    The selection data are ``num_batches`` batches from :meth:`Task.selection_batches` (captioning: training
+    captions of ``selection.domain``, default the training domain), ordered by ``selection.seed`` (default the
+    run's seed + 7, not the training order). The loss is the task loss with no method active: the thesis' GPS
+    uses the supervised contrastive loss of Eq. 4.2 when examples carry class labels (seed 004 §4.3.1);
+    captions do not, so :func:`vlpeft_jax.peft.selection.make_selection_loss`'s task-loss branch applies.
+    """
+
+    def __init__(self, setup: Setup) -> None:
+        settings = {**SELECTION_DEFAULTS, **dict(setup.cfg.get("selection") or {})}
+        self.seed = settings.pop("seed", setup.cfg.seed + 7)
+        self.settings, self.setup = settings, setup
+        self._cache: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, targets: Sequence[str], who: str) -> Any:
+        n = self.settings["num_batches"]
+        if not isinstance(n, int) or n < 1:
+            raise ConfigError(f"{who}.selection='gradient' needs a selection dataset: selection.num_batches="
+                              f"{n!r}, must be an integer >= 1 (batches of training data)")
+        key = tuple(targets)
+        if key not in self._cache:
+            s = self.setup
+            task_loss = s.task.loss_fn(s.module, [], {})
+
+            def loss(base: Any, batch: Mapping[str, Any]) -> jax.Array:
+                return task_loss({"base": base, "peft": {}}, batch, jax.random.key(0))[0]
+
+            data = s.task.selection_batches(self.settings, self.seed)
+            print(f"{who}: gradient selection")
+            self._cache[key] = selection.gradient_scores(loss, s.base, data, list(targets), name=who)
+        return self._cache[key]
+
+
+def prepare_methods(setup: Setup, rng: jax.Array, *, abstract: bool = False) -> dict[str, Any]:
+    """Every method's parameters through its ``prepare`` capability (shapes only when ``abstract``)."""
+    context = peft_base.PrepareContext(gradient_scores=None if abstract else SelectionScores(setup),
+                                       abstract=abstract)
+    out = {}
+    for i, (name, method) in enumerate(setup.methods.items()):
+        key = jax.random.fold_in(rng, i)
+        if abstract:
+            base = setup.base if _is_abstract(setup.base) else jax.eval_shape(lambda: setup.base)
+            out[name] = jax.eval_shape(lambda m=method, b=base, k=key: m.prepare(k, b, context))
+        else:
+            out[name] = method.prepare(key, setup.base, context)
+    return out
+
+
+def _is_abstract(tree: Any) -> bool:
+    return all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+def stages_from_config(cfg: ml_collections.ConfigDict) -> list[Stage]:
+    return [Stage.from_dict(s, f"stages[{i}]") for i, s in enumerate(cfg.stages)]
+
+
+def plan_stages(setup: Setup, peft_params: Mapping[str, Any]) -> tuple[list[Stage], dict[str, Any]]:
+    """The config's stages with each active method's ``stage_rules`` in front of the stage's own rules, and
+    ``{stage name: tx -> tx}`` chaining the active methods' ``optimizer_wrapper`` s (where any changes it)."""
+    stages, wrappers = [], {}
+    for stage in stages_from_config(setup.cfg):
+        undefined = [n for n in stage.methods if n not in setup.methods]
+        if undefined:
+            raise ConfigError(f"stage {stage.name!r} activates method(s) {', '.join(map(repr, undefined))} not "
+                              f"defined in config.peft (defined: {', '.join(setup.methods) or 'none'})")
+        active = [(setup.methods[n], peft_params[n]) for n in stage.methods]
+        extra = [rule for m, p in active for rule in m.stage_rules(p)]
+        stages.append(dataclasses.replace(stage, trainable=(*extra, *stage.trainable)) if extra else stage)
+
+        def wrap(tx: Any, active: list = active) -> Any:
+            for m, p in active:
+                tx = m.optimizer_wrapper(tx, p)
+            return tx
+
+        wrappers[stage.name] = wrap
+    return stages, wrappers
+
+
+def parameter_counts(params: Any, setup: Setup, stages: Sequence[Stage]) -> dict[str, Any]:
+    """Total base parameters, and the trainable parameters of each stage (and their % of the base).
+
+    A method with ``stage_rules`` (GPS) trains only part of the leaves those rules label: its ``num_params``
+    replaces their dense count. Works on arrays and on abstract shapes.
+    """
+    total = peft_base.count(params["base"])
+    out: dict[str, Any] = {}
+    for stage in stages:
+        counts = labels_lib.count_params(params, labels_lib.make_labels(params, stage.trainable)) \
+            if stage.trainable else {"trainable": 0}
+        trainable = counts["trainable"]
+        for name in stage.methods:
+            method, p = setup.methods[name], params["peft"][name]
+            rules = method.stage_rules(p)
+            if rules:
+                dense = labels_lib.count_params(params, labels_lib.make_labels(params, rules))["trainable"]
+                trainable += method.num_params(p) - dense
+        out[stage.name] = {**counts, "trainable": trainable, "trainable_pct": 100.0 * trainable / total}
+    return {"base_total": total, "peft_total": peft_base.count(params["peft"]), "stages": out}
+
+
+# -------------------------------------------------------------------------------------------- pretrain
+
+
+def pretrained_base(cfg: ml_collections.ConfigDict, task: Any, module: Any, inputs: Mapping[str, Any]) -> Any:
+    """The base trained by ``cfg.pretrain.config``: from its cache, or trained now (a run of this module).
+
+    The pretrain config contributes its task, stages, train and seed settings; the model and data are this
+    run's, so the base always fits. The cache key hashes all of them (not the data cache location).
+    """
+    pcfg = load_config_file(cfg.pretrain.config)
+    pcfg.model = ml_collections.ConfigDict(cfg.model.to_dict())
+    pcfg.data = ml_collections.ConfigDict(cfg.data.to_dict())
+    data_key = {k: v for k, v in cfg.data.to_dict().items() if k != "cache_dir"}
+    parts = [pcfg.model, data_key, pcfg.stages, pcfg.train, pcfg.seed]
+    if pcfg.get("task", "captioning") != "captioning":  # (captioning bases keep the keys they had)
+        parts.append(pcfg.task)
+    cache = Path(cfg.pretrain.cache_dir) / f"{pcfg.name}-{config_hash(*parts)}"
+    abstract = jax.eval_shape(lambda: init_base(module, inputs, pcfg.seed))
+    if checkpoint.has_tree(cache / "params"):
+        print(f"reusing the pretrained base from {cache}")
+        return checkpoint.load_tree(cache / "params", abstract)
+    print(f"pretraining the base ({pcfg.name}) into {cache}")
+    # the pretrain config's own task settings (domain, batch size, lengths) over this run's data and tokenizer
+    ptask = tasks.build(pcfg, **task.shared_data())
+    setup = Setup(pcfg, ptask, module, inputs, init_base(module, inputs, pcfg.seed), {})
+    params, _ = train_stages(setup, cache / "run", {}, stages_from_config(pcfg), {})
+    checkpoint.save_tree(cache / "params", params["base"])
+    return checkpoint.load_tree(cache / "params", abstract)
+
+
+# -------------------------------------------------------------------------------------------- train
+
+
+def train_stages(setup: Setup, run_dir: Path, peft_params: Mapping[str, Any], stages: Sequence[Stage],
+                 wrappers: Mapping[str, Any]) -> tuple[Any, Any]:
+    """Runs ``stages`` on the task's training batches; returns (final params, TrainResult)."""
+    cfg = setup.cfg
+    batches = setup.task.train_batches(cfg.seed)
+    weights = dict(cfg.get("loss_weights") or {})
+
+    def data_factory(stage_index: int, start_step: int):
+        offset = sum(s.steps for s in stages[:stage_index])
+        for b in batches.iterate(offset + start_step, stages[stage_index].steps - start_step):
+            yield {k: v for k, v in b.items() if k not in ("example_index", "valid")}
+
+    def build_loss_fn(active: tuple[str, ...]):
+        return setup.task.loss_fn(setup.module, setup.active(active), weights)
+
+    params = {"base": setup.base, "peft": dict(peft_params)}
+    result = train(params, stages, data_factory, run_dir, build_loss_fn=build_loss_fn, seed=cfg.seed,
+                   checkpoint_every=cfg.train.checkpoint_every, progress=cfg.train.progress,
+                   optimizer_wrappers=wrappers)
+    return result.params, result
+
+
+def save_final(run_dir: Path, params: Any, base: Any) -> None:
+    """Writes ``final/peft`` and, only if training changed it, ``final/base``."""
+    final = run_dir / "final"
+    checkpoint.save_tree(final / "peft", params["peft"])
+    changed = any(not np.array_equal(np.asarray(a), np.asarray(b))
+                  for a, b in zip(jax.tree_util.tree_leaves(params["base"]), jax.tree_util.tree_leaves(base),
+                                  strict=True))
+    if changed:
+        checkpoint.save_tree(final / "base", params["base"])
+
+
+def load_final(run_dir: Path, cfg: ml_collections.ConfigDict) -> tuple[Setup, Any]:
+    """``(setup, params)`` of a finished run directory (for ``run.py eval``, sweeps and export)."""
+    from vlpeft_jax.data.tokenizer import WordTokenizer
+
+    final = Path(run_dir) / "final"
+    if not checkpoint.has_tree(final / "peft"):
+        raise ConfigError(f"{run_dir} has no final parameters ({final / 'peft'}); did the run finish?")
+    tokenizer = WordTokenizer.load(Path(run_dir) / "tokenizer") if (Path(run_dir) / "tokenizer").exists() else None
+    task = tasks.build(cfg, tokenizer=tokenizer)
+    module, inputs = registry.build_model(task.model_config())
+    abstract = jax.eval_shape(lambda: init_base(module, inputs, cfg.seed))
+    if checkpoint.has_tree(final / "base"):
+        base = checkpoint.load_tree(final / "base", abstract)
+    elif cfg.get("pretrain") and cfg.pretrain.get("config"):
+        base = pretrained_base(cfg, task, module, inputs)
+    else:
+        raise ConfigError(f"{run_dir}: the base model was not saved and there is no pretrain config to rebuild it")
+    setup = Setup(cfg, task, module, inputs, base, build_methods(cfg.get("peft")))
+    # the saved indices are read back; only their shapes are needed, and those do not depend on the data
+    peft_abstract = prepare_methods(setup, jax.random.key(0), abstract=True)
+    peft = checkpoint.load_tree(final / "peft", peft_abstract)
+    return setup, {"base": base, "peft": peft}
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The whole experiment; returns the results dict also written to ``results.json``."""
+    t0 = time.time()
+    run_dir = make_run_dir(cfg)
+    print(f"run directory: {run_dir}")
+    setup = build(cfg)
+    setup.task.save_assets(run_dir)
+    peft_params = prepare_methods(setup, jax.random.key(cfg.seed + 1))
+    stages, wrappers = plan_stages(setup, peft_params)
+    # before any compilation: a stage may only train methods that are active in it (issue 5, bad input)
+    check_stage_methods(stages, setup.methods, {"base": setup.base, "peft": peft_params})
+    results: dict[str, Any] = {"name": cfg.name, "task": setup.task.name, "run_dir": str(run_dir)}
+    if cfg.eval.zero_shot:
+        print("evaluating zero-shot (the base model)")
+        results["zero_shot"] = setup.task.evaluate(setup.module, {"base": setup.base, "peft": {}}, [])
+    params, train_result = train_stages(setup, run_dir, peft_params, stages, wrappers)
+    save_final(run_dir, params, setup.base)
+    counts = parameter_counts(params, setup, stages)
+    results["params"] = {"base_total": counts["base_total"], **counts["stages"][stages[-1].name]}
+    results["train"] = {"final_loss": train_result.history[-1]["loss"] if train_result.history else None,
+                        "steps": sum(s.steps for s in stages)}
+    print("evaluating the adapted model")
+    results["adapted"] = setup.task.evaluate(setup.module, params, setup.active())
+    results["wall_time_s"] = time.time() - t0
+    write_report(run_dir, setup.task, cfg, results)
+    print(f"run directory: {run_dir}")
+    return results
+
+
+def evaluate_trained(cfg: ml_collections.ConfigDict, trained_dir: Path) -> dict[str, Any]:
+    """Like :func:`run`, but evaluates the final parameters of ``trained_dir`` (a finished run whose
+    :func:`training_key` equals this config's) instead of training again; writes this run's report."""
+    t0 = time.time()
+    trained_dir = Path(trained_dir)
+    run_dir = make_run_dir(cfg)
+    print(f"run directory: {run_dir} (evaluating the parameters trained in {trained_dir})")
+    setup, params = load_final(trained_dir, cfg)
+    setup.task.save_assets(run_dir)
+    previous = json.loads((trained_dir / "results.json").read_text())
+    results: dict[str, Any] = {"name": cfg.name, "task": setup.task.name, "run_dir": str(run_dir),
+                               "trained_in": str(trained_dir), "params": previous["params"],
+                               "train": previous["train"]}
+    results["adapted"] = setup.task.evaluate(setup.module, params, setup.active())
+    results["wall_time_s"] = time.time() - t0
+    write_report(run_dir, setup.task, cfg, results)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+RESULT_LABELS = (("zero-shot", "zero_shot"), ("adapted", "adapted"))
+
+
+def results_table(results: Mapping[str, Any], task: Any, name: str) -> str:
+    """Markdown: a row per model (zero-shot, this run) and result group, the task's report metrics x100."""
+    metrics = list(task.report_metrics)
+    lines = [f"| model | {task.group_label} | " + " | ".join(metrics) + " | trainable % |",
+             "|" + "---|" * (len(metrics) + 3)]
+    rows = [("zero-shot", results.get("zero_shot"), 0.0),
+            (name, results.get("adapted"), results["params"]["trainable_pct"])]
+    for label, res, pct in rows:
+        if not res:
+            continue
+        for group in task.groups:
+            sc = res[group]["metrics"]
+            cells = [f"{100 * sc[m]:.1f}" if m in sc else "n/a" for m in metrics]
+            lines.append(f"| {label} | {group} | " + " | ".join(cells) + f" | {pct:.2f} |")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, task: Any, cfg: ml_collections.ConfigDict, results: dict[str, Any]) -> None:
+    """``report.md``, ``results.json``, the outputs of each evaluation, ``scores.png`` and ``samples.png``."""
+    table = results_table(results, task, cfg.name)
+    adapted = results.get("adapted") or {}
+    unavailable = {k: v for g in task.groups for k, v in adapted.get(g, {}).get("unavailable", {}).items()}
+    text = [f"# {cfg.name}", "", f"Task: {task.name}. Scores x100 on the evaluation split ({cfg.eval.split}); "
+            f"{task.group_note}", "", table, ""]
+    text += [f"- {k} unavailable: {v}" for k, v in unavailable.items()]
+    text += ["", f"Trainable parameters: {results['params']['trainable']:,} of "
+             f"{results['params']['base_total']:,} base ({results['params']['trainable_pct']:.2f}%).",
+             f"Wall time: {results['wall_time_s']:.0f} s.", "", "![samples](samples.png)", "",
+             "Sample outputs (adapted):", ""]
+    text += [f"- `{s['id']}`: {s['output']}" for s in adapted.get("samples", [])]
+    (run_dir / "report.md").write_text("\n".join(text) + "\n")
+    slim = dict(results)
+    for key in ("zero_shot", "adapted"):
+        if key in slim:
+            slim[key] = {k: v for k, v in slim[key].items() if k != "outputs"}
+            name, rows = task.outputs_file(results[key]["outputs"])
+            (run_dir / f"{name}_{key}.json").write_text(json.dumps(rows, indent=1))
+    (run_dir / "results.json").write_text(json.dumps(slim, indent=2, default=float))
+    plot_scores(run_dir / "scores.png", results, task, cfg.name)
+    evaluated = {label: results[key] for label, key in RESULT_LABELS if key in results}
+    plot_samples(run_dir / "samples.png", task.samples(evaluated, 6))
+    print(table)
+
+
+def plot_scores(path: Path, results: Mapping[str, Any], task: Any, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = task.groups
+    metrics = [m for m in task.report_metrics if m in results["adapted"][groups[0]]["metrics"]]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.5), sharey=True, squeeze=False)
+    for ax, group in zip(axes[0], groups, strict=True):
+        x = np.arange(len(metrics))
+        for j, (label, key) in enumerate((("zero-shot", "zero_shot"), (name, "adapted"))):
+            if key in results:
+                vals = [100 * results[key][group]["metrics"].get(m, np.nan) for m in metrics]
+                ax.bar(x + 0.4 * j - 0.2, vals, width=0.4, label=label)
+        ax.set_xticks(x, metrics, rotation=20 if len(metrics) > 5 else 0)
+        ax.set_title(f"{group}")
+    axes[0][0].set_ylabel("score x100")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_samples(path: Path, samples: Sequence[Any]) -> None:
+    """A grid of evaluation images, each with the lines under it (outputs per model and a reference)."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not samples:
+        return
+    cols = min(3, len(samples))
+    rows = (len(samples) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, s in zip(axes.flat, samples, strict=False):
+        ax.imshow(s.image)
+        wrapped = ["\n".join(textwrap.wrap(line, 46)) for line in s.lines]
+        ax.set_title("\n".join(wrapped), fontsize=7.5, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
