@@ -732,3 +732,17 @@ def test_skip_report_and_on_error_validation():
     with pytest.raises(InputError, match="no full batch"):
         CaptionBatches([CaptionExample("a", ("x",), image=np.zeros((2, 2, 3), np.uint8))],
                        WordTokenizer.train(["x"]), ImagePreprocessor(size=2), batch_size=2)
+
+
+def test_world_generation_does_not_depend_on_the_hash_seed():
+    # the ood split once drew held-out pairs from a set, whose order changes with PYTHONHASHSEED
+    import os
+    import subprocess
+    import sys
+
+    code = ("from vlpeft_jax.data import shapes; import hashlib, json; "
+            "w = shapes.generate(shapes.ShapesWorldConfig(num_train=4, num_val=2, num_test=2, num_ood=16)); "
+            "print(hashlib.sha256(json.dumps(w['ood'].scenes, sort_keys=True, default=str).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("0", "1", "2")}
+    assert len(digests) == 1, digests

@@ -25,7 +25,7 @@ def smoke_run(tmp_path_factory, shapes_caches):
 @pytest.mark.slow
 def test_main_job_smoke_writes_report_and_reuses_base(smoke_run, capsys):
     run = smoke_run[0] / "run"
-    for name in ("config.json", "report.md", "results.json", "scores.png", "metrics.jsonl", "final/peft.npz",
+    for name in ("config.json", "report.md", "results.json", "scores.png", "metrics.jsonl", "final/peft",
                  "captions_adapted.json", "tokenizer/tokenizer.json"):
         assert (run / name).exists(), name
     results = json.loads((run / "results.json").read_text())
@@ -35,7 +35,7 @@ def test_main_job_smoke_writes_report_and_reuses_base(smoke_run, capsys):
     assert 0 < results["params"]["trainable_pct"] < 100
     assert "| zero-shot | target |" in (run / "report.md").read_text()
     # the pretrained base is cached: exactly one cached base, reused by `run.py eval`
-    assert len(list(smoke_run[1]["pretrain"].glob("shapes_pretrain-*/params.npz"))) == 1
+    assert len(list(smoke_run[1]["pretrain"].glob("shapes_pretrain-*/params"))) == 1
     assert cli.main(["eval", "--run", str(run), "--max-examples", "4"]) == 0
     out = run / "eval-val"
     captions = json.loads((out / "captions.json").read_text())

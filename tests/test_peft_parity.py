@@ -531,8 +531,12 @@ def test_cli_export_vlm_run(vlm_run, tmp_path):
     del only_lm.peft["vision"]
     lm_run = tmp_path / "lm_run"
     lm_run.mkdir()
-    for f in ("final", "tokenizer"):
-        (lm_run / f).symlink_to(d / f)
+    (lm_run / "tokenizer").symlink_to(d / "tokenizer")
+    # the saved parameters match the run's config (the loader checks every key path)
+    from vlpeft_jax.train import checkpoint
+
+    checkpoint.save_tree(lm_run / "final" / "base", base)
+    checkpoint.save_tree(lm_run / "final" / "peft", {n: p for n, p in peft_params.items() if n != "vision"})
     (lm_run / "config.json").write_text(only_lm.to_json_best_effort())
     assert export.main(["--run", str(lm_run), "--out", str(tmp_path / "all")]) == 0
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["dora", "ia3", "llama_adapter", "lora"]

@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
                        ("max_examples", args.max_examples)):
         if value is not None:
             cfg.eval[key] = value
-    if cfg.eval.method == "beam" and cfg.eval.num_beams < 2:
+    if cfg.eval.get("method") == "beam" and cfg.eval.get("num_beams", 1) < 2:
         cfg.eval.num_beams = 3
     from vlpeft_jax.experiments import runner
 

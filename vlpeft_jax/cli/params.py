@@ -25,8 +25,8 @@ def abstract_setup(cfg: ml_collections.ConfigDict) -> tuple[runner.Setup, dict[s
     """The run's setup and ``{"base": ..., "peft": ...}`` as ``ShapeDtypeStruct`` leaves (nothing allocated)."""
     model_cfg = cfg.model.to_dict()
     task = None
-    if model_cfg.get("decoder", model_cfg).get("vocab_size", 1) == 0:
-        # the shapes configs size the vocabulary from the world's tokenizer: the task knows it
+    if cfg.get("task"):
+        # the task sizes what the data decide (the shapes world's vocabulary, the classification heads)
         from vlpeft_jax import tasks
 
         task = tasks.build(cfg)

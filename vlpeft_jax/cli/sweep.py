@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vlpeft_jax.cli.config import CONFIG_DIR
+from vlpeft_jax.config import CONFIG_DIR
 from vlpeft_jax.errors import ConfigError
 
 

@@ -173,16 +173,11 @@ def prepare_methods(setup: Setup, rng: jax.Array, *, abstract: bool = False) -> 
     out = {}
     for i, (name, method) in enumerate(setup.methods.items()):
         key = jax.random.fold_in(rng, i)
-        if abstract:
-            base = setup.base if _is_abstract(setup.base) else jax.eval_shape(lambda: setup.base)
-            out[name] = jax.eval_shape(lambda m=method, b=base, k=key: m.prepare(k, b, context))
+        if abstract:  # the base is an argument, so the method sees tracers (arrays or ShapeDtypeStructs given)
+            out[name] = jax.eval_shape(lambda k, b, m=method: m.prepare(k, b, context), key, setup.base)
         else:
             out[name] = method.prepare(key, setup.base, context)
     return out
-
-
-def _is_abstract(tree: Any) -> bool:
-    return all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
 
 
 def stages_from_config(cfg: ml_collections.ConfigDict) -> list[Stage]:
@@ -430,7 +425,7 @@ def plot_scores(path: Path, results: Mapping[str, Any], task: Any, name: str) ->
     import matplotlib.pyplot as plt
 
     groups = task.groups
-    metrics = [m for m in task.report_metrics if m in results["adapted"][groups[0]]["metrics"]]
+    metrics = [m for m in task.report_metrics if any(m in results["adapted"][g]["metrics"] for g in groups)]
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.5), sharey=True, squeeze=False)
     for ax, group in zip(axes[0], groups, strict=True):
         x = np.arange(len(metrics))

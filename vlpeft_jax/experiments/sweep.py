@@ -180,7 +180,7 @@ def run_sweep(config_file: str | Path, sweep: str, seeds: Sequence[int], out_dir
             trained.setdefault(key, Path(res.get("trained_in") or cfg.run_dir))
             results.setdefault(variant, []).append(res)
             task = tasks.task_class(cfg.get("task", "captioning"))
-            metrics, groups = list(task.report_metrics), list(task.groups)
+            metrics, groups = list(task.report_metrics), list(task.groups_for(cfg))
             zero_shot = zero_shot or res.get("zero_shot")
     summary = summarize(results, metrics, groups)
     text = table(summary, zero_shot, metrics, groups)

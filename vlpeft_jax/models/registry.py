@@ -76,6 +76,7 @@ def _clip_vision(cfg: Mapping[str, Any]) -> Any:
 DECODERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {"gpt2": _gpt2, "llama": _llama, "qwen2": _llama}
 VISION: dict[str, Callable[[Mapping[str, Any]], Any]] = {"vit": _vit, "clip_vision": _clip_vision}
 VLMS = ("prefix_vlm",)
+CLASSIFIERS = ("vision_classifier",)
 
 
 def _family(cfg: Mapping[str, Any], valid: Mapping[str, Any] | tuple[str, ...], what: str) -> str:
@@ -109,6 +110,31 @@ def build_prefix_vlm(cfg: Mapping[str, Any]) -> Any:
                      lm_width=decoder.config.hidden_size, image_token_id=cfg.get("image_token_id"))
 
 
+def build_vision_classifier(cfg: Mapping[str, Any]) -> Any:
+    """A :class:`~vlpeft_jax.models.classifier.VisionClassifier`: ``heads`` (``{name: num_classes}``), ``pool``,
+    and either ``vision`` (a tower config) or ``vlm`` (a ``prefix_vlm`` config: its tower and Mapping Layer)."""
+    from vlpeft_jax.models.classifier import VisionClassifier, check_heads
+    from vlpeft_jax.models.vlm import ConnectorConfig
+
+    unknown = sorted(set(cfg) - {"family", "vision", "vlm", "heads", "pool"})
+    if unknown:
+        raise ConfigError(f"model family 'vision_classifier' has no setting(s) {', '.join(unknown)}; "
+                          "valid: heads, pool, vision, vlm")
+    if ("vision" in cfg) == ("vlm" in cfg):
+        raise ConfigError("a vision_classifier needs exactly one of model.vision (a vision tower) and model.vlm "
+                          "(a prefix_vlm whose visual tokens are classified)")
+    heads = check_heads(cfg.get("heads") or {})
+    if "vision" in cfg:
+        return VisionClassifier(build_vision(cfg["vision"]), heads, pool=cfg.get("pool", "cls"))
+    vlm = cfg["vlm"]
+    if vlm.get("family") != "prefix_vlm" or "vision" not in vlm or "decoder" not in vlm:
+        raise ConfigError("model.vlm must be a prefix_vlm config with vision, decoder (its hidden_size sizes the "
+                          "visual tokens) and connector settings")
+    connector = _config(ConnectorConfig, vlm.get("connector", {}), "connector")
+    return VisionClassifier(build_vision(vlm["vision"]), heads, pool=cfg.get("pool", "mean"), connector=connector,
+                            connector_width=int(vlm["decoder"]["hidden_size"]))
+
+
 def example_inputs(module: Any, batch: int = 1, seq: int = 8) -> dict[str, Any]:
     """Inputs for ``module.init`` / ``jax.eval_shape`` (shapes only matter)."""
     from vlpeft_jax.models.vlm import PrefixVLM
@@ -134,6 +160,8 @@ def build_model(cfg: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
         m = build_decoder(cfg)
     elif fam in VISION:
         m = build_vision(cfg)
+    elif fam in CLASSIFIERS:
+        m = build_vision_classifier(cfg)
     else:
-        raise ConfigError(f"model.family={fam!r}; valid: {', '.join([*DECODERS, *VISION, *VLMS])}")
+        raise ConfigError(f"model.family={fam!r}; valid: {', '.join([*DECODERS, *VISION, *VLMS, *CLASSIFIERS])}")
     return m, example_inputs(m)

@@ -76,6 +76,10 @@ class Task(Protocol):
     report_metrics: tuple[str, ...]
     primary_metric: str
 
+    @classmethod
+    def groups_for(cls, cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+        """The result groups a run of ``cfg`` reports (without loading data; sweeps use it)."""
+
     def outputs_file(self, outputs: Mapping[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         """``(file stem, rows)``: every prediction of one evaluation in the task's standard results format."""
 

@@ -130,6 +130,10 @@ class CaptioningTask(ShapesLMTask):
     report_metrics = REPORT_METRICS
     primary_metric = "CIDEr-D"
 
+    @classmethod
+    def groups_for(cls, cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+        return cls.groups
+
     def outputs_file(self, outputs: Mapping[str, str]) -> tuple[str, list[dict[str, str]]]:
         """``captions_<model>.json`` in COCO results format."""
         return "captions", [{"image_id": i, "caption": c} for i, c in outputs.items()]

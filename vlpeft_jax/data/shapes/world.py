@@ -59,7 +59,9 @@ from vlpeft_jax.data.shapes.rendering import patch_masks, render_batch
 from vlpeft_jax.data.tokenizer import WordTokenizer
 from vlpeft_jax.errors import ConfigError, InputError
 
-GENERATOR_VERSION = 1  # bump when generation changes, so cached worlds are regenerated
+GENERATOR_VERSION = 2  # bump when generation changes, so cached worlds are regenerated
+# 2: the ood split's existence questions draw held-out pairs in config order (a set's order changed with
+#    PYTHONHASHSEED, so two processes generated different ood questions from one config)
 
 # Object radius as a fraction of the cell size, by size.
 _RADIUS_FRACTION = {"small": 0.25, "large": 0.40}
@@ -402,7 +404,7 @@ def _generate_split(cfg: ShapesWorldConfig, split: str, num: int,
                 qtype = QUESTION_TYPES[(q + offset) % len(QUESTION_TYPES)]
                 made = vqa_question(qtype, objs, text_rng, colors=cfg.colors, shapes=cfg.shapes,
                                     max_objects=cfg.max_objects,
-                                    allowed_pairs=allowed if split != "ood" else allowed + list(held))
+                                    allowed_pairs=allowed if split != "ood" else allowed + list(held_out))
                 if made is not None:
                     break
             question, answer, qtype, ids, pool = made  # type: ignore[misc]
