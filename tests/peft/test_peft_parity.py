@@ -43,7 +43,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 TOL = 1e-5  # outputs, fp32
 GRAD_TOL = 1e-4
 VOCAB = 64
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 MAX_DIFFS: dict[str, float] = {}
 

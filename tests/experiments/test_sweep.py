@@ -11,7 +11,7 @@ from vlpeft_jax.cli.config import load_config_file
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.experiments import runner, sweep
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPARE = ROOT / "configs/shapes_compare_003.py"
 
 

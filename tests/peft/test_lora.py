@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_hooks import TwoLayer
+from tests.models.test_hooks import TwoLayer
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.models import layers
 from vlpeft_jax.peft import base as pb

@@ -406,7 +406,7 @@ def test_coco_file_errors_name_ids():
 
 
 def _run_py():
-    spec = importlib.util.spec_from_file_location("vlpeft_run", Path(__file__).resolve().parents[1] / "run.py")
+    spec = importlib.util.spec_from_file_location("vlpeft_run", Path(__file__).resolve().parents[2] / "run.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
