@@ -57,7 +57,8 @@ def layer_index(name: str) -> int | None:
 # --------------------------------------------------------------------------------------- string paths
 
 
-def _key_name(key: Any) -> str:
+def key_name(key: Any) -> str:
+    """The name of one key of a JAX key path (dict key, attribute name or sequence index)."""
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
             return str(getattr(key, attr))
@@ -72,7 +73,7 @@ def path_str(key_path: Sequence[Any]) -> str:
         >>> path_str(flat[0][0])
         'base/head/kernel'
     """
-    return "/".join(_key_name(k) for k in key_path)
+    return "/".join(key_name(k) for k in key_path)
 
 
 def leaf_paths(tree: Any) -> list[str]:
@@ -120,6 +121,16 @@ def module_paths(params: Mapping[str, Any], leaf_name: str = "kernel", prefix: t
             if leaf_name in v and not isinstance(v[leaf_name], Mapping):
                 out.append(prefix + (k,))
             out.extend(module_paths(v, leaf_name, prefix + (k,)))
+    return out
+
+
+def all_module_paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Paths of every sub-dict (module), whatever it holds."""
+    out = []
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.append(prefix + (k,))
+            out.extend(all_module_paths(v, prefix + (k,)))
     return out
 
 

@@ -109,21 +109,19 @@ def active_names(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     return tuple(dict.fromkeys(n for s in cfg.stages for n in s.get("methods", ())))
 
 
-def build(cfg: ml_collections.ConfigDict, *, base: Any = None, task: Any = None) -> Setup:
-    """Task, model, base parameters (given, from the pretrain cache, or initialised) and methods."""
-    task = task if task is not None else tasks.build(cfg)
+def build(cfg: ml_collections.ConfigDict) -> Setup:
+    """Task, model, base parameters (from the pretrain cache, or initialised) and methods."""
+    task = tasks.build(cfg)
     module, inputs = registry.build_model(task.model_config())
-    if base is None:
-        if cfg.get("pretrain") and cfg.pretrain.get("config"):
-            base = pretrained_base(cfg, task, module, inputs)
-        else:
-            base = init_base(module, inputs, cfg.seed)
+    if cfg.get("pretrain") and cfg.pretrain.get("config"):
+        base = pretrained_base(cfg, task, module, inputs)
+    else:
+        base = init_base(module, inputs, cfg.seed)
     return Setup(cfg, task, module, inputs, base, build_methods(cfg.get("peft")))
 
 
-def abstract_base(setup_or_module: Any, inputs: Mapping[str, Any] | None = None, seed: int = 0) -> Any:
-    module = getattr(setup_or_module, "module", setup_or_module)
-    inputs = inputs if inputs is not None else setup_or_module.inputs
+def abstract_base(module: Any, inputs: Mapping[str, Any], seed: int = 0) -> Any:
+    """The base parameters' shapes (``ShapeDtypeStruct`` leaves; nothing allocated)."""
     return jax.eval_shape(lambda: init_base(module, inputs, seed))
 
 
@@ -186,7 +184,7 @@ def stages_from_config(cfg: ml_collections.ConfigDict) -> list[Stage]:
 
 def plan_stages(setup: Setup, peft_params: Mapping[str, Any]) -> tuple[list[Stage], dict[str, Any]]:
     """The config's stages with each active method's ``stage_rules`` in front of the stage's own rules, and
-    ``{stage name: tx -> tx}`` chaining the active methods' ``optimizer_wrapper`` s (where any changes it)."""
+    ``{stage name: tx -> tx}`` chaining the active methods' ``optimizer_wrapper`` s (identity by default)."""
     stages, wrappers = [], {}
     for stage in stages_from_config(setup.cfg):
         undefined = [n for n in stage.methods if n not in setup.methods]
@@ -245,7 +243,7 @@ def pretrained_base(cfg: ml_collections.ConfigDict, task: Any, module: Any, inpu
     if pcfg.get("task", "captioning") != "captioning":  # (captioning bases keep the keys they had)
         parts.append(pcfg.task)
     cache = Path(cfg.pretrain.cache_dir) / f"{pcfg.name}-{config_hash(*parts)}"
-    abstract = jax.eval_shape(lambda: init_base(module, inputs, pcfg.seed))
+    abstract = abstract_base(module, inputs, pcfg.seed)
     if checkpoint.has_tree(cache / "params"):
         print(f"reusing the pretrained base from {cache}")
         return checkpoint.load_tree(cache / "params", abstract)
@@ -304,7 +302,7 @@ def load_final(run_dir: Path, cfg: ml_collections.ConfigDict) -> tuple[Setup, An
     tokenizer = WordTokenizer.load(Path(run_dir) / "tokenizer") if (Path(run_dir) / "tokenizer").exists() else None
     task = tasks.build(cfg, tokenizer=tokenizer)
     module, inputs = registry.build_model(task.model_config())
-    abstract = jax.eval_shape(lambda: init_base(module, inputs, cfg.seed))
+    abstract = abstract_base(module, inputs, cfg.seed)
     if checkpoint.has_tree(final / "base"):
         base = checkpoint.load_tree(final / "base", abstract)
     elif cfg.get("pretrain") and cfg.pretrain.get("config"):
@@ -443,7 +441,7 @@ def plot_scores(path: Path, results: Mapping[str, Any], task: Any, name: str) ->
 
 
 def plot_samples(path: Path, samples: Sequence[Any]) -> None:
-    """A grid of evaluation images, each with the lines under it (outputs per model and a reference)."""
+    """A grid of evaluation images, each with its lines below it (outputs per model and a reference)."""
     import textwrap
 
     import matplotlib
@@ -455,13 +453,17 @@ def plot_samples(path: Path, samples: Sequence[Any]) -> None:
         return
     cols = min(3, len(samples))
     rows = (len(samples) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.6 * rows), squeeze=False)
+    texts = ["\n".join(textwrap.fill(line, 46) for line in s.lines) for s in samples]
+    text_lines = [max((t.count("\n") + 1 for t in texts[r * cols:(r + 1) * cols]), default=1) for r in range(rows)]
+    heights = [h for r in range(rows) for h in (2.8, 0.16 * text_lines[r] + 0.3)]
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(4.4 * cols, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights, "hspace": 0.05, "wspace": 0.08})
     for ax in axes.flat:
         ax.axis("off")
-    for ax, s in zip(axes.flat, samples, strict=False):
-        ax.imshow(s.image)
-        wrapped = ["\n".join(textwrap.wrap(line, 46)) for line in s.lines]
-        ax.set_title("\n".join(wrapped), fontsize=7.5, loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    for k, (s, text) in enumerate(zip(samples, texts, strict=True)):
+        r, c = divmod(k, cols)
+        axes[2 * r][c].imshow(s.image)
+        axes[2 * r + 1][c].text(0.0, 1.0, text, fontsize=7, va="top", ha="left", family="monospace",
+                                transform=axes[2 * r + 1][c].transAxes)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

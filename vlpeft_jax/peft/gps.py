@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vlpeft_jax import tree
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.peft import base as pb
 from vlpeft_jax.peft import selection as sel
@@ -60,17 +61,13 @@ class MaskedState(NamedTuple):
     inner: optax.OptState
 
 
-def _key_name(key: Any) -> str:
-    return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
-
-
 def _align(mask: Mapping[str, Any], params: Any) -> Any:
     """``mask`` laid out like ``params``: its array where ``mask`` has one at the same path, else None."""
 
     def leaf(path: Any, p: Any) -> Any:
         if p is None:
             return None
-        names = [_key_name(k) for k in path]
+        names = [tree.key_name(k) for k in path]
         node: Any = mask
         for n in names:
             if not isinstance(node, Mapping) or n not in node:

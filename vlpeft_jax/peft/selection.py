@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlpeft_jax import tree
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.peft import base as pb
 
@@ -118,7 +119,8 @@ def target_kernels(params: Mapping[str, Any], targets: str | Sequence[str], *, n
         try:
             pb.match_targets(params, [pat], leaf_name=leaf_name, method=name)
         except ConfigError:
-            weightless = [p for p in _all_module_paths(params) if "/".join(p) == pat or "/".join(p).endswith("/" + pat)]
+            weightless = [p for p in tree.all_module_paths(params)
+                          if "/".join(p) == pat or "/".join(p).endswith("/" + pat)]
             if weightless:
                 where = "/".join(weightless[0])
                 raise ConfigError(f"{name}: target {pat!r} names module {where!r}, which has no weight "
@@ -128,15 +130,6 @@ def target_kernels(params: Mapping[str, Any], targets: str | Sequence[str], *, n
             raise
     paths = pb.match_targets(params, patterns, leaf_name=leaf_name, method=name)
     return [(p, pb.get_path(params, p + (leaf_name,))) for p in paths]
-
-
-def _all_module_paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    out = []
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.append(prefix + (k,))
-            out.extend(_all_module_paths(v, prefix + (k,)))
-    return out
 
 
 def _kernel_children(params: Mapping[str, Any], path: tuple[str, ...]) -> list[str]:
