@@ -49,23 +49,37 @@ def parse_variant(variant: str | None, where: str, names: Sequence[str], options
     """Splits ``"NAME,opt,key=value,..."`` into the name and the options, refusing anything unknown.
 
     ``options`` maps each option to its default: a bool default makes a flag (``smoke``), any other type a
-    ``key=value`` option parsed as that type (numbers must be > 0). With ``names`` empty any name is allowed.
+    ``key=value`` option parsed as that type (numbers must be > 0). With ``names`` empty the config has no
+    named variants: every part must be an option (``smokey`` is refused, not taken as a name), and the name
+    returned is ``default or ""``.
+
+    Example:
+        >>> parse_variant("smokey", "configs/x.py", (), {"smoke": False})
+        Traceback (most recent call last):
+        ...
+        vlpeft_jax.errors.ConfigError: configs/x.py:smokey: unknown variant or option 'smokey'; valid: options smoke
 
     Raises:
       ConfigError: naming ``where``, the bad part and what is valid.
     """
     parts = [v.strip() for v in (variant or "").split(",") if v.strip()]
-    name = parts.pop(0) if parts and "=" not in parts[0] and parts[0] not in options else (default or "")
+    named = bool(names) and bool(parts) and "=" not in parts[0] and parts[0] not in options
+    name = parts.pop(0) if named else (default or "")
     flags = [k for k, v in options.items() if isinstance(v, bool)]
     valued = [f"{k}=X" for k, v in options.items() if not isinstance(v, bool)]
-    valid = (f"{', '.join(names)}" if names else "") + (f" (options: {', '.join(flags + valued)})" if options else "")
+    option_list = ", ".join(flags + valued)
+    if names:
+        valid = ", ".join(names) + (f" (options: {option_list})" if options else "")
+    else:
+        valid = f"options {option_list}" if options else "no variants (use the file without ':...')"
     if names and name not in names:
         raise ConfigError(f"{where}:{variant}: unknown variant {name!r}; valid: {valid}")
     opts = dict(options)
     for part in parts:
         key, eq, value = part.partition("=")
         if key not in options or isinstance(options[key], bool) == bool(eq):
-            raise ConfigError(f"{where}:{variant}: bad option {part!r}; valid: {valid}")
+            what = "unknown variant or option" if not names and not eq and key not in options else "bad option"
+            raise ConfigError(f"{where}:{variant}: {what} {part!r}; valid: {valid}")
         if isinstance(options[key], bool):
             opts[key] = True
             continue

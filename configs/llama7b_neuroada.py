@@ -8,14 +8,13 @@ abstract shapes (``jax.eval_shape``), so no memory is needed; there are no weigh
 
 import ml_collections
 
+from configs import common
+
 VARIANTS = {"top1": 1, "top20": 20}
 
 
 def get_config(variant: str = "top1") -> ml_collections.ConfigDict:
-    if variant not in VARIANTS:
-        from vlpeft_jax.errors import ConfigError
-
-        raise ConfigError(f"configs/llama7b_neuroada.py:{variant}: unknown variant; valid: {', '.join(VARIANTS)}")
+    variant, _ = common.parse_variant(variant, "configs/llama7b_neuroada.py", tuple(VARIANTS), {}, default="top1")
     c = ml_collections.ConfigDict()
     c.name = f"llama7b_neuroada_{variant}"
     c.seed = 0

@@ -1,7 +1,8 @@
 """``--config FILE[:variant]`` and ``--config.key=value`` arguments of the subcommands.
 
-Loading and overriding configs is :mod:`vlpeft_jax.config`; this module only pulls the arguments out of a
-command line.
+Loading, overriding and checking configs is :mod:`vlpeft_jax.config`; this module pulls the arguments out of a
+command line and checks the result (:func:`vlpeft_jax.config.validate`, with the registered tasks) before any
+work.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from vlpeft_jax.config import apply_overrides, load_config_file
+from vlpeft_jax import tasks
+from vlpeft_jax.config import apply_overrides, load_config_file, validate
 from vlpeft_jax.errors import ConfigError
 
 
@@ -18,8 +20,11 @@ def split_config_args(argv: Sequence[str], default: str | None = None
                       ) -> tuple[ml_collections.ConfigDict | None, list[str]]:
     """Pulls ``--config FILE`` / ``--config=FILE`` and ``--config.k=v`` out of ``argv``.
 
-    Returns the loaded, overridden config (or None if there was no ``--config`` and no default) and
-    the remaining arguments.
+    Returns the loaded, overridden and validated config (or None if there was no ``--config`` and no default)
+    and the remaining arguments.
+
+    Raises:
+      ConfigError: for a missing or broken config file, a bad override or an invalid setting.
     """
     rest: list[str] = []
     overrides: list[str] = []
@@ -45,4 +50,6 @@ def split_config_args(argv: Sequence[str], default: str | None = None
         if overrides:
             raise ConfigError("--config.key=value overrides need a --config file")
         return None, rest
-    return apply_overrides(load_config_file(path), overrides), rest
+    cfg = apply_overrides(load_config_file(path), overrides)
+    validate(cfg, tasks=tasks.TASKS)
+    return cfg, rest
