@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from vlpeft_jax import files
 from vlpeft_jax.errors import InputError
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<bos>", "<eos>", "<unk>", "<image>"
@@ -143,17 +144,14 @@ class WordTokenizer:
     def save(self, directory: str | os.PathLike) -> Path:
         """Writes the tokenizer in Hugging Face format into ``directory`` and returns it."""
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(d / "tokenizer.json"))
+        files.write_text(d / "tokenizer.json", self.tokenizer.to_str())  # each file atomically
         special = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD,
                    "additional_special_tokens": [IMAGE]}
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
                   "model_max_length": self.model_max_length, "padding_side": "right",
                   "clean_up_tokenization_spaces": False, "do_lower_case": True}
-        with open(d / "tokenizer_config.json", "w") as fh:
-            json.dump(config, fh, indent=2)
-        with open(d / "special_tokens_map.json", "w") as fh:
-            json.dump(special, fh, indent=2)
+        files.write_json(d / "tokenizer_config.json", config)
+        files.write_json(d / "special_tokens_map.json", special)
         return d
 
     @classmethod

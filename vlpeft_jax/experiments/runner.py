@@ -16,7 +16,7 @@ Parameters on disk use the checkpoint format (orbax, :func:`vlpeft_jax.train.che
 
 Example (a tiny run, a few seconds):
     >>> import tempfile
-    >>> from vlpeft_jax.config import load_config_file
+    >>> from vlpeft_jax.config import load_config_file, validate
     >>> cfg = load_config_file("configs/shapes_lora.py:smoke")  # doctest: +SKIP
     >>> cfg.run_dir = tempfile.mkdtemp()  # doctest: +SKIP
     >>> results = run(cfg)  # doctest: +SKIP
@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from vlpeft_jax import tasks
-from vlpeft_jax.config import load_config_file
-from vlpeft_jax.errors import ConfigError
+from vlpeft_jax import files, tasks
+from vlpeft_jax.config import load_config_file, validate
+from vlpeft_jax.errors import CheckpointError, ConfigError
 from vlpeft_jax.models import layers, registry
 from vlpeft_jax.peft import base as peft_base
 from vlpeft_jax.peft import selection
@@ -55,12 +56,84 @@ SELECTION_DEFAULTS = {"num_batches": 8}
 # ------------------------------------------------------------------------------------------ run directory
 
 
-def make_run_dir(cfg: ml_collections.ConfigDict) -> Path:
-    """``cfg.run_dir`` if set, else ``runs/<name>-<timestamp>``; created, with ``config.json`` written."""
-    run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2, sort_keys=True))
-    return run_dir
+def resolve_run_dir(cfg: ml_collections.ConfigDict) -> Path:
+    """``cfg.run_dir`` if set, else ``runs/<name>-<timestamp>`` (nothing is created)."""
+    return Path(cfg.run_dir) if cfg.get("run_dir") else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _config_dict(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+    """The config as JSON would store it (tuples -> lists), for comparing with a run directory's."""
+    d = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+    return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    if isinstance(d, list) and d and all(isinstance(x, Mapping) for x in d):
+        out = {}
+        for i, v in enumerate(d):
+            out.update(_flat(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Sequence[str] = ("run_dir",)
+                       ) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old, new)}`` where two configs differ (``<missing>`` for absent keys)."""
+    a, b = _flat({k: v for k, v in old.items() if k not in ignore}), _flat({k: v for k, v in new.items()
+                                                                             if k not in ignore})
+    return {k: (a.get(k, "<missing>"), b.get(k, "<missing>")) for k in sorted(set(a) | set(b))
+            if a.get(k, "<missing>") != b.get(k, "<missing>")}
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run directory whose results are written (``results.json`` is written last, atomically)."""
+    return (run_dir / "results.json").is_file()
+
+
+def check_run_dir(run_dir: Path, cfg: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """Checks ``run_dir`` before anything is written: a directory we can write, and, if it holds a run, the same
+    config. Returns that run's results when it is finished (it is never rewritten), else None (new or resumable).
+
+    Raises:
+      ConfigError: ``run_dir`` is a file or not writable; or it holds a run with another config (the message
+        names the differing keys); or a finished run whose only differences are evaluation settings (use
+        ``run.py eval --run``, which writes a new evaluation beside it).
+    """
+    files.check_writable_dir(run_dir, "run_dir")
+    stored_file = run_dir / "config.json"
+    if not stored_file.exists():
+        if (run_dir / "checkpoints").exists() or (run_dir / "final").exists():
+            raise ConfigError(f"run_dir {run_dir} holds checkpoints or parameters but no config.json, so it cannot "
+                              f"be checked against this config; use a new run_dir")
+        return None
+    stored = files.read_json(stored_file, what="run config",
+                             hint="the run directory is damaged; use a new run_dir")
+    diff = config_differences(stored, _config_dict(cfg))
+    finished = is_finished(run_dir)
+    if diff:
+        shown = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in list(diff.items())[:8])
+        more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""
+        if finished and all(k.startswith("eval.") or k == "name" for k in diff):
+            raise ConfigError(f"run_dir {run_dir} holds a finished run evaluated with other settings ({shown}); it "
+                              f"is not rewritten: evaluate it with `run.py eval --run {run_dir}` (which writes a new "
+                              f"evaluation beside it) or use a new run_dir")
+        raise ConfigError(f"run_dir {run_dir} holds a run with a different config ({shown}{more}); nothing was "
+                          f"changed; use a new run_dir or the same config")
+    if finished:
+        return files.read_json(run_dir / "results.json", what="results",
+                               hint="the run's results are damaged; use a new run_dir")
+    return None
+
+
+def write_run_config(run_dir: Path, cfg: ml_collections.ConfigDict) -> None:
+    """``config.json`` (once: a resumed run keeps the one it started with, which is equal)."""
+    if not (run_dir / "config.json").exists():
+        files.write_text(run_dir / "config.json", cfg.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
 def config_hash(*parts: Any) -> str:
@@ -244,16 +317,64 @@ def pretrained_base(cfg: ml_collections.ConfigDict, task: Any, module: Any, inpu
         parts.append(pcfg.task)
     cache = Path(cfg.pretrain.cache_dir) / f"{pcfg.name}-{config_hash(*parts)}"
     abstract = abstract_base(module, inputs, pcfg.seed)
-    if checkpoint.has_tree(cache / "params"):
-        print(f"reusing the pretrained base from {cache}")
-        return checkpoint.load_tree(cache / "params", abstract)
+    if cache.exists():
+        base = _read_cached_base(cache, abstract)
+        if base is not None:
+            print(f"reusing the pretrained base from {cache}")
+            return base
+    files.check_writable_dir(cache.parent, "pretrain.cache_dir")
     print(f"pretraining the base ({pcfg.name}) into {cache}")
     # the pretrain config's own task settings (domain, batch size, lengths) over this run's data and tokenizer
     ptask = tasks.build(pcfg, **task.shared_data())
     setup = Setup(pcfg, ptask, module, inputs, init_base(module, inputs, pcfg.seed), {})
     params, _ = train_stages(setup, cache / "run", {}, stages_from_config(pcfg), {})
     checkpoint.save_tree(cache / "params", params["base"])
-    return checkpoint.load_tree(cache / "params", abstract)
+    files.write_text(cache / "params.sha256", tree_digest(params["base"]) + "\n")  # written last: marks it complete
+    base = _read_cached_base(cache, abstract)
+    if base is None:
+        raise CheckpointError(f"the pretrained base just written to {cache} cannot be read back")
+    return base
+
+
+def tree_digest(tree: Any) -> str:
+    """sha256 over a parameter tree's key paths, dtypes, shapes and bytes (the pretrain cache's checksum)."""
+    h = hashlib.sha256()
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        a = np.ascontiguousarray(np.asarray(x))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _read_cached_base(cache: Path, abstract: Any) -> Any | None:
+    """The cached base if it is complete and its checksum matches, else None (the base is then trained again:
+    an interrupted pretraining resumes from ``cache/run``'s checkpoints). Damaged parameters are moved aside
+    with one warning, never trusted."""
+    digest_file = cache / "params.sha256"
+    if not checkpoint.has_tree(cache / "params") and not digest_file.exists():
+        return None  # not written yet
+    problem = None
+    if not digest_file.is_file():
+        problem = "it is incomplete (no params.sha256: the run that wrote it was interrupted)"
+    else:
+        try:
+            base = checkpoint.load_tree(cache / "params", abstract)
+            if tree_digest(base) == digest_file.read_text().strip():
+                return base
+            problem = "its checksum does not match (the files were changed or damaged)"
+        except Exception as e:  # noqa: BLE001 - any unreadable cache entry is rebuilt, never trusted
+            problem = f"it cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+    dest = cache / "params.corrupt"
+    n = 1
+    while dest.exists():
+        dest, n = cache / f"params.corrupt{n}", n + 1
+    dest.mkdir(parents=True)
+    for name in ("params", "params.sha256"):
+        if (cache / name).exists():
+            (cache / name).rename(dest / name)
+    warnings.warn(f"the cached pretrained base in {cache} is not usable: {problem}; moved it to {dest} and "
+                  f"training the base again", stacklevel=2)
+    return None
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -320,16 +441,28 @@ def load_final(run_dir: Path, cfg: ml_collections.ConfigDict) -> tuple[Setup, An
 
 
 def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The whole experiment; returns the results dict also written to ``results.json``."""
+    """The whole experiment; returns the results dict also written to ``results.json``.
+
+    Everything is checked before the run directory is written: the output path, an earlier run there (a
+    different config is refused naming the keys; a finished run is returned as it is, never rewritten; an
+    unfinished one resumes from its checkpoints), the model, the methods and the stages.
+    """
     t0 = time.time()
-    run_dir = make_run_dir(cfg)
+    validate(cfg, tasks=tasks.TASKS)
+    run_dir = resolve_run_dir(cfg)
+    finished = check_run_dir(run_dir, cfg)
+    if finished is not None:
+        print(f"run directory: {run_dir} already holds this run, finished; nothing to do (its results are in "
+              f"{run_dir / 'results.json'})")
+        return finished
     print(f"run directory: {run_dir}")
     setup = build(cfg)
-    setup.task.save_assets(run_dir)
     peft_params = prepare_methods(setup, jax.random.key(cfg.seed + 1))
     stages, wrappers = plan_stages(setup, peft_params)
     # before any compilation: a stage may only train methods that are active in it (issue 5, bad input)
     check_stage_methods(stages, setup.methods, {"base": setup.base, "peft": peft_params})
+    write_run_config(run_dir, cfg)
+    setup.task.save_assets(run_dir)
     results: dict[str, Any] = {"name": cfg.name, "task": setup.task.name, "run_dir": str(run_dir)}
     if cfg.eval.zero_shot:
         print("evaluating zero-shot (the base model)")
@@ -353,9 +486,14 @@ def evaluate_trained(cfg: ml_collections.ConfigDict, trained_dir: Path) -> dict[
     :func:`training_key` equals this config's) instead of training again; writes this run's report."""
     t0 = time.time()
     trained_dir = Path(trained_dir)
-    run_dir = make_run_dir(cfg)
+    run_dir = resolve_run_dir(cfg)
+    finished = check_run_dir(run_dir, cfg)
+    if finished is not None:
+        print(f"run directory: {run_dir} already holds this evaluation, finished; nothing to do")
+        return finished
     print(f"run directory: {run_dir} (evaluating the parameters trained in {trained_dir})")
     setup, params = load_final(trained_dir, cfg)
+    write_run_config(run_dir, cfg)
     setup.task.save_assets(run_dir)
     previous = json.loads((trained_dir / "results.json").read_text())
     results: dict[str, Any] = {"name": cfg.name, "task": setup.task.name, "run_dir": str(run_dir),
@@ -402,14 +540,14 @@ def write_report(run_dir: Path, task: Any, cfg: ml_collections.ConfigDict, resul
              f"Wall time: {results['wall_time_s']:.0f} s.", "", "![samples](samples.png)", "",
              "Sample outputs (adapted):", ""]
     text += [f"- `{s['id']}`: {s['output']}" for s in adapted.get("samples", [])]
-    (run_dir / "report.md").write_text("\n".join(text) + "\n")
+    files.write_text(run_dir / "report.md", "\n".join(text) + "\n")
     slim = dict(results)
     for key in ("zero_shot", "adapted"):
         if key in slim:
             slim[key] = {k: v for k, v in slim[key].items() if k != "outputs"}
             name, rows = task.outputs_file(results[key]["outputs"])
-            (run_dir / f"{name}_{key}.json").write_text(json.dumps(rows, indent=1))
-    (run_dir / "results.json").write_text(json.dumps(slim, indent=2, default=float))
+            files.write_json(run_dir / f"{name}_{key}.json", rows, indent=1)
+    files.write_json(run_dir / "results.json", slim)  # last: its presence marks the run finished
     plot_scores(run_dir / "scores.png", results, task, cfg.name)
     evaluated = {label: results[key] for label, key in RESULT_LABELS if key in results}
     plot_samples(run_dir / "samples.png", task.samples(evaluated, 6))

@@ -43,6 +43,11 @@ from vlpeft_jax.train.state import state_leaf_paths
 logger = logging.getLogger(__name__)
 
 
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint written for another model or stage plan (different leaves or shapes): never
+    quarantined or overwritten, the run is refused."""
+
+
 def _warn(message: str) -> None:
     logger.warning(message)
     print(f"WARNING: {message}", file=sys.stderr, flush=True)
@@ -81,7 +86,8 @@ class Checkpointer:
         """Saves ``state`` (any pytree of arrays) and the JSON-serialisable ``meta`` as checkpoint ``step``."""
         leaves = jax.tree.leaves(state)
         items = {f"{i:06d}": x for i, x in enumerate(leaves)}
-        meta = {**meta, "step": int(step), "leaf_paths": state_leaf_paths(state)}
+        meta = {**meta, "step": int(step), "leaf_paths": state_leaf_paths(state),
+                "leaf_shapes": [[list(x.shape), str(x.dtype)] for x in leaves]}
         self._manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(items),
                                                               meta=ocp.args.JsonSave(meta)))
 
@@ -105,12 +111,20 @@ class Checkpointer:
         if stored != expected:
             pairs = zip(stored, expected, strict=False)
             first = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(stored), len(expected)))
-            raise CheckpointError(
+            raise CheckpointMismatchError(
                 f"checkpoint {self.directory / str(step)} does not match the current model/stage plan: it has "
                 f"{len(stored)} leaves, the state has {len(expected)}; first difference at leaf {first}: "
                 f"{stored[first] if first < len(stored) else '<none>'} vs "
                 f"{expected[first] if first < len(expected) else '<none>'}")
         leaves, treedef = jax.tree.flatten(abstract)
+        # a different shape is a different model or plan, not corruption: refuse and touch nothing
+        for path, stored_shape, x in zip(expected, meta.get("leaf_shapes") or [None] * len(leaves), leaves,
+                                         strict=True):
+            if stored_shape is not None and (list(x.shape), str(x.dtype)) != (stored_shape[0], stored_shape[1]):
+                raise CheckpointMismatchError(
+                    f"checkpoint {self.directory / str(step)} was written for another model or plan: {path} has "
+                    f"shape {tuple(stored_shape[0])} ({stored_shape[1]}) there and {tuple(x.shape)} ({x.dtype}) in "
+                    f"this run; nothing was changed; use a new run directory (or the settings it was written with)")
         target = {f"{i:06d}": _with_sharding(x) for i, x in enumerate(leaves)}
         restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
         return jax.tree.unflatten(treedef, [restored[k] for k in sorted(target)])

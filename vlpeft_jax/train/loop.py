@@ -37,6 +37,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import signal
+import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,6 +73,37 @@ EvalFn = Callable[[Any, int], Mapping[str, Any]]
 
 class TrainingDivergedError(VLPeftError):
     """The loss or the gradient became NaN or infinite; the run stopped, its checkpoints are kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) stopped training after the current update; a checkpoint of that update was written, so
+    the same command resumes the run. ``run.py`` exits with status 130."""
+
+
+class _InterruptFlag:
+    """While training, SIGINT only sets a flag that the loop reads after each update (a KeyboardInterrupt raised
+    inside a JAX or orbax callback could be swallowed there, and training would run on). A second SIGINT
+    interrupts at once. Only the main thread of the main interpreter can install it; elsewhere it is a no-op."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _InterruptFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.set:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.set = True
+        print("\ninterrupt: stopping after this update (checkpoint first); press Ctrl-C again to stop now",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 @dataclasses.dataclass
@@ -122,6 +156,7 @@ class _Run:
     is_main: bool
     stage_summary: list[list[Any]]
     last_saved: int | None
+    interrupt: _InterruptFlag | None = None
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     evals: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
@@ -155,7 +190,8 @@ class _Run:
             if self.is_main:
                 log.write(global_step, record)
             self.history.append({"step": global_step, **record})
-            if (self.checkpoint_every and global_step % self.checkpoint_every == 0) or k + 1 == stage.steps:
+            stop = self.interrupt is not None and self.interrupt.set
+            if (self.checkpoint_every and global_step % self.checkpoint_every == 0) or k + 1 == stage.steps or stop:
                 self.checkpointer.save(global_step, state, {
                     "stage_index": plan.index, "stage_name": stage.name, "step_in_stage": k + 1,
                     "stages": self.stage_summary, "seed": self.seed})
@@ -165,6 +201,10 @@ class _Run:
                 if self.is_main:
                     log.write(global_step, {f"eval/{name}": v for name, v in results.items()})
                 self.evals.append({"step": global_step, **results})
+            if stop:
+                self.checkpointer.wait_until_finished()
+                raise TrainingInterrupted(f"interrupted at global step {global_step} (stage {stage.name!r}, update "
+                                          f"{k + 1}/{stage.steps}); checkpoint written, the same command resumes")
         return state
 
     def _diverged(self, stage: Stage, k: int, global_step: int, metrics: dict[str, Any]) -> TrainingDivergedError:
@@ -269,8 +309,9 @@ def train(params: Any, stages: Sequence[Stage | Mapping[str, Any]], data_factory
 
         run = _Run(checkpointer=checkpointer, mesh=mesh, seed=seed, checkpoint_every=checkpoint_every,
                    eval_fn=eval_fn, eval_every=eval_every, is_main=is_main, stage_summary=stage_summary,
-                   last_saved=resumed_from)
-        with MetricsLogger(run_dir, start_step=resumed_from or 0, tensorboard=tensorboard and is_main) as log:
+                   last_saved=resumed_from, interrupt=_InterruptFlag())
+        with run.interrupt, MetricsLogger(run_dir, start_step=resumed_from or 0,
+                                          tensorboard=tensorboard and is_main) as log:
             bar = ProgressBar(offsets[-1], initial=resumed_from or 0, enabled=progress and is_main)
             try:
                 for plan in plans[start_stage:]:
