@@ -236,5 +236,11 @@ def load_tree(directory: str | Path, abstract: Any) -> Any:
     ckpt = Checkpointer(directory, keep=1, async_save=False)
     try:
         return ckpt.restore(0, abstract)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreadable bytes: name the directory and what to do
+        raise CheckpointError(f"the parameters in {directory} cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); the files are damaged: restore "
+                              f"them or train again into a new directory") from None
     finally:
         ckpt.close()
