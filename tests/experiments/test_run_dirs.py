@@ -163,3 +163,16 @@ def test_sigint_stops_training_with_a_checkpoint(tmp_path, shapes_caches):
         saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
         assert saved and saved[-1] == step < 2000
         assert not (run_dir / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_damaged_final_parameters_are_one_error_line(finished, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(finished[0], run_dir)
+    for manifest in (run_dir / "final" / "peft").rglob("manifest.ocdbt"):
+        manifest.write_bytes(b"")
+    assert cli.main(["eval", "--run", str(run_dir), "--max-examples", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be read" in err[0] and str(run_dir / "final" / "peft") in err[0]
