@@ -184,20 +184,42 @@ def _quiet_transformers() -> None:
     transformers.logging.disable_progress_bar()
 
 
+def check_shapes(shapes: dict[str, int]) -> None:
+    """Raises :class:`ConfigError` naming the flag for shapes the GPT-2 of either side cannot have: every size
+    ``>= 1`` and ``--width`` a multiple of ``--heads`` (transformers' ``GPT2Attention`` requires it)."""
+    for key, value in shapes.items():
+        if value < 1:
+            raise ConfigError(f"bench train --{key}={value}; must be >= 1")
+    if shapes["width"] % shapes["heads"]:
+        raise ConfigError(f"bench train --width={shapes['width']} is not divisible by --heads={shapes['heads']} "
+                          "(GPT-2 splits the width evenly over the heads); choose e.g. --heads="
+                          f"{max(h for h in range(1, shapes['heads'] + 1) if shapes['width'] % h == 0)}")
+
+
 def write_checkpoint(directory: str | os.PathLike, shapes: dict[str, int]) -> None:
-    """A random float32 Hugging Face ``GPT2LMHeadModel`` (seed 0, no dropout) saved to ``directory``."""
+    """A random float32 Hugging Face ``GPT2LMHeadModel`` (seed 0, no dropout) saved to ``directory``.
+
+    Raises:
+      ConfigError: transformers rejects the shapes (its message attached, naming the bench flags).
+    """
     import torch
     import transformers
 
     _quiet_transformers()
 
-    config = transformers.GPT2Config(
-        vocab_size=shapes["vocab"], n_positions=max(1024, shapes["seq"] + 2 * VIRTUAL_TOKENS),
-        n_embd=shapes["width"], n_layer=shapes["layers"], n_head=shapes["heads"],
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=shapes["vocab"] - 1,
-        eos_token_id=shapes["vocab"] - 1)
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(config).save_pretrained(directory)
+    flags = " ".join(f"--{k}={v}" for k, v in shapes.items())
+    try:
+        config = transformers.GPT2Config(
+            vocab_size=shapes["vocab"], n_positions=max(1024, shapes["seq"] + 2 * VIRTUAL_TOKENS),
+            n_embd=shapes["width"], n_layer=shapes["layers"], n_head=shapes["heads"],
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=shapes["vocab"] - 1,
+            eos_token_id=shapes["vocab"] - 1)
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(config)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ConfigError(f"bench train: transformers rejects the GPT-2 shapes {flags}: "
+                          f"{' '.join(str(e).split())}") from None
+    model.save_pretrained(directory)
 
 
 def make_batch(shapes: dict[str, int]) -> dict[str, np.ndarray]:
@@ -592,6 +614,7 @@ def run(argv: list[str]) -> dict[str, Any]:
 
         args.torch_device = resolve_torch_device(args.torch_device, jax.default_backend(), torch.cuda.is_available())
     shapes = {k: int(getattr(args, k)) for k in ("layers", "width", "heads", "vocab", "batch", "seq")}
+    check_shapes(shapes)
     skipped = [n for n in names if not _available(n)]
     names = [n for n in names if n not in skipped]
     load_before = os.getloadavg()

@@ -1,7 +1,8 @@
 """``run.py bench NAME [--out FILE.json] [options]``: benchmarks that print ratios measured side by side.
 
 Each benchmark is a function ``run(argv: list[str]) -> dict`` in its own module of :mod:`vlpeft_jax.benchmarks`;
-it prints its table and returns the results, which are written as JSON to ``--out`` when given.
+it prints its table and returns the results, which are written as JSON to ``--out`` when given (checked
+before the benchmark runs: not a directory, its folder writable; written atomically).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib
 import json
 from pathlib import Path
 
+from vlpeft_jax import files
 from vlpeft_jax.errors import ConfigError
 
 BENCHMARKS = {
@@ -26,6 +28,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args, rest = parser.parse_known_args(argv)
+    if args.out is not None:
+        from vlpeft_jax.cli.score import check_output_file
+
+        check_output_file(args.out, "--out", example=f"{args.name}.json")
     try:
         module = importlib.import_module(BENCHMARKS[args.name])
     except ModuleNotFoundError as e:
@@ -34,7 +40,6 @@ def main(argv: list[str]) -> int:
         raise
     results = module.run(rest)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2, sort_keys=True))
+        files.write_text(args.out, json.dumps(results, indent=2, sort_keys=True))
         print(f"wrote {args.out}")
     return 0

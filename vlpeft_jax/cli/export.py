@@ -19,6 +19,10 @@ Writes the adapters of a finished run (``RUN_DIR/final``) in Hugging Face ``peft
       model = PeftModel.from_pretrained(base, "DIR")
 
   gives the run's LM with its adapter (text-only inputs; the visual tokens come from our vision tower).
+- Nothing is overwritten by surprise: ``--out`` must be a new or empty directory unless ``--force`` (which
+  replaces the files this command writes and leaves any others); it is checked (not a file, writable) and
+  every adapter is converted before the first file is written, and each file is written atomically
+  (temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
+from vlpeft_jax import files
+from vlpeft_jax.config import read_run_config
 from vlpeft_jax.errors import ConfigError
 
 
@@ -79,16 +84,16 @@ def hf_config_dict(config: Any) -> dict[str, Any]:
 
 
 def write_hf_checkpoint(params: Any, config: Any, out_dir: Path) -> Path:
-    """Our decoder parameters -> ``out_dir/config.json`` + ``model.safetensors`` (float32)."""
-    from safetensors.numpy import save_file
+    """Our decoder parameters -> ``out_dir/config.json`` + ``model.safetensors`` (float32), each written
+    atomically."""
+    from safetensors.numpy import save
 
     from vlpeft_jax.hf import decoders
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     state = decoders.to_hf_state_dict(jax.device_get(params), config)
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2) + "\n")
+    files.write_bytes(out_dir / "model.safetensors",
+                      save({k: np.ascontiguousarray(v) for k, v in state.items()}, metadata={"format": "pt"}))
+    files.write_text(out_dir / "config.json", json.dumps(hf_config_dict(config), indent=2) + "\n")
     return out_dir
 
 
@@ -101,11 +106,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--method", default=None, help="the PEFT method instance to export (default: all)")
     parser.add_argument("--with-base", action="store_true",
                         help="also write the run's LM as a Hugging Face checkpoint in OUT/base_model")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty --out directory (replacing the files this command writes)")
     args = parser.parse_args(argv)
-    cfg_file = args.run / "config.json"
-    if not cfg_file.is_file():
-        raise ConfigError(f"{args.run} is not a run directory (no config.json)")
-    cfg = ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
+    cfg = read_run_config(args.run)
+    files.check_writable_dir(args.out, "--out")
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.force:
+        raise ConfigError(f"--out {args.out} is not empty; choose a new or empty directory, or pass --force to "
+                          "overwrite the adapter files in it")
     methods_cfg = dict(cfg.get("peft") or {})
     if not methods_cfg:
         raise ConfigError(f"{args.run}: the run has no PEFT methods (its config's peft section is empty); "

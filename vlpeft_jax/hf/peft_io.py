@@ -390,14 +390,19 @@ def peft_state(method: Any, peft_params: Mapping[str, Any], base: BaseModelInfo 
 
 
 def write_peft_dir(config: Mapping[str, Any], state: Mapping[str, np.ndarray], out_dir: str | os.PathLike) -> Path:
-    """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (float32) into ``out_dir``."""
-    from safetensors.numpy import save_file
+    """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (float32) into ``out_dir``.
+
+    Each file is written atomically (a temporary file in ``out_dir``, then renamed over the target): a killed
+    export leaves every file whole, old or new, never half-written.
+    """
+    from safetensors.numpy import save
+
+    from vlpeft_jax import files
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}, str(out / WEIGHTS_FILE),
-              metadata={"format": "pt"})
-    (out / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    files.write_bytes(out / WEIGHTS_FILE, save({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()},
+                                               metadata={"format": "pt"}))
+    files.write_text(out / CONFIG_FILE, json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
     return out
 
 
