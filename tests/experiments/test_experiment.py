@@ -37,7 +37,7 @@ def test_main_job_smoke_writes_report_and_reuses_base(smoke_run, capsys):
     # the pretrained base is cached: exactly one cached base, reused by `run.py eval`
     assert len(list(smoke_run[1]["pretrain"].glob("shapes_pretrain-*/params"))) == 1
     assert cli.main(["eval", "--run", str(run), "--max-examples", "4"]) == 0
-    out = run / "eval-val"
+    out = run / "eval-val-greedy-t8-n4"
     captions = json.loads((out / "captions.json").read_text())
     assert len(captions) == 4 and all(isinstance(c["caption"], str) for c in captions)
     assert "reusing the pretrained base" in capsys.readouterr().out
