@@ -1,8 +1,8 @@
 """VQA accuracy as the official evaluation computes it, plus exact-match and top-k accuracy.
 
 :func:`vqa_accuracy` reproduces ``vqaEval.py`` of the official VQA API (github.com/GT-Vision-Lab/VQA,
-``PythonEvaluationTools/vqaEvaluation/vqaEval.py``) step by step, quirks included, because published
-numbers come from that script:
+``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` at commit 458a8b2, October 2016, the script of the VQA v1
+and v2 results) step by step, quirks included, because published numbers come from that script:
 
 - the predicted answer: ``\\n``/``\\t`` -> space, strip, :func:`process_punctuation`, then
   :func:`process_digit_article` (lower-case, number words -> digits, drop articles, add the apostrophe
@@ -11,6 +11,11 @@ numbers come from that script:
   (the annotations are already normalised; the script relies on that);
 - accuracy: for each of the n human answers, ``min(1, #matches among the other n-1 answers / 3)``,
   averaged over the n leave-one-out subsets (n = 10 in VQA v1/v2).
+
+A 2021 commit of that repository (a013f00, "Fixed processing answers bug") changed the rule: there, the
+ground truths *and* the prediction get both steps when the annotators disagree, and neither gets any
+processing when they all agree ("two" vs ``["2"] * 10`` scores 0 there). Numbers computed with that
+version differ from these on such questions.
 
 Quirks kept from the script: its period regex ``(?!<=\\d)(\\.)(?!\\d)`` is a look-*ahead*, so it removes
 every period not followed by a digit; it is applied with ``count=re.UNICODE`` (= 32), so only the first
@@ -33,8 +38,8 @@ import numpy as np
 
 from vlpeft_jax.errors import InputError
 
-# Copied from the official vqaEval.py (latest version; keys like "Im" can never match after lower-casing,
-# as in the original).
+# Copied from the official vqaEval.py (commit 458a8b2, which fixed its apostrophes; keys like "Im" can never
+# match after lower-casing, as in the original).
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
     "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
