@@ -1,7 +1,9 @@
-"""``run.py sweep --config configs/X.py --sweep NAME [--seeds 0,1,2] [--out DIR] [--config.key=value ...]``.
+"""``run.py sweep --config configs/X.py --sweep NAME [--seeds 0,1,2] [--out DIR] [--metric M] [--config.k=v ...]``.
 
 Runs every variant of ``SWEEPS[NAME]`` in the config module for every seed and writes one Markdown
-table (mean ± std over seeds), ``sweep.json`` and a bar plot; see :mod:`vlpeft_jax.experiments.sweep`.
+table (mean ± population std over seeds), ``sweep.json`` and the plots; finished runs in ``--out`` are reused
+only when they were made with the same config (overrides included), anything else is refused before any run;
+see :mod:`vlpeft_jax.experiments.sweep`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sweep", required=True, help="which entry of SWEEPS")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     parser.add_argument("--out", type=Path, default=None, help="sweep directory (default runs/sweep-...)")
-    parser.add_argument("--metric", default="CIDEr-D", help="metric of the bar plot")
+    parser.add_argument("--metric", default=None,
+                        help="metric of the plots, one of the task's report metrics (default: its primary metric)")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:

@@ -2,23 +2,60 @@
 
 A sweepable config module defines ``get_config(variant)`` and ``SWEEPS = {name: [variant, ...]}``.
 ``python run.py sweep --config configs/shapes_compare_003.py --sweep table --seeds 0,1,2`` runs every
-variant for every seed (each in its own run directory under the sweep directory, so a killed sweep
-resumes: finished runs are skipped, a half-finished one resumes from its checkpoints; a variant that trains
-exactly like an earlier one of the same seed, differing only in evaluation settings, is evaluated on that
-run's parameters instead of being trained again, see :func:`runner.training_key`), then writes
-``sweep.md`` (mean ± std over seeds when there are several), ``sweep.json``, ``sweep.png`` (bars per
-variant) and ``sweep_params.png`` (target-domain metric against trainable %, log scale).
+variant for every seed, each in its own run directory ``<variant>-seed<N>`` under the sweep directory, then
+writes ``sweep.md`` (mean ± std over seeds when there are several), ``sweep.json``, ``sweep.png`` (bars per
+variant) and ``sweep_params.png`` (the first group's metric against trainable %, log scale). The table, the
+JSON and both plots are written atomically (a temporary file renamed over the old one), so a killed sweep never
+leaves a half-written table or plot over a good one.
+
+**Which runs are reused.** Beside each run directory the sweep keeps a record, ``<run>.sweep_run.json``: the
+variant, the seed, the ``--config.*`` overrides, :func:`runner.training_key` and the whole config the run was
+made with (after the overrides and the seed). Before anything runs or is written, every run directory of the
+sweep that already holds files is compared with the config it would now be run with, on every key except
+``run_dir`` and ``eval.zero_shot`` (whether the shared base is also evaluated zero-shot, which the sweep decides
+by the run's position; an existing run keeps its own setting):
+
+- the same config: a finished run (``results.json``) is reused as it is, never rewritten; an unfinished one
+  resumes from its checkpoints;
+- a different config (a ``--config.*`` override that changes training, or evaluation): the sweep is refused
+  with one line naming that run directory and the differing keys (``train.batch_size: 8 -> 4``); nothing is
+  written, no other run starts, and the old numbers are not published. Rerun with the overrides it was made
+  with (they are in its record and in ``sweep.json``) or give another ``--out``. (The sweep does not write the
+  new runs into new directories beside the old ones: one sweep directory holds one set of settings, so its
+  table can say what it was run with.)
+
+All other keys count, the cache directories included (they are part of :func:`runner.training_key`). A run
+directory holding files but neither a record nor a ``config.json`` (so what it was made with is unknown), a
+damaged ``results.json``, repeated or negative seeds, and ``--config.seed`` / ``--config.run_dir`` (which the
+sweep sets per run from ``--seeds`` and ``--out``) are refused the same way.
+
+Within one sweep, a variant that trains exactly like an earlier one of the same seed, differing only in
+evaluation settings (equal :func:`runner.training_key`), is evaluated on that run's parameters instead of being
+trained again (its ``results.json`` says ``trained_in``).
+
+``--metric`` (the plotted metric; default: the task's ``primary_metric``) must be one of the task's
+``report_metrics``; anything else is refused before any run or file. ``sweep.json`` and ``sweep.md`` record the
+overrides, the seeds, the config file and which std is shown.
+
+**Mean ± std.** The table and ``sweep.json``'s ``summary`` give, per variant, group and metric, the mean and the
+*population* standard deviation (``ddof=0``, numpy's default) of the score x100 over the seeds; for two seeds
+it is half their difference.
 
 Example:
     >>> summarize({"a": [{"adapted": {"target": {"metrics": {"CIDEr-D": 0.5}}}, "params": {"trainable_pct": 1.0}},
     ...                  {"adapted": {"target": {"metrics": {"CIDEr-D": 0.7}}}, "params": {"trainable_pct": 1.0}}]},
     ...           ["CIDEr-D"], ["target"])["a"]["target"]["CIDEr-D"]
     (60.0, 10.0)
+    >>> config_differences({"train": {"batch_size": 8}, "eval": {"zero_shot": True}, "seed": 0},
+    ...                    {"train": {"batch_size": 4}, "eval": {"zero_shot": False}, "seed": 0})
+    {'train.batch_size': (8, 4)}
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import io
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -27,9 +64,13 @@ from typing import Any
 
 import numpy as np
 
+from vlpeft_jax import files
 from vlpeft_jax.errors import ConfigError
 
 DOMAINS = ("target", "source")
+STD = "population (ddof=0)"  # which std the table and sweep.json give (numpy's default)
+RECORD_SUFFIX = ".sweep_run.json"
+COMPARE_IGNORE = ("run_dir", "eval.zero_shot")  # keys a reused run may differ in (see the module docstring)
 
 
 def load_sweeps(config_file: str | Path) -> dict[str, list[str]]:
@@ -49,7 +90,7 @@ def load_sweeps(config_file: str | Path) -> dict[str, list[str]]:
 
 def summarize(results: Mapping[str, Sequence[Mapping[str, Any]]], metrics: Sequence[str],
               domains: Sequence[str] = DOMAINS) -> dict[str, Any]:
-    """Per variant, domain and metric: (mean, std) of score x100 over the seeds; plus zero-shot and params."""
+    """Per variant, domain and metric: (mean, population std) of score x100 over the seeds; plus params."""
     out: dict[str, Any] = {}
     for variant, runs in results.items():
         row: dict[str, Any] = {"seeds": len(runs)}
@@ -59,7 +100,7 @@ def summarize(results: Mapping[str, Sequence[Mapping[str, Any]]], metrics: Seque
                 vals = [100 * r["adapted"][domain]["metrics"][m] for r in runs
                         if m in r["adapted"][domain]["metrics"]]
                 if vals:
-                    row[domain][m] = (float(np.mean(vals)), float(np.std(vals)))
+                    row[domain][m] = (float(np.mean(vals)), float(np.std(vals)))  # ddof=0, see STD
         row["trainable_pct"] = float(np.mean([r["params"]["trainable_pct"] for r in runs]))
         out[variant] = row
     return out
@@ -86,7 +127,15 @@ def table(summary: Mapping[str, Any], zero_shot: Mapping[str, Any] | None, metri
     return "\n".join(lines)
 
 
+def _save_figure(fig: Any, path: Path) -> None:
+    """The figure as PNG bytes, written atomically (:func:`files.write_bytes`)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
+    files.write_bytes(path, buf.getvalue())
+
+
 def plot(path: Path, summary: Mapping[str, Any], metric: str, groups: Sequence[str] = DOMAINS) -> None:
+    """Bars of ``metric`` (mean ± std) per variant and group, written atomically to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,7 +153,7 @@ def plot(path: Path, summary: Mapping[str, Any], metric: str, groups: Sequence[s
     ax.set_ylabel(f"{metric} x100")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
@@ -135,58 +184,226 @@ def plot_vs_params(path: Path, summary: Mapping[str, Any], metric: str, domain: 
     ax.set_ylabel(f"{domain} {metric} x100")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
-def run_sweep(config_file: str | Path, sweep: str, seeds: Sequence[int], out_dir: str | Path | None = None,
-              overrides: Sequence[str] = (), metric: str = "CIDEr-D") -> dict[str, Any]:
-    """Runs every variant x seed of ``SWEEPS[sweep]`` and writes the table and plot; returns the summary."""
-    from vlpeft_jax import tasks
+# ------------------------------------------------------------------------------- run records and reuse
+
+
+def json_config(cfg: Any) -> dict[str, Any]:
+    """A config as JSON stores it (tuples become lists, other objects strings), for comparing and recording."""
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys -> values; lists of mappings (the stages) are entered by index."""
+    if isinstance(d, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    if isinstance(d, list) and d and all(isinstance(x, Mapping) for x in d):
+        out = {}
+        for i, v in enumerate(d):
+            out.update(_flat(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any],
+                       ignore: Sequence[str] = COMPARE_IGNORE) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old, new)}`` where two JSON configs differ, except the keys in ``ignore``."""
+    missing = "<missing>"
+    a, b = _flat(old), _flat(new)
+    return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
+            if k not in ignore and a.get(k, missing) != b.get(k, missing)}
+
+
+def _short(v: Any, n: int = 48) -> str:
+    s = repr(v)
+    return s if len(s) <= n else s[:n - 3] + "..."
+
+
+@dataclasses.dataclass
+class PlannedRun:
+    """One variant x seed of a sweep: its config (overrides and seed applied) and what is in its directory."""
+
+    variant: str
+    seed: int
+    cfg: Any
+    run_dir: Path
+    record_path: Path
+    key: str = ""
+    finished: bool = False  # the run directory holds this run's results.json (reused as it is)
+    has_record: bool = False
+    results: dict[str, Any] | None = None  # a finished run's results.json
+
+
+def _stored_config(p: PlannedRun) -> tuple[dict[str, Any] | None, list[str] | None]:
+    """The config (and overrides, when recorded) that ``p.run_dir``'s files were made with, or (None, None)."""
+    for path, what in ((p.record_path, "sweep record"), (p.run_dir / "config.json", "run config")):
+        if not path.is_file():
+            continue
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{what} {path} cannot be read ({type(e).__name__}); the sweep cannot tell what "
+                              f"{p.run_dir} was run with: move it away or use another --out") from None
+        if what == "sweep record":
+            p.has_record = True
+            return stored.get("config"), stored.get("overrides")
+        return stored, None
+    return None, None
+
+
+def check_planned_run(p: PlannedRun) -> None:
+    """Compares ``p.run_dir``'s earlier run (if any) with ``p.cfg``; sets ``p.finished``; writes nothing.
+
+    Raises:
+      ConfigError: the directory holds files made with another config (the message names the differing keys),
+        or files whose config is unknown; or it is not a directory.
+    """
+    if p.run_dir.exists() and not p.run_dir.is_dir():
+        raise ConfigError(f"run directory {p.run_dir} is an existing file; the sweep needs it for "
+                          f"{p.variant} seed {p.seed}: move it away or use another --out")
+    holds_files = p.run_dir.is_dir() and any(p.run_dir.iterdir())
+    if not holds_files:
+        return  # a new run (a record of a run that never wrote anything is replaced)
+    stored, overrides = _stored_config(p)
+    if stored is None:
+        raise ConfigError(f"run directory {p.run_dir} holds files but no record of the config they were made with, "
+                          f"so the sweep will not reuse or overwrite them: move it away or use another --out")
+    zero_shot = (stored.get("eval") or {}).get("zero_shot")
+    if isinstance(zero_shot, bool):  # an existing run keeps its own zero-shot setting (not a difference)
+        with p.cfg.unlocked():
+            p.cfg.eval.zero_shot = zero_shot
+    diff = config_differences(stored, json_config(p.cfg))
+    if diff:
+        shown = "; ".join(f"{k}: {_short(o)} -> {_short(n)}" for k, (o, n) in list(diff.items())[:6])
+        more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
+        was = (f"the overrides it was made with: {' '.join(overrides) or 'none'}" if overrides is not None
+               else f"the config in {p.run_dir / 'config.json'}")
+        raise ConfigError(f"run directory {p.run_dir} holds a run made with a different config ({shown}{more}); the "
+                          f"sweep neither overwrites it nor publishes its numbers: rerun with {was}, or use another "
+                          f"--out")
+    p.finished = (p.run_dir / "results.json").is_file()
+    if p.finished:
+        p.results = files.read_json(p.run_dir / "results.json", what="results",
+                                    hint="that run is damaged: move its directory away or use another --out")
+
+
+def _run_name(variant: str, seed: int) -> str:
+    return f"{variant.replace(',', '_').replace('=', '')}-seed{seed}"
+
+
+def plan_sweep(config_file: str | Path, sweep: str, seeds: Sequence[int], base: Path,
+               overrides: Sequence[str] = ()) -> list[PlannedRun]:
+    """Every variant x seed of ``SWEEPS[sweep]`` with its config, checked against its run directory; writes
+    nothing. Only the first run evaluates the shared base zero-shot (if the config asks for it)."""
     from vlpeft_jax.config import apply_overrides, load_config_file
     from vlpeft_jax.experiments import runner
 
     sweeps = load_sweeps(config_file)
     if sweep not in sweeps:
         raise ConfigError(f"sweep {sweep!r} is not in {config_file}; available: {', '.join(sweeps)}")
+    dirs: dict[str, str] = {}
+    planned = []
+    for variant in sweeps[sweep]:
+        for seed in seeds:
+            name = _run_name(variant, seed)
+            if dirs.setdefault(name, variant) != variant:
+                raise ConfigError(f"variants {dirs[name]!r} and {variant!r} of sweep {sweep!r} would share the run "
+                                  f"directory {name}; rename one")
+            cfg = apply_overrides(load_config_file(config_file, variant), list(overrides))
+            with cfg.unlocked():
+                cfg.seed = int(seed)
+                cfg.run_dir = str(base / name)
+                if planned:  # the base is shared: evaluate it zero-shot only once
+                    cfg.eval.zero_shot = False
+            planned.append(PlannedRun(variant, int(seed), cfg, base / name, base / f"{name}{RECORD_SUFFIX}"))
+    for p in planned:
+        check_planned_run(p)
+        p.key = runner.training_key(p.cfg)
+    return planned
+
+
+def _task_metrics(planned: Sequence[PlannedRun], metric: str | None) -> tuple[str, list[str], list[str]]:
+    """The plotted metric (checked), the report metrics and the result groups of the sweep's task(s)."""
+    from vlpeft_jax import tasks
+
+    metrics: list[str] = []
+    groups: list[str] = []
+    for p in planned:
+        task = tasks.task_class(p.cfg.get("task", "captioning"))
+        if metric is not None and metric not in task.report_metrics:
+            raise ConfigError(f"--metric {metric!r} is not a report metric of the {p.cfg.get('task', 'captioning')} "
+                              f"task ({p.variant}); valid: {', '.join(task.report_metrics)}")
+        metric = metric or task.primary_metric
+        metrics, groups = list(task.report_metrics), list(task.groups_for(p.cfg))
+    assert metric is not None
+    return metric, metrics, groups
+
+
+def run_sweep(config_file: str | Path, sweep: str, seeds: Sequence[int], out_dir: str | Path | None = None,
+              overrides: Sequence[str] = (), metric: str | None = None) -> dict[str, Any]:
+    """Runs every variant x seed of ``SWEEPS[sweep]`` and writes the table and plots; returns the summary.
+
+    Everything (the configs with ``overrides``, ``metric``, the sweep directory and every earlier run in it) is
+    checked before the first run starts or the first file is written; see the module docstring.
+    """
+    from vlpeft_jax.experiments import runner
+
+    overrides = list(overrides)
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"seeds {seeds}: expected distinct non-negative integers, e.g. 0,1,2")
+    for o in overrides:
+        if o.split("=", 1)[0] in ("--config.seed", "--config.run_dir"):
+            raise ConfigError(f"{o}: a sweep sets the seed and run directory of each run itself; use --seeds and "
+                              f"--out")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(out_dir) if out_dir else Path("runs") / f"sweep-{Path(config_file).stem}-{sweep}-{stamp}"
+    files.check_writable_dir(base, "--out")
+    planned = plan_sweep(config_file, sweep, seeds, base, overrides)
+    metric, metrics, groups = _task_metrics(planned, metric)
     base.mkdir(parents=True, exist_ok=True)
     print(f"sweep directory: {base}")
     results: dict[str, list[dict[str, Any]]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
     zero_shot = None
-    metrics: list[str] = []
-    groups: list[str] = list(DOMAINS)
     trained: dict[str, Path] = {}  # training key -> finished run directory
-    for variant in sweeps[sweep]:
-        for seed in seeds:
-            cfg = apply_overrides(load_config_file(config_file, variant), list(overrides))
-            cfg.seed = int(seed)
-            safe = variant.replace(",", "_").replace("=", "")
-            cfg.run_dir = str(base / f"{safe}-seed{seed}")
-            if zero_shot is not None or results:  # the base is shared: evaluate it zero-shot only once
-                cfg.eval.zero_shot = False
-            done = Path(cfg.run_dir) / "results.json"
-            key = runner.training_key(cfg)
-            if done.is_file():
-                print(f"[{variant} seed {seed}] finished earlier; reusing {done}")
-                res = json.loads(done.read_text())
-            elif key in trained:
-                print(f"[{variant} seed {seed}] trains like {trained[key]}; evaluating its parameters")
-                res = runner.evaluate_trained(cfg, trained[key])
-            else:
-                print(f"[{variant} seed {seed}] running")
-                res = runner.run(cfg)
-            trained.setdefault(key, Path(res.get("trained_in") or cfg.run_dir))
-            results.setdefault(variant, []).append(res)
-            task = tasks.task_class(cfg.get("task", "captioning"))
-            metrics, groups = list(task.report_metrics), list(task.groups_for(cfg))
-            zero_shot = zero_shot or res.get("zero_shot")
+    for p in planned:
+        if not p.has_record:
+            record = {"variant": p.variant, "seed": p.seed, "overrides": overrides, "training_key": p.key,
+                      "config": json_config(p.cfg)}
+            files.write_text(p.record_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        tag = f"[{p.variant} seed {p.seed}]"
+        if p.finished:
+            print(f"{tag} finished earlier with the same config; reusing {p.run_dir / 'results.json'}")
+            assert p.results is not None
+            res = p.results
+        elif p.key in trained:
+            print(f"{tag} trains like {trained[p.key]}; evaluating its parameters")
+            res = runner.evaluate_trained(p.cfg, trained[p.key])
+        else:
+            print(f"{tag} running")
+            res = runner.run(p.cfg)
+        trained.setdefault(p.key, Path(res.get("trained_in") or p.run_dir))
+        results.setdefault(p.variant, []).append(res)
+        runs.setdefault(p.variant, []).append({"seed": p.seed, "run_dir": str(p.run_dir), "training_key": p.key,
+                                               "trained_in": res.get("trained_in"), "reused": p.finished})
+        zero_shot = zero_shot or res.get("zero_shot")
     summary = summarize(results, metrics, groups)
     text = table(summary, zero_shot, metrics, groups)
-    seeds_note = f"mean ± std over seeds {list(seeds)}" if len(seeds) > 1 else f"seed {seeds[0]}"
-    (base / "sweep.md").write_text(f"# {Path(config_file).stem}: {sweep}\n\nScores x100, {seeds_note}.\n\n{text}\n")
-    (base / "sweep.json").write_text(json.dumps({"summary": summary, "zero_shot": zero_shot}, indent=2))
+    seeds_note = f"mean ± std over seeds {seeds} (population std, ddof=0)" if len(seeds) > 1 else f"seed {seeds[0]}"
+    shown = " ".join(f"`{o}`" for o in overrides) if overrides else "none"
+    files.write_text(base / "sweep.md", f"# {Path(config_file).stem}: {sweep}\n\nScores x100, {seeds_note}.\n\n"
+                                        f"Config: `{config_file}`; overrides: {shown}.\n\n{text}\n")
+    files.write_text(base / "sweep.json", json.dumps(
+        {"config": str(config_file), "sweep": sweep, "seeds": seeds, "overrides": overrides, "metric": metric,
+         "std": STD, "summary": summary, "zero_shot": zero_shot, "runs": runs}, indent=2, default=float) + "\n")
     plot(base / "sweep.png", summary, metric, groups)
     plot_vs_params(base / "sweep_params.png", summary, metric, groups[0])
     print(text)
