@@ -505,13 +505,24 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs), strict=True))
 
 
+def _clip_image_processor_class(transformers):
+    """transformers' CLIP image processor with the PIL backend, OpenAI CLIP's own preprocessing (PIL bicubic):
+    ``CLIPImageProcessorPil`` in transformers 5 (its ``CLIPImageProcessor`` may pick torchvision), the plain
+    ``CLIPImageProcessor`` in transformers 4."""
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
-    """A tiny random Hugging Face CLIPModel with a byte-level CLIP tokenizer (no merges)."""
+    """A tiny random Hugging Face CLIPModel with a byte-level CLIP tokenizer (no merges) and an image processor.
+
+    Both towers' final LayerNorms get a shared direction (the text bias is chosen so that the text projection
+    maps it where the vision projection maps the vision bias) and smaller scales, so that every image-text
+    and text-text cosine is positive: no CLIP-S or reference similarity is clipped to 0, and the parity test
+    compares real values on both sides.
+    """
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    if importlib.util.find_spec("vlpeft_jax.hf.vision") is None:
-        pytest.skip("vlpeft_jax.hf.vision (our CLIP loaders) is not in this checkout")
     chars = list(_bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     tokenizer = transformers.CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[])
@@ -523,25 +534,46 @@ def tiny_clip_dir(tmp_path_factory):
     torch.manual_seed(0)
     config = transformers.CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=16)
     model = transformers.CLIPModel(config).eval()
+    with torch.no_grad():
+        vision_ln, text_ln = model.vision_model.post_layernorm, model.text_model.final_layer_norm
+        vision_ln.weight.mul_(0.5)
+        text_ln.weight.mul_(0.5)
+        b = torch.randn(32, generator=torch.Generator().manual_seed(1))
+        vision_ln.bias.copy_(3.0 * b / b.norm())
+        t = torch.linalg.pinv(model.text_projection.weight) @ (model.visual_projection.weight @ vision_ln.bias)
+        text_ln.bias.copy_(3.0 * t / t.norm())
     d = tmp_path_factory.mktemp("tiny_clip")
     model.save_pretrained(d)
     tokenizer.save_pretrained(d)
+    # CLIP's layout (shortest edge = crop size), with a mean/std other than the defaults: read from this file
+    _clip_image_processor_class(transformers)(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.45, 0.4, 0.35],
+        image_std=[0.25, 0.3, 0.2]).save_pretrained(d)
     return d, model, tokenizer
 
 
 def test_clip_scorer_matches_transformers_clip(tiny_clip_dir):
+    """Our CLIP-S / RefCLIP-S (our preprocessing, Flax towers) vs transformers end to end: the checkpoint's
+    image processor (PIL backend) prepares the reference's pixels; every compared score is positive."""
     import torch
+    import transformers
 
     d, model, tokenizer = tiny_clip_dir
     scorer = clipscore.ClipScorer(d, batch_size=4)
     rng = np.random.default_rng(0)
+    # aspect ratios where rounding and truncating the resized long edge differ (40, 46, 49 rows) and where
+    # they agree; one landscape image, one smaller than the crop
     images = [rng.integers(0, 256, size=(40 + 3 * i, 36, 3), dtype=np.uint8) for i in range(5)]
-    cands = ["a dog on a beach", "two cats", "a red bus in the city", "a plate of food", "people"]
+    images += [rng.integers(0, 256, size=size, dtype=np.uint8) for size in ((33, 47, 3), (20, 20, 3))]
+    cands = ["a dog on a beach", "two cats", "a red bus in the city", "a plate of food", "people", "a red car",
+             "grass"]
     references = [["a dog runs", "a beach"], ["cats sleeping"], ["a bus", "red bus", "city street"],
-                  ["food"], ["a crowd of people", "people walking"]]
+                  ["food"], ["a crowd of people", "people walking"], ["a car", "a red car parked"], ["a lawn"]]
     result = scorer.score(images, cands, references)
 
-    pixels = torch.from_numpy(scorer.preprocess.batch(images)).permute(0, 3, 1, 2)
+    processor = _clip_image_processor_class(transformers).from_pretrained(d)
+    pixels = torch.from_numpy(np.asarray(processor(images=images, return_tensors="np")["pixel_values"]))
+    assert tuple(pixels.shape) == (7, 3, 32, 32)
 
     def text_features(texts):
         enc = tokenizer(["A photo depicts " + t for t in texts], padding=True, return_tensors="pt")
@@ -555,8 +587,11 @@ def test_clip_scorer_matches_transformers_clip(tiny_clip_dir):
     def cos(a, b):
         return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
 
-    want_clip = np.array([2.5 * max(cos(img[i], cand[i]), 0) for i in range(5)])
-    want_ref = np.array([max(max(cos(cand[i], r) for r in refs[i]), 0) for i in range(5)])
+    image_text = np.array([cos(img[i], cand[i]) for i in range(7)])
+    text_text = np.array([max(cos(cand[i], r) for r in refs[i]) for i in range(7)])
+    assert image_text.min() > 0.1 and text_text.min() > 0.1  # nothing clipped to 0 on either side
+    want_clip = 2.5 * np.maximum(image_text, 0)
+    want_ref = np.maximum(text_text, 0)
     want_hm = np.where(want_clip + want_ref > 0, 2 * want_clip * want_ref / (want_clip + want_ref), 0)
     np.testing.assert_allclose(result["per_image"]["CLIP-S"], want_clip, atol=1e-4)
     np.testing.assert_allclose(result["per_image"]["RefCLIP-S"], want_hm, atol=1e-4)

@@ -21,12 +21,14 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from vlpeft_jax.data.images import ImagePreprocessor, decode_image, resize_uint8
 from vlpeft_jax.errors import InputError
 
 CLIP_SCORE_WEIGHT = 2.5
@@ -88,6 +90,37 @@ def ref_clip_score(image_embeds: np.ndarray, cand_embeds: np.ndarray, ref_embeds
     return clip_s, harmonic
 
 
+@dataclasses.dataclass(frozen=True)
+class ClipImagePreprocessor(ImagePreprocessor):
+    """CLIP's image processor: the shortest edge resized to the crop size, the long edge to
+    ``int(size * long / short)`` (truncated, as transformers' ``CLIPImageProcessor`` and OpenAI CLIP's
+    ``Resize`` compute it), bicubic, then a centre crop (offsets ``(resized - crop) // 2``) and the
+    normalisation. ``ImagePreprocessor(crop="center")`` rounds the long edge instead, which moves the crop
+    by a pixel for some aspect ratios (40 x 36 -> 36 x 32 instead of 35 x 32).
+
+    Example:
+        >>> pre = ClipImagePreprocessor(size=32, crop="center")
+        >>> pre.to_uint8(np.zeros((40, 36, 3), np.uint8)).shape
+        (32, 32, 3)
+    """
+
+    def to_uint8(self, image: Any, name: str | None = None) -> np.ndarray:
+        rgb = decode_image(image, name)
+        h, w = self.height_width
+        if rgb.shape[:2] == (h, w):
+            return rgb
+        edge = max(h, w)  # CLIP crops squares: shortest edge = crop size
+        rows, cols = rgb.shape[:2]
+        if rows <= cols:
+            rh, rw = edge, int(edge * cols / rows)
+        else:
+            rh, rw = int(edge * rows / cols), edge
+        rh, rw = max(rh, h), max(rw, w)
+        rgb = resize_uint8(rgb, (rh, rw), self.resample)
+        top, left = (rh - h) // 2, (rw - w) // 2
+        return np.ascontiguousarray(rgb[top:top + h, left:left + w])
+
+
 class ClipScorer:
     """CLIP-S / RefCLIP-S with our Flax CLIP towers loaded from a Hugging Face CLIP checkpoint directory.
 
@@ -108,7 +141,6 @@ class ClipScorer:
                  prefix: str = CLIP_SCORE_PREFIX, w: float = CLIP_SCORE_WEIGHT) -> None:
         import jax
 
-        from vlpeft_jax.data.images import ImagePreprocessor
         from vlpeft_jax.hf.vision import image_mean_std, load_clip_text, load_clip_vision
 
         self.vision, self.vision_params = load_clip_vision(model_dir, with_projection=True)
@@ -123,7 +155,7 @@ class ClipScorer:
                                  f"save the tokenizer there or pass tokenizer=... ({e})") from None
         self.tokenizer = tokenizer
         mean, std, size = image_mean_std(model_dir)
-        self.preprocess = ImagePreprocessor(size=size, mean=mean, std=std, resample="bicubic", crop="center")
+        self.preprocess = ClipImagePreprocessor(size=size, mean=mean, std=std, resample="bicubic", crop="center")
         self.max_length = self.text.config.max_position_embeddings
         self.batch_size, self.prefix, self.w = batch_size, prefix, w
         self._image_fn = jax.jit(lambda p, x: self.vision.apply({"params": p}, x).pooled)
