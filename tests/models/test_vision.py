@@ -4,6 +4,7 @@ Tiny random Hugging Face models are built and saved inside the tests, loaded wit
 output (last hidden state, all hidden states, pooled/projected output) is compared to transformers.
 """
 
+import copy
 import shutil
 
 import jax
@@ -413,12 +414,35 @@ def test_config_from_hf_variants():
 
 
 def test_bfloat16_compute_runs(clip_vision_dirs, images):
+    """bf16 compute is as accurate as bf16 allows, measured on this network.
+
+    Reference: transformers in float32 on the bf16-rounded weights and pixels (what our bf16 model computes
+    with: parameters are cast to bf16 where used, pixels on entry), so that what remains is the rounding of
+    the computation itself. Its size for this network is measured with PyTorch's own bf16 run of the same
+    model (every op rounded to bf16, float32 accumulation in matmuls, LayerNorm and softmax, as ours).
+    Bound: our relative L2 error <= 2x PyTorch's; the two frameworks round at different points (XLA fuses
+    elementwise ops), measured ratio ~1.3. An error beyond bf16 rounding (a lossy extra cast, a wrong
+    constant of ~1%) exceeds it, while the former absolute bound (0.25 on outputs of size ~4, ~16 bf16
+    ulps) did not see such errors.
+    """
     d, ref = clip_vision_dirs["plain"]
     module, params = vision.load_clip_vision(d, dtype=jnp.bfloat16)
     out = jax.jit(module.apply)({"params": params}, images[1])
-    assert out.last_hidden_state.dtype == jnp.bfloat16
+    assert out.last_hidden_state.dtype == jnp.bfloat16 and out.pooled.dtype == jnp.bfloat16
+    rounded = copy.deepcopy(ref)
     with torch.no_grad():
-        pooled = ref(images[0]).pooler_output
-    diff = _max_diff(out.pooled.astype(jnp.float32), pooled)
-    print(f"\n[bf16] CLIPVisionModel pooled max abs diff vs fp32 transformers: {diff:.2e}")
-    assert diff < 0.25
+        for p in rounded.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+        want = rounded(images[0].to(torch.bfloat16).float()).pooler_output.double().numpy()
+        torch_bf16 = copy.deepcopy(ref).to(torch.bfloat16)(images[0].to(torch.bfloat16)).pooler_output
+    assert torch_bf16.dtype == torch.bfloat16
+
+    def rel_err(a) -> float:
+        return float(np.linalg.norm(np.asarray(a, np.float64) - want) / np.linalg.norm(want))
+
+    ours, theirs = rel_err(out.pooled.astype(jnp.float32)), rel_err(torch_bf16.double().numpy())
+    u = 2.0**-8  # bf16 unit roundoff
+    print(f"\n[bf16] CLIPVisionModel pooled, relative L2 error vs fp32 on bf16-rounded weights/pixels: ours "
+          f"{ours:.2e} ({ours / u:.2f} u), PyTorch bf16 {theirs:.2e} ({theirs / u:.2f} u)")
+    assert 0 < theirs < 4 * u  # the yardstick is bf16 rounding, not a broken reference
+    assert ours <= 2 * theirs

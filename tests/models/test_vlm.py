@@ -1,5 +1,6 @@
 """The two VLM compositions: visual tokens placed as documented, Mapping Layer kinds, Q-Former VLM, decoding."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,8 +18,8 @@ DECODER = dict(family="gpt2", vocab_size=30, hidden_size=24, num_hidden_layers=2
                max_position_embeddings=64)
 
 
-def _vlm(connector, image_token_id=None):
-    cfg = dict(family="prefix_vlm", vision=VISION, decoder=DECODER, connector=connector)
+def _vlm(connector, image_token_id=None, vision=VISION):
+    cfg = dict(family="prefix_vlm", vision=vision, decoder=DECODER, connector=connector)
     if image_token_id is not None:
         cfg["image_token_id"] = image_token_id
     m, inputs = registry.build_model(cfg)
@@ -63,6 +64,26 @@ def test_placeholders_equal_prepending_when_in_front(inputs):
         check_placeholders(np.asarray(with_ph[:, 1:]), img, 4)
 
 
+def _connector_input(m, p, pixels):
+    """What the Mapping Layer receives in ``encode_image`` (intercepted), and the vision tower's own output."""
+    seen = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        if isinstance(context.module, MappingLayer) and context.method_name == "__call__":
+            seen.append(np.asarray(args[0]))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        visual = m.apply({"params": p}, pixels, method=m.encode_image)
+    tower = m.vision_tower.apply({"params": p["vision_tower"]}, pixels)
+    assert len(seen) == 1
+    return seen[0], tower, visual
+
+
+# which tokens of which hidden state reach the connector: [b, 1 + 4 patches, 16] -> selection
+SELECTED = {"all": lambda h: h, "cls": lambda h: h[:, :1], "patches": lambda h: h[:, 1:]}
+
+
 @pytest.mark.parametrize("kind,feature,num_prefix,n_out", [("linear", "all", 1, 5), ("mlp", "cls", 3, 3),
                                                             ("transformer", "patches", 1, 4),
                                                             ("transformer", "cls", 2, 2)])
@@ -70,6 +91,28 @@ def test_mapping_layer_kinds(kind, feature, num_prefix, n_out, inputs):
     m, p = _vlm(dict(kind=kind, feature=feature, num_prefix=num_prefix, num_layers=2))
     assert m.apply({"params": p}, inputs[0], method=m.encode_image).shape == (2, n_out, 24)
     assert m.num_visual_tokens(5) == n_out
+    fed, tower, _ = _connector_input(m, p, inputs[0])
+    np.testing.assert_array_equal(fed, np.asarray(SELECTED[feature](tower.last_hidden_state)))
+
+
+@pytest.mark.parametrize("feature,vision_layer", [("patches", -1), ("cls", -1), ("all", -1), ("patches", -2),
+                                                   ("cls", 0)])
+def test_connector_input_values(feature, vision_layer, inputs):
+    """The connector's input is the chosen hidden state's chosen tokens (values, not only the shape): -1 is the
+    final (normed) output, other indices ``hidden_states[i]`` as in HF's ``output_hidden_states`` (a 2-layer
+    tower: three distinct states and the normed output); with a linear connector its output is that input
+    times the kernel, plus the bias."""
+    two_layers = dict(VISION, num_hidden_layers=2)
+    m, p = _vlm(dict(kind="linear", feature=feature, vision_layer=vision_layer), vision=two_layers)
+    fed, tower, visual = _connector_input(m, p, inputs[0])
+    h = tower.last_hidden_state if vision_layer == -1 else tower.hidden_states[vision_layer]
+    want = np.asarray(SELECTED[feature](h))
+    np.testing.assert_array_equal(fed, want)
+    assert fed.shape == (2, {"patches": 4, "cls": 1, "all": 5}[feature], 16)
+    states = [np.asarray(x) for x in (tower.last_hidden_state, *tower.hidden_states)]
+    assert len(states) == 4 and sum(np.array_equal(SELECTED[feature](x), want) for x in states) == 1  # all differ
+    lin = p["multi_modal_projector"]["linear_1"]
+    np.testing.assert_allclose(visual, want @ np.asarray(lin["kernel"]) + np.asarray(lin["bias"]), atol=1e-5)
 
 
 def test_mapping_layer_bad_settings():
