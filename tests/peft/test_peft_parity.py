@@ -16,6 +16,8 @@ Run with ``-s`` to see the table of measured max abs differences.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import re
 from pathlib import Path
@@ -364,6 +366,119 @@ def test_dora_dropout_only_in_training(families):
                         jnp.asarray(fam.mask), rng=key(3), train=True)
     assert np.abs(ev - fam.ours([], method.merge(fam.params, p))).max() <= TOL
     assert not np.allclose(ev, np.asarray(out.logits)[fam.valid], atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Train-mode dropout under the same mask
+
+DROPOUT = 0.5
+
+
+class FixedMaskDropout(torch.nn.Module):
+    """A dropout whose keep mask is given: ``x * keep / (1 - p)``, what ``torch.nn.Dropout`` computes in training
+    for the mask it draws (checked in :func:`test_fixed_mask_dropout_is_torch_dropout`)."""
+
+    def __init__(self, keep: np.ndarray, p: float):
+        super().__init__()
+        self.keep, self.p = torch.tensor(np.asarray(keep)), p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert tuple(x.shape) == tuple(self.keep.shape), (tuple(x.shape), tuple(self.keep.shape))
+        return x * self.keep.to(x.dtype) / (1.0 - self.p)
+
+
+def test_fixed_mask_dropout_is_torch_dropout():
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 32) + 3.0  # no zeros: the output's zeros are the dropped elements
+    y = torch.nn.Dropout(DROPOUT).train()(x)
+    keep = (y != 0).numpy()
+    assert 0.4 < keep.mean() < 0.6
+    torch.testing.assert_close(FixedMaskDropout(keep, DROPOUT)(x), y, rtol=0, atol=0)
+
+
+class RecordedMasks:
+    """A method whose dropout keep masks (``jax.random.bernoulli`` draws) are recorded by module name.
+
+    ``jax.random.bernoulli`` is wrapped for the test; each hook call notes the module it runs for.
+    """
+
+    def __init__(self, method, monkeypatch):
+        self.method, self.masks, self._at = method, {}, []
+        real = jax.random.bernoulli
+
+        def bernoulli(key, p=0.5, shape=None, **kwargs):
+            out = real(key, p, shape, **kwargs)
+            assert self._at, "a dropout mask drawn outside a hook"
+            assert self._at[-1] not in self.masks, f"two masks for {self._at[-1]}"
+            self.masks[self._at[-1]] = np.asarray(out)
+            return out
+
+        monkeypatch.setattr(jax.random, "bernoulli", bernoulli)
+
+    def hooks(self, peft_params, **kwargs):
+        def named(fn):
+            def hook(ctx, *args):
+                self._at.append(ctx.name)
+                try:
+                    return fn(ctx, *args)
+                finally:
+                    self._at.pop()
+            return hook
+
+        return [dataclasses.replace(h, fn=named(h.fn)) for h in self.method.hooks(peft_params, **kwargs)]
+
+
+@pytest.mark.parametrize("model", list(MODEL_SPECS))
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_train_mode_dropout_matches_peft_under_the_same_mask(families, model, kind, monkeypatch):
+    """Training forward and gradients with dropout == peft's with the same keep masks in its ``lora_dropout``.
+
+    Our hooks draw the masks (recorded per module); peft's dropout modules are replaced by those masks and the
+    adapted layers put in training mode (peft's DoRA then feeds the dropped-out input to both added terms,
+    ``x W`` and ``x A B``, and keeps ``x`` in the base output). The masks are Bernoulli(1 - p), differ between
+    modules, and change the output.
+    """
+    fam = families[model]
+    method, config = make_method(model, kind)
+    method = dataclasses.replace(method, dropout=DROPOUT)
+    config.lora_dropout = DROPOUT
+    p = perturb_ours(method.init(key(0), fam.params))
+    recorded = RecordedMasks(method, monkeypatch)
+    rng = key(3)
+
+    def train_forward(q):
+        out = pb.apply_with(fam.model.apply, [(recorded, q)], {"params": fam.params}, jnp.asarray(fam.ids),
+                            jnp.asarray(fam.mask), rng=rng, train=True)
+        return fam._main(out)
+
+    ours = np.asarray(train_forward(p))[fam.valid]
+    masks = dict(recorded.masks)
+    paths = pb.module_paths(p, "lora_a")
+    assert set(masks) == {"/".join(path) for path in paths}
+    keep = np.concatenate([m.ravel() for m in masks.values()])
+    assert abs(keep.mean() - (1 - DROPOUT)) < 0.05, keep.mean()  # Bernoulli(1 - p), ~2000+ draws
+    same_shape = [(a, b) for a, b in itertools.combinations(masks.values(), 2) if a.shape == b.shape]
+    assert same_shape and not any(np.array_equal(a, b) for a, b in same_shape)  # one mask per module
+    assert np.abs(ours - fam.ours([(method, p)])).max() > 100 * TOL  # dropout changes the output
+
+    pm = peft.get_peft_model(fam.fresh_hf(), config).eval()
+    copy_into_peft(pm, p)
+    for path in paths:
+        mod = peft_module(pm, path)
+        assert isinstance(mod.lora_dropout["default"], torch.nn.Dropout)
+        mod.lora_dropout["default"] = FixedMaskDropout(masks["/".join(path)], DROPOUT)
+        mod.train()  # only the adapted layers: the base model's own dropouts stay off
+    assert record(f"{model}/{kind} train-mode dropout forward", np.abs(ours - fam.theirs(pm)).max()) <= TOL
+
+    weights = loss_weights(fam, ours.shape[-1])
+    recorded.masks.clear()
+    g_ours = jax.grad(lambda q: jnp.sum(train_forward(q) * weights))(p)
+    assert all(np.array_equal(recorded.masks[n], m) for n, m in masks.items())  # the same masks again
+    for prm in pm.parameters():
+        prm.grad = None
+    (fam.torch_out(pm) * torch.tensor(weights)).sum().backward()
+    assert record(f"{model}/{kind} train-mode dropout gradients", max_tree_diff(g_ours, torch_grads(pm, p))) \
+        <= GRAD_TOL
 
 
 # --------------------------------------------------------------------------------------------------
