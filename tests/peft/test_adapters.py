@@ -8,6 +8,7 @@ max abs differences.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -158,22 +159,31 @@ def _randomise(tree, key, names=("adapter_up", "adapter_up_bias", "adapter_down_
     return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
-def _torch_bottleneck(p, activation: str, scaling: float):
+def _torch_bottleneck(p, activation: str, scaling: float, keep: np.ndarray | None = None, dropout: float = 0.0):
+    """The adapter in torch; with ``keep``, dropout on its input with that keep mask (``h * keep / (1 - p)``, what
+    ``torch.nn.Dropout`` computes for the mask it draws; tests/peft/test_peft_parity.py checks that)."""
     t = {k: torch.as_tensor(np.asarray(v)) for k, v in p.items()}
     act = {"relu": torch.relu, "tanh": torch.tanh, "gelu": torch.nn.functional.gelu}[activation]
+    mask = None if keep is None else torch.tensor(np.asarray(keep))
 
     def adapter(h):
+        if mask is not None:
+            assert tuple(h.shape) == tuple(mask.shape), (tuple(h.shape), tuple(mask.shape))
+            h = h * mask.to(h.dtype) / (1.0 - dropout)
         z = h @ t["adapter_down"] + t.get("adapter_down_bias", 0.0)
         return scaling * (act(z) @ t["adapter_up"] + t.get("adapter_up_bias", 0.0))
 
     return adapter
 
 
-def _attach_torch_adapters(fam: Family, adapter: BottleneckAdapter, peft_params) -> list:
-    """Torch hooks applying the same adapters to the reference model; returns the handles to remove."""
+def _attach_torch_adapters(fam: Family, adapter: BottleneckAdapter, peft_params, masks=None) -> list:
+    """Torch hooks applying the same adapters to the reference model (with ``masks``, {module name: keep mask},
+    their dropout in training); returns the handles to remove."""
     handles = []
     for path in pb.module_paths(peft_params, "adapter_down"):
-        a = _torch_bottleneck(pb.get_path(peft_params, path), adapter.activation, adapter.scaling)
+        keep = None if masks is None else masks["/".join(path)]
+        a = _torch_bottleneck(pb.get_path(peft_params, path), adapter.activation, adapter.scaling, keep,
+                              adapter.dropout)
         if adapter.placement == "sequential":
             handles.append(fam.torch_module(path).register_forward_hook(lambda m, i, out, a=a: out + a(out)))
         elif fam.name == "bert":  # the FFN input enters `intermediate`; its output leaves `output.dense`
@@ -310,6 +320,65 @@ def test_adapter_dropout_only_in_training(families):
     assert not np.allclose(fam.run([(adapter, p)]), loss(p, jax.random.key(2))[1])
     g = jax.grad(lambda q: loss(q, None)[0])(adapter.init(jax.random.key(0), fam.params))
     assert float(jnp.abs(g["model"]["layers_0"]["mlp"]["adapter_up"]).sum()) > 0  # learns from the zero init
+
+
+class RecordedMasks:
+    """A method whose dropout keep masks (``jax.random.bernoulli`` draws) are recorded by module name."""
+
+    def __init__(self, method, monkeypatch):
+        self.method, self.masks, self._at = method, {}, []
+        real = jax.random.bernoulli
+
+        def bernoulli(key, p=0.5, shape=None, **kwargs):
+            out = real(key, p, shape, **kwargs)
+            assert self._at and self._at[-1] not in self.masks, (self._at, sorted(self.masks))
+            self.masks[self._at[-1]] = np.asarray(out)
+            return out
+
+        monkeypatch.setattr(jax.random, "bernoulli", bernoulli)
+
+    def hooks(self, peft_params, **kwargs):
+        def named(fn):
+            def hook(ctx, *args):
+                self._at.append(ctx.name)
+                try:
+                    return fn(ctx, *args)
+                finally:
+                    self._at.pop()
+            return hook
+
+        return [dataclasses.replace(h, fn=named(h.fn)) for h in self.method.hooks(peft_params, **kwargs)]
+
+
+@pytest.mark.parametrize("placement", ["sequential", "parallel"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "vit"])
+def test_adapter_train_mode_dropout_matches_torch_reference_under_the_same_mask(families, name, placement,
+                                                                              monkeypatch):
+    """Training forward with dropout == the torch reference with the same keep masks on the adapters' inputs
+    (sequential: the linear's output; parallel: the FFN's input). Masks: Bernoulli(1 - p), one per module."""
+    fam = families(name)
+    activation = "gelu" if name == "bert" else "relu"
+    adapter = BottleneckAdapter(placement=placement, bottleneck_size=4, activation=activation, scaling=2.0,
+                                dropout=0.4)
+    p = _randomise(adapter.init(jax.random.key(0), fam.params), jax.random.key(1))
+    recorded = RecordedMasks(adapter, monkeypatch)
+    out = pb.apply_with(fam.module.apply, [(recorded, p)], {"params": fam.params}, *fam.inputs,
+                        rng=jax.random.key(2), train=True)
+    ours = np.asarray(fam.output(out))
+    paths = pb.module_paths(p, "adapter_down")
+    assert set(recorded.masks) == {"/".join(path) for path in paths}
+    keep = np.concatenate([m.ravel() for m in recorded.masks.values()])
+    assert abs(keep.mean() - 0.6) < 0.05, keep.mean()
+    assert len({m.tobytes() for m in recorded.masks.values()}) == len(recorded.masks)
+    assert np.max(np.abs(ours - fam.run([(adapter, p)]))) > 1e-3  # dropout changes the output
+
+    handles = _attach_torch_adapters(fam, adapter, p, masks=recorded.masks)
+    try:
+        ref = fam.run_torch()
+    finally:
+        for h in handles:
+            h.remove()
+    assert record(f"{name} {placement} adapter train-mode dropout vs torch hooks", ours, ref) <= TOL
 
 
 def test_adapter_bad_inputs_and_registry(families):
