@@ -152,6 +152,37 @@ def test_bad_settings_are_config_errors(shapes_caches, change, match):
         tasks.build(cfg)
 
 
+def test_config_variants():
+    with pytest.raises(ConfigError, match="unknown variant 'bogus'"):
+        load_config_file(str(ROOT / "configs/shapes_vqa.py:bogus"))
+    cfg = load_config_file(str(ROOT / "configs/shapes_vqa.py:all_types,smoke"))
+    assert list(cfg.train.question_types) == list(shapes.QUESTION_TYPES)
+    pre = load_config_file(str(ROOT / "configs/shapes_vqa_pretrain.py"))
+    base = set(pre.train.question_types)  # source-style: what the source captions say; the rest is adapted
+    assert base == {"color", "shape", "existence"}
+    assert set(load_config_file(str(ROOT / "configs/shapes_vqa.py")).train.question_types) == \
+        set(shapes.QUESTION_TYPES) - base
+
+
+def test_captions_mixed_into_training(shapes_caches):
+    cfg = smoke_config(shapes_caches)
+    cfg.train.captions = "source"
+    t = tasks.build(cfg)
+    batches = t.train_batches(seed=0)
+    world = t.world["train"]
+    n_questions = sum(ex.meta["qtype"] in cfg.train.question_types for ex in t.examples("train"))
+    assert len(batches.items) == n_questions + sum(len(s["captions_source"]) for s in world.scenes)
+    tok = t.tokenizer
+    for b in batches.iterate(0, 4):
+        for ids, labels in zip(b["input_ids"], b["labels"], strict=True):
+            text = tok.decode(ids)
+            target = tok.decode(labels[labels != IGNORE_INDEX])
+            assert text.endswith(target) and (text.startswith("question:") or text == target)
+    cfg.train.captions = "styled"
+    with pytest.raises(ConfigError, match="train.captions='styled'"):
+        tasks.build(cfg)
+
+
 # -------------------------------------------------------------------------------------- VQA files
 
 
