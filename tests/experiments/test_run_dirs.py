@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -147,7 +146,8 @@ def test_sigint_stops_training_with_a_checkpoint(tmp_path, shapes_caches):
     for attempt in range(3):  # the race the issue saw: one SIGINT in four was swallowed
         run_dir = tmp_path / f"run{attempt}"
         proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "train", "--config", str(config),
-                                 f"--config.run_dir={run_dir}", f"--config.pretrain.cache_dir={shapes_caches['pretrain']}",
+                                 f"--config.run_dir={run_dir}",
+                                 f"--config.pretrain.cache_dir={shapes_caches['pretrain']}",
                                  f"--config.data.cache_dir={shapes_caches['data']}"],
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         metrics = run_dir / "metrics.jsonl"
