@@ -6,7 +6,12 @@ that the scores agree, prints a Markdown table with the ratios (pycocoevalcap ti
 ours is faster) and returns the numbers.
 
 Example:
-    >>> result = run(["--images", "50", "--repeats", "1"])  # doctest: +SKIP
+    >>> result = run(["--images", "50", "--repeats", "1"])  # doctest: +ELLIPSIS
+    caption metrics on 50 images x 5 refs (seed 0, best of 1)
+    | metric | pycocoevalcap (s) | ours (s) | speed-up | max abs diff |
+    ...
+    >>> result["max_abs_diff"] < 1e-9
+    True
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ The machine this was written on is a 2-core box shared with other work: step tim
 is printed (``os.getloadavg``) before and after, and returned. Under heavy load PyTorch's OpenMP threads slow
 down much more than XLA's thread pool, which favours us; compare at low load.
 
-Example:
+Example (not run by the doctests: it trains both sides and reads the load; tests/benchmarks runs it):
     >>> results = run(["--layers", "1", "--width", "32", "--heads", "2", "--vocab", "64", "--batch", "2",
     ...                "--seq", "8", "--repeats", "2", "--methods", "lora", "--isolate", "none"])  # doctest: +SKIP
     >>> results["results"]["lora"]["ratios"]["torch_over_ours"] > 0  # doctest: +SKIP

@@ -14,7 +14,8 @@
 Parameters on disk use the checkpoint format (orbax, :func:`vlpeft_jax.train.checkpoint.save_tree`):
 ``final/peft`` (and ``final/base`` when training changed the base), the pretrain cache's ``params``.
 
-Example (a tiny run, a few seconds):
+Example (a tiny run, still too long for the doctests: it builds the shapes world and a pretrained base
+before training; the end-to-end tests in tests/experiments run it):
     >>> import tempfile
     >>> from vlpeft_jax.config import load_config_file, validate
     >>> cfg = load_config_file("configs/shapes_lora.py:smoke")  # doctest: +SKIP

@@ -156,7 +156,7 @@ def load_bert(model_dir: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[B
     Keys may carry a ``bert.`` prefix (``BertForMaskedLM`` and friends); task heads are ignored; the pooler
     is part of the model iff the checkpoint has ``pooler.dense.weight``.
 
-    Example:
+    Example (needs a checkpoint directory, so not run by the doctests; tests/models/test_bert.py loads one):
         >>> model, params = load_bert("path/to/all-MiniLM-L6-v2")  # doctest: +SKIP
         >>> out = model.apply({"params": params}, ids, mask)  # doctest: +SKIP
     """
@@ -178,7 +178,7 @@ def load_qformer(model_dir: str | os.PathLike, num_query_tokens: int | None = No
     one (full checkpoints do); otherwise they are initialised as BLIP-2 does, ``normal(0.02)`` from
     ``rng``, with ``num_query_tokens`` (or the config's) tokens.
 
-    Example:
+    Example (needs a checkpoint directory, so not run by the doctests; tests/models/test_bert.py loads one):
         >>> qformer, params = load_qformer("path/to/qformer", num_query_tokens=32,
         ...                                rng=jax.random.key(0))  # doctest: +SKIP
         >>> out = qformer.apply({"params": params}, image_features)  # doctest: +SKIP
@@ -226,7 +226,7 @@ def qformer_from_bert(bert_dir: str | os.PathLike, num_query_tokens: int, cross_
     ``qformer_text_input=True`` gives InstructBLIP's layout (the Q-Former embeds instructions), False
     BLIP-2's.
 
-    Example:
+    Example (needs a BERT checkpoint directory, so not run by the doctests; tests/models/test_bert.py runs it):
         >>> qformer, params = qformer_from_bert("path/to/bert-base-uncased", num_query_tokens=32,
         ...     cross_attention_frequency=2, encoder_hidden_size=1408, rng=jax.random.key(0))  # doctest: +SKIP
     """

@@ -5,7 +5,8 @@ The world (``config.data``, :mod:`vlpeft_jax.data.shapes`) has two caption style
 (``config.eval``: greedy or beam, KV cache) once, and scores the captions against each domain's references
 (BLEU-4, METEOR, ROUGE-L, CIDEr-D, ...; :func:`vlpeft_jax.eval.captions.evaluate_captions`).
 
-Example (a seconds-long run through the runner):
+Example (a full run through the runner: it builds the shapes world and a pretrained base, trains and
+decodes, too long for the doctests; the end-to-end tests in tests/experiments run it):
     >>> from vlpeft_jax.config import load_config_file
     >>> cfg = load_config_file("configs/shapes_lora.py:smoke")  # doctest: +SKIP
     >>> from vlpeft_jax.experiments import runner  # doctest: +SKIP
