@@ -543,3 +543,20 @@ def test_integer_leaves_are_always_frozen():
     lab = labels.make_labels(params, [("peft/.*", "m")])
     assert lab["peft"]["m"] == {"values": "m", "indices": labels.FROZEN}
     assert labels.count_params(params, lab)["trainable"] == 6
+
+
+def test_closed_loop_callbacks_after_a_failed_restore_are_quiet(monkeypatch):
+    # a failed orbax restore can leave tensorstore callbacks that fire on a closed event loop: Python reports each
+    # as an unraisable traceback, dozens of them around the one warning; exactly those are dropped
+    import sys
+    import types
+
+    from vlpeft_jax.train import checkpoint
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
+    checkpoint._quiet_closed_loop_callbacks()
+    checkpoint._quiet_closed_loop_callbacks()  # idempotent: one filter, not a chain
+    for error in (RuntimeError("Event loop is closed"), RuntimeError("something else"), ValueError("x")):
+        sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error))
+    assert seen == ["something else", "x"]

@@ -58,6 +58,23 @@ def _with_sharding(x: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
+def _quiet_closed_loop_callbacks() -> None:
+    """After orbax fails to restore a damaged checkpoint, tensorstore callbacks of the failed read can still fire
+    once its event loop is closed; Python reports each as an unraisable ``RuntimeError('Event loop is closed')``
+    traceback (dozens of them), which buries the one warning that matters. Drop exactly those, nothing else."""
+    previous = sys.unraisablehook
+    if getattr(previous, "vlpeft_closed_loop_filter", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.vlpeft_closed_loop_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
     """Saves and restores train states under one directory, keeping the newest ``keep``.
 
@@ -166,6 +183,7 @@ class Checkpointer:
         return self.directory.with_name(self.directory.name + ".corrupt")
 
     def _quarantine(self, step: int, error: Exception) -> None:
+        _quiet_closed_loop_callbacks()
         dest = self._corrupt_dir() / str(step)
         n = 1
         while dest.exists():
