@@ -62,13 +62,14 @@ def resolve_run_dir(cfg: ml_collections.ConfigDict) -> Path:
     return Path(cfg.run_dir) if cfg.get("run_dir") else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _config_dict(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
-    """The config as JSON would store it (tuples -> lists), for comparing with a run directory's."""
+def json_config(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+    """A config as JSON stores it (tuples become lists, other objects strings), for comparing and recording."""
     d = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
     return json.loads(json.dumps(d, sort_keys=True, default=str))
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys -> values; lists of mappings (the stages) are entered by index."""
     if isinstance(d, Mapping):
         out: dict[str, Any] = {}
         for k, v in d.items():
@@ -84,11 +85,21 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Sequence[str] = ("run_dir",)
                        ) -> dict[str, tuple[Any, Any]]:
-    """``{dotted key: (old, new)}`` where two configs differ (``<missing>`` for absent keys)."""
-    a, b = _flat({k: v for k, v in old.items() if k not in ignore}), _flat({k: v for k, v in new.items()
-                                                                             if k not in ignore})
-    return {k: (a.get(k, "<missing>"), b.get(k, "<missing>")) for k in sorted(set(a) | set(b))
-            if a.get(k, "<missing>") != b.get(k, "<missing>")}
+    """``{dotted key: (old, new)}`` where two JSON configs differ (``<missing>`` for absent keys), except the
+    dotted keys in ``ignore`` and everything under them.
+
+    Example:
+        >>> config_differences({"train": {"batch_size": 8}, "run_dir": "a"}, {"train": {"batch_size": 4}})
+        {'train.batch_size': (8, 4)}
+    """
+    missing = "<missing>"
+    a, b = _flat(old), _flat(new)
+
+    def ignored(k: str) -> bool:
+        return any(k == i or k.startswith(i + ".") for i in ignore)
+
+    return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
+            if not ignored(k) and a.get(k, missing) != b.get(k, missing)}
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -114,7 +125,7 @@ def check_run_dir(run_dir: Path, cfg: ml_collections.ConfigDict) -> dict[str, An
         return None
     stored = files.read_json(stored_file, what="run config",
                              hint="the run directory is damaged; use a new run_dir")
-    diff = config_differences(stored, _config_dict(cfg))
+    diff = config_differences(stored, json_config(cfg))
     finished = is_finished(run_dir)
     if diff:
         shown = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in list(diff.items())[:8])

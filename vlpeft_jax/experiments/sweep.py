@@ -47,7 +47,7 @@ Example:
     ...           ["CIDEr-D"], ["target"])["a"]["target"]["CIDEr-D"]
     (60.0, 10.0)
     >>> config_differences({"train": {"batch_size": 8}, "eval": {"zero_shot": True}, "seed": 0},
-    ...                    {"train": {"batch_size": 4}, "eval": {"zero_shot": False}, "seed": 0})
+    ...                    {"train": {"batch_size": 4}, "eval": {"zero_shot": False}, "seed": 0}, COMPARE_IGNORE)
     {'train.batch_size': (8, 4)}
 """
 
@@ -66,6 +66,7 @@ import numpy as np
 
 from vlpeft_jax import files
 from vlpeft_jax.errors import ConfigError
+from vlpeft_jax.experiments.runner import config_differences, json_config
 
 DOMAINS = ("target", "source")
 STD = "population (ddof=0)"  # which std the table and sweep.json give (numpy's default)
@@ -191,36 +192,6 @@ def plot_vs_params(path: Path, summary: Mapping[str, Any], metric: str, domain: 
 # ------------------------------------------------------------------------------- run records and reuse
 
 
-def json_config(cfg: Any) -> dict[str, Any]:
-    """A config as JSON stores it (tuples become lists, other objects strings), for comparing and recording."""
-    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    return json.loads(json.dumps(d, sort_keys=True, default=str))
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted keys -> values; lists of mappings (the stages) are entered by index."""
-    if isinstance(d, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out or {prefix[:-1]: {}}
-    if isinstance(d, list) and d and all(isinstance(x, Mapping) for x in d):
-        out = {}
-        for i, v in enumerate(d):
-            out.update(_flat(v, f"{prefix}{i}."))
-        return out
-    return {prefix[:-1]: d}
-
-
-def config_differences(old: Mapping[str, Any], new: Mapping[str, Any],
-                       ignore: Sequence[str] = COMPARE_IGNORE) -> dict[str, tuple[Any, Any]]:
-    """``{dotted key: (old, new)}`` where two JSON configs differ, except the keys in ``ignore``."""
-    missing = "<missing>"
-    a, b = _flat(old), _flat(new)
-    return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
-            if k not in ignore and a.get(k, missing) != b.get(k, missing)}
-
-
 def _short(v: Any, n: int = 48) -> str:
     s = repr(v)
     return s if len(s) <= n else s[:n - 3] + "..."
@@ -279,7 +250,7 @@ def check_planned_run(p: PlannedRun) -> None:
     if isinstance(zero_shot, bool):  # an existing run keeps its own zero-shot setting (not a difference)
         with p.cfg.unlocked():
             p.cfg.eval.zero_shot = zero_shot
-    diff = config_differences(stored, json_config(p.cfg))
+    diff = config_differences(stored, json_config(p.cfg), COMPARE_IGNORE)
     if diff:
         shown = "; ".join(f"{k}: {_short(o)} -> {_short(n)}" for k, (o, n) in list(diff.items())[:6])
         more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
