@@ -20,6 +20,7 @@ import pytest
 import torch
 import transformers
 
+from tests.peft.dropout_masks import RecordedMasks
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.hf import bert as hf_bert
 from vlpeft_jax.hf import decoders, vision
@@ -322,34 +323,6 @@ def test_adapter_dropout_only_in_training(families):
     assert float(jnp.abs(g["model"]["layers_0"]["mlp"]["adapter_up"]).sum()) > 0  # learns from the zero init
 
 
-class RecordedMasks:
-    """A method whose dropout keep masks (``jax.random.bernoulli`` draws) are recorded by module name."""
-
-    def __init__(self, method, monkeypatch):
-        self.method, self.masks, self._at = method, {}, []
-        real = jax.random.bernoulli
-
-        def bernoulli(key, p=0.5, shape=None, **kwargs):
-            out = real(key, p, shape, **kwargs)
-            assert self._at and self._at[-1] not in self.masks, (self._at, sorted(self.masks))
-            self.masks[self._at[-1]] = np.asarray(out)
-            return out
-
-        monkeypatch.setattr(jax.random, "bernoulli", bernoulli)
-
-    def hooks(self, peft_params, **kwargs):
-        def named(fn):
-            def hook(ctx, *args):
-                self._at.append(ctx.name)
-                try:
-                    return fn(ctx, *args)
-                finally:
-                    self._at.pop()
-            return hook
-
-        return [dataclasses.replace(h, fn=named(h.fn)) for h in self.method.hooks(peft_params, **kwargs)]
-
-
 @pytest.mark.parametrize("placement", ["sequential", "parallel"])
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "vit"])
 def test_adapter_train_mode_dropout_matches_torch_reference_under_the_same_mask(families, name, placement,
@@ -571,7 +544,6 @@ def test_llama_adapter_peft_saved_imported_here(families, tmp_path):
 
 
 def test_llama_adapter_peft_export_refusals(families, tmp_path):
-    import dataclasses
 
     import peft
 
