@@ -465,5 +465,5 @@ def test_wrong_shape_is_named(families, tmp_path):
 
 def test_non_decoder_model_type_is_rejected(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(CheckpointError, match="'bert'.*gpt2, llama, qwen2"):
+    with pytest.raises(CheckpointError, match="'bert'.*gpt2, llama, opt, qwen2"):
         decoders.load_decoder(tmp_path)

@@ -30,7 +30,7 @@ def _loaders() -> dict[str, Callable[..., tuple[Any, dict]]]:
     return {**DECODER_LOADERS, **VISION_LOADERS, "bert": load_bert, "blip_2_qformer": load_qformer}
 
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "vit", "clip", "clip_vision_model", "bert", "blip_2_qformer")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "opt", "vit", "clip", "clip_vision_model", "bert", "blip_2_qformer")
 
 
 def load_pretrained(model_dir: str | os.PathLike, **kwargs: Any) -> tuple[Any, dict]:

@@ -1,10 +1,11 @@
-"""Hugging Face checkpoints of the decoder language models (GPT-2, LLaMA, Qwen2): in and back out.
+"""Hugging Face checkpoints of the decoder language models (GPT-2, LLaMA, Qwen2, OPT): in and back out.
 
 Each family has an explicit key map (HF tensor name -> our parameter path, with the transpose a PyTorch
 ``nn.Linear`` weight needs; GPT-2's ``Conv1D`` needs none), a loader that reads ``config.json`` and the
 weights of a local checkpoint directory, and the inverse ``to_hf_state_dict`` used to export merged
 weights. Checkpoints saved from the base classes (``GPT2Model``, ``LlamaModel``: keys without the
-``transformer.`` / ``model.`` prefix, e.g. the original ``gpt2`` release) load as well.
+``transformer.`` / ``model.`` prefix, e.g. the original ``gpt2`` release; ``OPTModel``: ``decoder.*``) load
+as well.
 
 Example (tiny random checkpoint written by transformers)::
 
@@ -27,6 +28,7 @@ from vlpeft_jax.hf import io
 from vlpeft_jax.models import layers
 from vlpeft_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from vlpeft_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from vlpeft_jax.models.opt import OPTConfig, OPTForCausalLM
 
 # --------------------------------------------------------------------------------------------------
 # Key maps
@@ -80,6 +82,36 @@ def llama_key_maps(config: LlamaConfig) -> list[io.KeyMap]:
     return maps
 
 
+def opt_key_maps(config: OPTConfig) -> list[io.KeyMap]:
+    """HF ``OPTForCausalLM`` keys -> our paths (``project_in``/``project_out`` and the decoder's
+    ``final_layer_norm`` only where the architecture has them; ``lm_head`` only when untied).
+
+    Example:
+        >>> maps = opt_key_maps(OPTConfig(num_hidden_layers=1, word_embed_proj_dim=32))
+        >>> [m.path for m in maps if "project" in m.hf_key]
+        ['model/decoder/project_in/kernel', 'model/decoder/project_out/kernel']
+    """
+    d = "model.decoder"
+    maps = [io.embedding(f"{d}.embed_tokens.weight", "model/decoder/embed_tokens"),
+            io.embedding(f"{d}.embed_positions.weight", "model/decoder/embed_positions")]
+    if config.projects:
+        maps += io.linear(f"{d}.project_in", "model/decoder/project_in", bias=False)
+        maps += io.linear(f"{d}.project_out", "model/decoder/project_out", bias=False)
+    for i in range(config.num_hidden_layers):
+        hf, ours = f"{d}.layers.{i}", f"model/decoder/layers_{i}"
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            maps += io.linear(f"{hf}.self_attn.{name}", f"{ours}/self_attn/{name}", bias=config.enable_bias)
+        maps += io.norm(f"{hf}.self_attn_layer_norm", f"{ours}/self_attn_layer_norm")
+        maps += io.linear(f"{hf}.fc1", f"{ours}/fc1", bias=config.enable_bias)
+        maps += io.linear(f"{hf}.fc2", f"{ours}/fc2", bias=config.enable_bias)
+        maps += io.norm(f"{hf}.final_layer_norm", f"{ours}/final_layer_norm")
+    if config.has_final_layer_norm:
+        maps += io.norm(f"{d}.final_layer_norm", "model/decoder/final_layer_norm")
+    if not config.tie_word_embeddings:
+        maps += io.linear("lm_head", "lm_head", bias=False)
+    return maps
+
+
 # --------------------------------------------------------------------------------------------------
 # Loaders
 
@@ -116,6 +148,18 @@ def load_llama(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> tup
     return model, params
 
 
+def load_opt(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> tuple[OPTForCausalLM, dict]:
+    """Builds an :class:`OPTForCausalLM` from a local Hugging Face OPT checkpoint directory.
+
+    Returns the module and its parameters as host (numpy, float32) arrays (see :func:`load_gpt2`).
+    """
+    config = OPTConfig.from_hf(io.load_config(model_dir), dtype=dtype)
+    model = OPTForCausalLM(config)
+    state = _with_prefix(io.load_state_dict(model_dir), "model.", "decoder.embed_tokens.weight")
+    params = io.convert(state, opt_key_maps(config), abstract_params(model), source=str(model_dir))
+    return model, params
+
+
 def _with_prefix(state: dict[str, np.ndarray], prefix: str, probe: str) -> dict[str, np.ndarray]:
     """Adds the trunk prefix to the keys of a checkpoint saved from the base class (no ``lm_head``)."""
     if prefix + probe in state or probe not in state:
@@ -136,6 +180,7 @@ DECODER_LOADERS: dict[str, Callable[..., tuple[Any, dict]]] = {
     "gpt2": load_gpt2,
     "llama": load_llama,
     "qwen2": load_llama,
+    "opt": load_opt,
 }
 
 
@@ -165,7 +210,13 @@ def llama_to_hf_state_dict(params: Mapping[str, Any], config: LlamaConfig) -> di
     return _invert(params, llama_key_maps(config))
 
 
-def to_hf_state_dict(params: Mapping[str, Any], config: GPT2Config | LlamaConfig) -> dict[str, np.ndarray]:
+def opt_to_hf_state_dict(params: Mapping[str, Any], config: OPTConfig) -> dict[str, np.ndarray]:
+    """Our OPT parameters -> a HF ``OPTForCausalLM`` state dict (no ``lm_head.weight`` when tied)."""
+    return _invert(params, opt_key_maps(config))
+
+
+def to_hf_state_dict(params: Mapping[str, Any], config: GPT2Config | LlamaConfig | OPTConfig
+                     ) -> dict[str, np.ndarray]:
     """The inverse of the loaders: HF tensor name -> float32 numpy array, ready for ``safetensors``.
 
     Example:
@@ -180,4 +231,6 @@ def to_hf_state_dict(params: Mapping[str, Any], config: GPT2Config | LlamaConfig
         return gpt2_to_hf_state_dict(params, config)
     if isinstance(config, LlamaConfig):
         return llama_to_hf_state_dict(params, config)
-    raise TypeError(f"to_hf_state_dict takes a GPT2Config or LlamaConfig, got {type(config).__name__}")
+    if isinstance(config, OPTConfig):
+        return opt_to_hf_state_dict(params, config)
+    raise TypeError(f"to_hf_state_dict takes a GPT2Config, LlamaConfig or OPTConfig, got {type(config).__name__}")

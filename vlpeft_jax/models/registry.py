@@ -61,6 +61,12 @@ def _llama(cfg: Mapping[str, Any]) -> Any:
     return LlamaForCausalLM(_config(LlamaConfig, cfg, str(cfg.get("family"))))
 
 
+def _opt(cfg: Mapping[str, Any]) -> Any:
+    from vlpeft_jax.models.opt import OPTConfig, OPTForCausalLM
+
+    return OPTForCausalLM(_config(OPTConfig, cfg, "opt"))
+
+
 def _vit(cfg: Mapping[str, Any]) -> Any:
     from vlpeft_jax.models.vit import ViTConfig, ViTModel
 
@@ -73,7 +79,8 @@ def _clip_vision(cfg: Mapping[str, Any]) -> Any:
     return CLIPVisionModel(_config(CLIPVisionConfig, cfg, "clip_vision"))
 
 
-DECODERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {"gpt2": _gpt2, "llama": _llama, "qwen2": _llama}
+DECODERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {"gpt2": _gpt2, "llama": _llama, "qwen2": _llama,
+                                                            "opt": _opt}
 VISION: dict[str, Callable[[Mapping[str, Any]], Any]] = {"vit": _vit, "clip_vision": _clip_vision}
 VLMS = ("prefix_vlm",)
 CLASSIFIERS = ("vision_classifier",)
@@ -87,7 +94,7 @@ def _family(cfg: Mapping[str, Any], valid: Mapping[str, Any] | tuple[str, ...], 
 
 
 def build_decoder(cfg: Mapping[str, Any]) -> Any:
-    """A decoder LM module from ``{"family": "gpt2"|"llama"|"qwen2", <HF config fields>}``."""
+    """A decoder LM module from ``{"family": "gpt2"|"llama"|"qwen2"|"opt", <HF config fields>}``."""
     return DECODERS[_family(cfg, DECODERS, "decoder")](cfg)
 
 
@@ -106,8 +113,10 @@ def build_prefix_vlm(cfg: Mapping[str, Any]) -> Any:
     vision = build_vision(cfg["vision"])
     decoder = build_decoder(cfg["decoder"])
     connector = _config(ConnectorConfig, cfg.get("connector", {}), "connector")
+    # Visual tokens enter as inputs_embeds: as wide as the token embeddings (OPT's word_embed_proj_dim).
+    lm_width = getattr(decoder.config, "word_embed_proj_dim", None) or decoder.config.hidden_size
     return PrefixVLM(vision_tower=vision, language_model=decoder, connector=connector,
-                     lm_width=decoder.config.hidden_size, image_token_id=cfg.get("image_token_id"))
+                     lm_width=lm_width, image_token_id=cfg.get("image_token_id"))
 
 
 def build_vision_classifier(cfg: Mapping[str, Any]) -> Any:
