@@ -9,6 +9,7 @@ differences.
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -311,3 +312,67 @@ def test_config_from_hf_and_errors():
         OPTConfig.from_hf({"model_type": "opt", "layer_norm_elementwise_affine": False})
     with pytest.raises(ConfigError, match="divisible"):
         OPTConfig(hidden_size=30, num_attention_heads=4)
+
+
+# --------------------------------------------------------------------------------------------------
+# peft adapter export/import and the base-model checkpoint export
+
+
+def test_lora_export_loads_in_peft_and_imports_back(families, tmp_path):
+    """Trained-looking LoRA on attention, feed-forward and ``project_in``: ``export_peft`` ->
+    ``PeftModel.from_pretrained`` gives our logits; ``import_peft`` of it (and of peft's re-save) gives them back."""
+    from vlpeft_jax.hf import peft_io
+
+    fam = families("post_proj")
+    ids, mask = _batch(seed=7)
+    method = LoRA(targets=("q_proj", "v_proj", "fc2", "project_in"), rank=4, alpha=6.0)
+    p = perturb_ours(method.init(key(0), fam.params))
+
+    def ours_with(m, q):
+        return np.asarray(pb.apply_with(fam.model.apply, [(m, q)], {"params": fam.params}, ids, mask).logits)
+
+    ours = ours_with(method, p)
+    assert np.abs(ours - np.asarray(fam.forward(fam.params, ids, mask).logits)).max() > 100 * LORA_TOL
+    out_dir = peft_io.export_peft(method, p, fam.dir, tmp_path / "ours")
+    cfg = json.loads((out_dir / "adapter_config.json").read_text())
+    assert (cfg["task_type"], cfg["fan_in_fan_out"], cfg["base_model_name_or_path"]) == ("CAUSAL_LM", False,
+                                                                                          str(fam.dir))
+    assert sorted(cfg["target_modules"]) == ["fc2", "project_in", "q_proj", "v_proj"]
+    fresh = transformers.OPTForCausalLM.from_pretrained(fam.dir, attn_implementation="eager").eval()
+    loaded = peft.PeftModel.from_pretrained(fresh, out_dir).eval()
+    with torch.no_grad():
+        theirs = loaded(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask).long()).logits.numpy()
+    assert record("post_proj LoRA export -> peft", _masked_max_diff(ours, theirs, mask)) <= LORA_TOL
+
+    imported, q = peft_io.import_peft(out_dir, fam.params)
+    assert type(imported) is LoRA and imported.alpha == 6.0
+    assert jax.tree.structure(q) == jax.tree.structure(p)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), q, jax.tree.map(np.asarray, p))
+    assert record("post_proj LoRA export -> import_peft", np.abs(ours_with(imported, q) - ours).max()) <= LORA_TOL
+    loaded.save_pretrained(tmp_path / "theirs")  # peft's own files, imported here
+    imported, q = peft_io.import_peft(tmp_path / "theirs", fam.params)
+    assert record("post_proj LoRA peft save -> import_peft", _masked_max_diff(ours_with(imported, q), theirs, mask)) \
+        <= LORA_TOL
+    assert peft_io.BaseModelInfo.from_hf_dir(fam.dir).model_type == "opt"
+
+
+@pytest.mark.parametrize("name", ["pre_proj_untied", "post_proj"])
+def test_write_hf_checkpoint_loads_in_transformers(families, tmp_path, name):
+    """Our (changed) params written with ``cli.export.write_hf_checkpoint`` load with ``AutoModelForCausalLM``
+    and give our logits."""
+    from vlpeft_jax.cli.export import write_hf_checkpoint
+
+    fam = families(name)
+    leaves, treedef = jax.tree.flatten(fam.params)
+    noise = jax.random.split(key(3), len(leaves))
+    params = jax.tree.unflatten(treedef, [x + 0.01 * jax.random.normal(k, x.shape) for x, k in zip(leaves, noise,
+                                                                                                   strict=True)])
+    write_hf_checkpoint(params, fam.model.config, tmp_path)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert isinstance(hf_model, transformers.OPTForCausalLM)
+    ids, mask = _batch(seed=8)
+    with torch.no_grad():
+        theirs = hf_model(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask).long()).logits.numpy()
+    ours = np.asarray(fam.forward(params, ids, mask).logits)
+    assert np.abs(ours - np.asarray(fam.forward(fam.params, ids, mask).logits)).max() > 1e-3  # not the originals
+    assert record(f"{name} write_hf_checkpoint -> AutoModelForCausalLM", np.abs(ours - theirs).max()) <= TOL

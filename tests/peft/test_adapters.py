@@ -85,6 +85,11 @@ class Family:
                 vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=2))
             loader = decoders.load_llama
+        elif name == "opt":  # fc1/fc2 directly in the decoder layer, where the mlp hook sits
+            ref = transformers.OPTForCausalLM(transformers.OPTConfig(
+                vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=32, dropout=0.0))
+            loader = decoders.load_opt
         elif name == "bert":
             ref = transformers.BertModel(transformers.BertConfig(
                 vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -100,7 +105,7 @@ class Family:
         self.dir = d
         self.module, params = loader(d)
         self.params = jax.tree.map(jnp.asarray, params)
-        if name in ("gpt2", "llama"):
+        if name in ("gpt2", "llama", "opt"):
             ids = rng.integers(0, VOCAB, (2, 7))
             self.torch_inputs = {"input_ids": torch.as_tensor(ids)}
             self.inputs = (jnp.asarray(ids),)
@@ -185,8 +190,17 @@ def _attach_torch_adapters(fam: Family, adapter: BottleneckAdapter, peft_params,
         keep = None if masks is None else masks["/".join(path)]
         a = _torch_bottleneck(pb.get_path(peft_params, path), adapter.activation, adapter.scaling, keep,
                               adapter.dropout)
+        if fam.name == "opt":  # transformers' OPT runs fc1/fc2 on [b*t, d]; the masks are [b, t, d]
+            lead = tuple(fam.torch_inputs["input_ids"].shape)
+            a = (lambda h, a=a, lead=lead: a(h.reshape(*lead, -1)).reshape(h.shape))
         if adapter.placement == "sequential":
             handles.append(fam.torch_module(path).register_forward_hook(lambda m, i, out, a=a: out + a(out)))
+        elif fam.name == "opt":  # the FFN input enters `fc1`; its output leaves `fc2`
+            seen = {}
+            handles.append(fam.torch_module(path + ("fc1",)).register_forward_pre_hook(
+                lambda m, i, seen=seen: seen.update(x=i[0])))
+            handles.append(fam.torch_module(path + ("fc2",)).register_forward_hook(
+                lambda m, i, out, a=a, seen=seen: out + a(seen["x"])))
         elif fam.name == "bert":  # the FFN input enters `intermediate`; its output leaves `output.dense`
             seen = {}
             handles.append(fam.torch_module(path).register_forward_pre_hook(
@@ -207,15 +221,17 @@ EXPECTED_TARGETS = {
     ("llama", "sequential"): {"model/layers_0/self_attn/o_proj", "model/layers_0/mlp/down_proj"},
     ("bert", "sequential"): {"encoder/layer_0/attention/output/dense", "encoder/layer_0/output/dense"},
     ("vit", "sequential"): {"encoder/layer_0/attention/output/dense", "encoder/layer_0/output/dense"},
+    ("opt", "sequential"): {"model/decoder/layers_0/self_attn/out_proj", "model/decoder/layers_0/fc2"},
     ("gpt2", "parallel"): {"transformer/h_0/mlp"},
     ("llama", "parallel"): {"model/layers_0/mlp"},
     ("bert", "parallel"): {"encoder/layer_0/intermediate"},
     ("vit", "parallel"): {"encoder/layer_0"},
+    ("opt", "parallel"): {"model/decoder/layers_0"},
 }
 
 
 @pytest.mark.parametrize("placement", ["sequential", "parallel"])
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "vit"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "vit", "opt"])
 def test_adapter_zero_init_then_matches_torch_reference(families, name, placement):
     fam = families(name)
     activation = "gelu" if name == "bert" else "relu"
@@ -239,7 +255,7 @@ def test_adapter_zero_init_then_matches_torch_reference(families, name, placemen
     assert np.max(np.abs(ours - base_out)) > 1e-3  # the adapters do act
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "vit"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "vit", "opt"])
 def test_hook_point_discovery_matches_where_models_call_hooks(families, name):
     """ffn_hook_points / attention_modules find exactly the paths where the model calls mlp / attention."""
     fam = families(name)
@@ -324,7 +340,7 @@ def test_adapter_dropout_only_in_training(families):
 
 
 @pytest.mark.parametrize("placement", ["sequential", "parallel"])
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "vit"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "vit", "opt"])
 def test_adapter_train_mode_dropout_matches_torch_reference_under_the_same_mask(families, name, placement,
                                                                               monkeypatch):
     """Training forward with dropout == the torch reference with the same keep masks on the adapters' inputs

@@ -41,15 +41,21 @@ from vlpeft_jax.errors import ConfigError
 
 
 def hf_config_dict(config: Any) -> dict[str, Any]:
-    """A Hugging Face ``config.json`` for one of our decoder configs (GPT-2, LLaMA, Qwen2).
+    """A Hugging Face ``config.json`` for one of our decoder configs (GPT-2, LLaMA, Qwen2, OPT).
 
     Example:
         >>> from vlpeft_jax.models.gpt2 import GPT2Config
         >>> hf_config_dict(GPT2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4))["n_embd"]
         64
+        >>> from vlpeft_jax.models.opt import OPTConfig
+        >>> out = hf_config_dict(OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        ...                                word_embed_proj_dim=32, do_layer_norm_before=False))
+        >>> out["architectures"], out["word_embed_proj_dim"], out["do_layer_norm_before"]
+        (['OPTForCausalLM'], 32, False)
     """
     from vlpeft_jax.models.gpt2 import GPT2Config
     from vlpeft_jax.models.llama import LlamaConfig
+    from vlpeft_jax.models.opt import OPTConfig
 
     if isinstance(config, GPT2Config):
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
@@ -79,7 +85,22 @@ def hf_config_dict(config: Any) -> dict[str, Any]:
         else:
             out.update(attention_bias=config.attention_bias, mlp_bias=config.mlp_bias)
         return out
-    raise ConfigError(f"exporting the base model is supported for GPT-2 and LLaMA/Qwen2 decoders, not "
+    if isinstance(config, OPTConfig):
+        if config.layer_norm_eps != 1e-5:
+            raise ConfigError(f"OPT layer_norm_eps={config.layer_norm_eps} cannot be exported: transformers' OPT "
+                              "has no such setting and always uses 1e-5")
+        # dropout 0: our OPT has none (transformers' default of 0.1 acts only in training mode)
+        return {"architectures": ["OPTForCausalLM"], "model_type": "opt", "vocab_size": config.vocab_size,
+                "hidden_size": config.hidden_size, "ffn_dim": config.ffn_dim,
+                "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
+                "max_position_embeddings": config.max_position_embeddings,
+                "word_embed_proj_dim": config.word_embed_proj_dim,
+                "do_layer_norm_before": config.do_layer_norm_before,
+                "_remove_final_layer_norm": config.remove_final_layer_norm,
+                "enable_bias": config.enable_bias, "layer_norm_elementwise_affine": True,
+                "activation_function": config.activation_function, "dropout": 0.0, "attention_dropout": 0.0,
+                "layerdrop": 0.0, "tie_word_embeddings": config.tie_word_embeddings, "torch_dtype": "float32"}
+    raise ConfigError(f"exporting the base model is supported for GPT-2, LLaMA/Qwen2 and OPT decoders, not "
                       f"{type(config).__name__}")
 
 

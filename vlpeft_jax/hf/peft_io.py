@@ -73,7 +73,7 @@ PEFT_TYPE_METHODS: dict[str, str] = {
 }
 
 # peft's task type per base model family (it picks the PeftModel subclass peft wraps the model in).
-TASK_TYPES: dict[str, str] = {"gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "qwen2": "CAUSAL_LM",
+TASK_TYPES: dict[str, str] = {"gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "qwen2": "CAUSAL_LM", "opt": "CAUSAL_LM",
                               "bert": "FEATURE_EXTRACTION"}
 
 # registered method name -> "module:FORMAT", its PeftFormat (imported on first use, as the methods are).
@@ -146,10 +146,10 @@ class BaseModelInfo:
     """What an export needs to know about the Hugging Face model the adapter is for.
 
     Attributes:
-      model_type: ``gpt2``, ``llama``, ``qwen2``, ``bert``.
+      model_type: ``gpt2``, ``llama``, ``qwen2``, ``opt``, ``bert``.
       task_type: peft's task type (``CAUSAL_LM`` for decoders, ``FEATURE_EXTRACTION`` for BERT).
       base_model_name_or_path: written to the config (where peft finds the base model); may be None.
-      config: our architecture config (``GPT2Config``, ``LlamaConfig``, ``BertConfig``), for methods that
+      config: our architecture config (``GPT2Config``, ``LlamaConfig``, ``OPTConfig``, ``BertConfig``), for methods that
         need sizes (prompt and prefix tuning), or None.
       linear_modules: every linear layer of the model (our paths); lets ``target_modules`` use short names
         (``c_attn``) where they select exactly the adapted layers. Empty: full module names are written.
@@ -171,15 +171,18 @@ class BaseModelInfo:
         from vlpeft_jax.models.bert import BertConfig
         from vlpeft_jax.models.gpt2 import GPT2Config
         from vlpeft_jax.models.llama import LlamaConfig
+        from vlpeft_jax.models.opt import OPTConfig
 
         if isinstance(config, GPT2Config):
             model_type, maps = "gpt2", decoders.gpt2_key_maps(config)
         elif isinstance(config, LlamaConfig):
             model_type, maps = config.model_type, decoders.llama_key_maps(config)
+        elif isinstance(config, OPTConfig):
+            model_type, maps = "opt", decoders.opt_key_maps(config)
         elif isinstance(config, BertConfig):
             model_type, maps = "bert", hf_bert.bert_key_map(config)
         else:
-            raise UnsupportedAdapterError(f"peft export knows GPT-2, LLaMA/Qwen2 and BERT models; got a "
+            raise UnsupportedAdapterError(f"peft export knows GPT-2, LLaMA/Qwen2, OPT and BERT models; got a "
                                           f"{type(config).__name__}")
         kernels = [m for m in maps if m.path.endswith("/kernel")]
         linear = tuple(tuple(m.path.split("/")[:-1]) for m in kernels)
@@ -193,12 +196,13 @@ class BaseModelInfo:
         from vlpeft_jax.models.bert import BertConfig
         from vlpeft_jax.models.gpt2 import GPT2Config
         from vlpeft_jax.models.llama import LlamaConfig
+        from vlpeft_jax.models.opt import OPTConfig
 
         hf = io.load_config(model_dir)
         model_type = hf.get("model_type")
         builders: dict[str, Callable[[Mapping[str, Any]], Any]] = {
             "gpt2": GPT2Config.from_hf, "llama": LlamaConfig.from_hf, "qwen2": LlamaConfig.from_hf,
-            "bert": BertConfig.from_hf}
+            "opt": OPTConfig.from_hf, "bert": BertConfig.from_hf}
         if model_type not in builders:
             raise UnsupportedAdapterError(f"{model_dir}: model_type {model_type!r} is not supported for peft export; "
                                           f"supported: {', '.join(builders)}")

@@ -12,7 +12,8 @@ base model. Seed ``002_77ee72ace92f5c60.txt`` (§4.1, Table 2) compares both pla
   ``attention/output/dense``/``output/dense`` in BERT, ViT and the Q-Former).
 - ``placement="parallel"``: ``y = FFN(x) + s · A(x)`` beside a whole feed-forward block (the ``mlp`` hook),
   as He et al.'s best variant (parallel to the FFN, scaled). The ``mlp`` hook points are
-  ``.../mlp`` (LLaMA, GPT-2, CLIP, the connector), the layer itself ``.../layer_<i>`` (ViT) and
+  ``.../mlp`` (LLaMA, GPT-2, CLIP, the connector), the layer itself ``.../layer_<i>`` (ViT) or
+  ``.../layers_<i>`` (OPT, whose ``fc1``/``fc2`` sit directly in the decoder layer) and
   ``.../intermediate`` / ``.../intermediate_query`` (BERT and the Q-Former); :func:`ffn_hook_points`
   finds them in a parameter tree. Targets are patterns over these paths (default: every one).
 
@@ -58,10 +59,10 @@ def ffn_hook_points(params: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> 
     """The paths where the backbones call the ``mlp`` hook, with the feed-forward's input width.
 
     Mirrors the model files: ``.../mlp`` holding ``gate_proj``/``up_proj``/``c_fc``/``fc1`` (LLaMA,
-    GPT-2, CLIP); a ViT layer (``layernorm_after`` beside ``intermediate`` and ``output``);
+    GPT-2, CLIP); an OPT decoder layer (``fc1``/``fc2`` beside ``self_attn``, the hook at the layer's own
+    path); a ViT layer (``layernorm_after`` beside ``intermediate`` and ``output``);
     ``<layer>/intermediate`` and ``<layer>/intermediate_query`` of a BERT / Q-Former layer. (The transformer
-    Mapping Layer's blocks call the hook at ``layers_<i>/mlp`` but keep ``fc1``/``fc2`` directly under
-    ``layers_<i>``: no parameter node to hold an adapter, so they are not listed.)
+    Mapping Layer's blocks hold ``fc1``/``fc2`` under ``layers_<i>/mlp``, found as ``.../mlp``.)
 
     Example:
         >>> import numpy as np
@@ -79,6 +80,9 @@ def ffn_hook_points(params: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> 
                 if isinstance(node.get(first), Mapping) and "kernel" in node[first]:
                     out[path] = int(node[first]["kernel"].shape[0])
                     break
+        elif "self_attn" in node and _is_linear(node.get("fc1")) and _is_linear(node.get("fc2")):
+            # OPT: the hook wraps fc2(act(fc1(x))) at the decoder layer's own path
+            out[path] = int(node["fc1"]["kernel"].shape[0])
         elif "layernorm_after" in node and "intermediate" in node and "output" in node:
             # ViT: the hook wraps intermediate + output at the layer's own path
             out[path] = int(node["intermediate"]["dense"]["kernel"].shape[0])
@@ -89,6 +93,10 @@ def ffn_hook_points(params: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> 
                     out[path + (f"intermediate{suffix}",)] = int(inter["dense"]["kernel"].shape[0])
         out.update(ffn_hook_points(node, path))
     return out
+
+
+def _is_linear(node: Any) -> bool:
+    return isinstance(node, Mapping) and "kernel" in node
 
 
 def match_paths(candidates: Mapping[tuple[str, ...], Any], patterns: tuple[str, ...], method: str,
