@@ -18,6 +18,7 @@ from vlpeft_jax.train.state import TrainState
 from vlpeft_jax.train.step import jit_train_step, make_train_step
 
 WEIGHT = 0.25
+hooks.register_side_input("toy", "float32 [b]: the toy method's per-example factor (these tests only)")
 
 
 @dataclasses.dataclass(frozen=True)

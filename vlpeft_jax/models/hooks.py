@@ -165,7 +165,6 @@ SIDE_INPUTS: dict[str, str] = {
     "modality": "int32 [b, t]: per-token modality of the sequence a layer sees (0 text, 1 image)",
     "knockout": "bool [b, t_q, t_k] or [layers, b, t_q, t_k]: attention edges to block (attention knockout)",
     "topic_targets": "int32 [b, t]: target topic per token (KLAFT's topic control)",
-    "toy": "float32 [b]: a test-only value (the capability tests of the method protocol)",
 }
 """Side inputs a hook may read (``ctx.side_input(name)``): name -> dtype, shape and meaning. A method that
 needs a new one registers it with :func:`register_side_input`."""

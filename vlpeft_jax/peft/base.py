@@ -40,6 +40,7 @@ Example (a method that records a loss term and reads a side input):
     ...         return [hooks.Hook("linear", fn)]
     ...     def merge(self, base_params, p):
     ...         return base_params
+    >>> hooks.register_side_input("toy", "float32 [b]: a per-example factor (this example only)")
     >>> layer = Linear(2, name="proj")
     >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 3)))
     >>> m = Scale()

@@ -236,20 +236,6 @@ def select(params: Mapping[str, Any], targets: str | Sequence[str], *, k: int = 
     return out
 
 
-def for_shapes(method: Any) -> Any:
-    """``method`` with ``gradient`` selection replaced by ``magnitude``: the same parameter shapes and counts,
-    without the selection dataset that gradient scores need (``run.py params``, reading a saved run back).
-
-    Example:
-        >>> from vlpeft_jax.peft.neuroada import NeuroAda
-        >>> for_shapes(NeuroAda(targets=("q_proj",), k=2, selection="gradient")).selection
-        'magnitude'
-    """
-    if getattr(method, "selection", None) == "gradient":
-        return dataclasses.replace(method, selection="magnitude")
-    return method
-
-
 def count_selected(params: Mapping[str, Any], targets: str | Sequence[str], *, k: int = 1, budget: float = 0.0,
                    neuron_fraction: float = 1.0, name: str = "selection") -> int:
     """How many connections :func:`select` picks over ``params`` (arrays or ``ShapeDtypeStruct`` s):
