@@ -9,9 +9,27 @@ returning an object with ``.logits`` ``[b, t, vocab]`` and ``.cache`` (a :class:
 - every later call gets one new token per row, ids ``[b', 1]`` with a mask of ones and ``decode=True``.
 
 :class:`ModuleApply` builds such a function from any module following the calling convention of
-:mod:`vlpeft_jax.models.outputs` (GPT-2, LLaMA, ``PrefixVLM``, ``QFormerVLM``). The prompt is processed
-once; then a ``lax.while_loop`` runs single-token steps against the cache until every sequence has
-finished or ``max_new_tokens`` tokens were produced. The whole of :func:`generate` is one ``jax.jit``,
+:mod:`vlpeft_jax.models.outputs` (GPT-2, LLaMA, OPT, ``PrefixVLM``, ``QFormerVLM``), encoder-decoders included.
+
+**Encoder-decoders** (a module with a true ``is_encoder_decoder`` attribute: T5, or a VLM whose language model
+is one). :func:`generate` is unchanged; the convention lives in the module and in :class:`ModuleApply`:
+
+- the prefill passes the prompt as the *encoder* input (``input_ids``/``inputs_embeds``/the dict, with the
+  ``attention_mask``) and no ``decoder_input_ids``: the module runs the encoder once, starts the decoder from
+  its ``decoder_start_token_id`` (so the prefill's logits are ``[b, 1, vocab]`` and the cache is sized
+  ``1 + max_new_tokens``) and fills the cache's cross-attention keys/values and encoder mask (a dict prompt
+  may also carry ``decoder_input_ids``, a decoder prefix);
+- every step calls ``module.apply(variables, decoder_input_ids=tokens [b', 1], cache=cache, decode=True)``:
+  no encoder input, so the encoder is not run again; the mask passed to the step function is ignored (the
+  decoder has no padding and the encoder mask is in the cache).
+
+A VLM wrapping an encoder-decoder LM accepts ``decoder_input_ids`` and, when it is called without an encoder
+input, passes the step through to its language model. The cache (``T5Cache``) is a pytree whose leaves all
+have the batch axis first (except the write index), so beam search's row repeat and gather need nothing
+special.
+
+The prompt is processed once; then a ``lax.while_loop`` runs single-token steps against the cache until every
+sequence has finished or ``max_new_tokens`` tokens were produced. The whole of :func:`generate` is one ``jax.jit``,
 compiled once per step function, input shapes, ``method``, ``num_beams``, ``max_new_tokens`` and number of
 EOS ids; the EOS and pad ids, ``length_penalty`` and ``early_stopping`` are traced values (changing them
 does not recompile).
@@ -100,6 +118,8 @@ class ModuleApply:
     Prefill inputs: token ids ``[b, t]`` (int), embeddings ``[b, t, d]`` (float, passed as
     ``inputs_embeds``), or a dict of keyword arguments for the module (e.g. ``input_ids`` and
     ``pixel_values`` for a VLM). Decode steps pass ids positionally; a VLM then runs its language model.
+    For an encoder-decoder (``module.is_encoder_decoder``) the prefill inputs are the encoder's and decode
+    steps pass ``decoder_input_ids=`` (see the module docstring).
     It is hashable (a frozen dataclass of a module), so :func:`generate` compiles once per module.
 
     Attributes:
@@ -110,6 +130,9 @@ class ModuleApply:
 
     def __call__(self, params: Any, inputs: Any, attention_mask: Array, cache: Any, decode: bool) -> Any:
         variables = {"params": params}
+        if decode and getattr(self.module, "is_encoder_decoder", False):
+            # the encoder ran at the prefill (its output is in the cache): only the decoder steps
+            return self.module.apply(variables, decoder_input_ids=inputs, cache=cache, decode=True)
         if isinstance(inputs, dict):
             return self.module.apply(variables, attention_mask=attention_mask, cache=cache, decode=decode, **inputs)
         if jnp.issubdtype(inputs.dtype, jnp.integer):

@@ -67,6 +67,12 @@ def _opt(cfg: Mapping[str, Any]) -> Any:
     return OPTForCausalLM(_config(OPTConfig, cfg, "opt"))
 
 
+def _t5(cfg: Mapping[str, Any]) -> Any:
+    from vlpeft_jax.models.t5 import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(_config(T5Config, cfg, "t5"))
+
+
 def _vit(cfg: Mapping[str, Any]) -> Any:
     from vlpeft_jax.models.vit import ViTConfig, ViTModel
 
@@ -81,6 +87,7 @@ def _clip_vision(cfg: Mapping[str, Any]) -> Any:
 
 DECODERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {"gpt2": _gpt2, "llama": _llama, "qwen2": _llama,
                                                             "opt": _opt}
+ENCODER_DECODERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {"t5": _t5}
 VISION: dict[str, Callable[[Mapping[str, Any]], Any]] = {"vit": _vit, "clip_vision": _clip_vision}
 VLMS = ("prefix_vlm",)
 CLASSIFIERS = ("vision_classifier",)
@@ -167,10 +174,13 @@ def build_model(cfg: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
         m = build_prefix_vlm(cfg)
     elif fam in DECODERS:
         m = build_decoder(cfg)
+    elif fam in ENCODER_DECODERS:  # example inputs are the encoder's; the decoder starts from its start token
+        m = ENCODER_DECODERS[fam](cfg)
     elif fam in VISION:
         m = build_vision(cfg)
     elif fam in CLASSIFIERS:
         m = build_vision_classifier(cfg)
     else:
-        raise ConfigError(f"model.family={fam!r}; valid: {', '.join([*DECODERS, *VISION, *VLMS, *CLASSIFIERS])}")
+        valid = [*DECODERS, *ENCODER_DECODERS, *VISION, *VLMS, *CLASSIFIERS]
+        raise ConfigError(f"model.family={fam!r}; valid: {', '.join(valid)}")
     return m, example_inputs(m)
