@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlpeft_jax.errors import ConfigError
+from vlpeft_jax.errors import ConfigError, InputError
 from vlpeft_jax.models import hooks, layers
 from vlpeft_jax.models.outputs import DecoderOutput
 
@@ -255,11 +255,34 @@ class PrefixVLM(nn.Module):
 
 
 class QFormerVLM(nn.Module):
-    """Vision tower -> Q-Former -> linear -> decoder LM (BLIP-2 / InstructBLIP; seed 001 §3.1).
+    """Vision tower -> Q-Former -> linear -> language model (BLIP-2 / InstructBLIP; seed 001 §3.1).
 
-    The Q-Former's query outputs (the first ``num_query_tokens`` positions) are projected to the LM
-    width and prepended to the text, as BLIP-2 does. With ``instruction_ids``, the instruction is also
-    fed to the Q-Former (InstructBLIP's instruction-aware queries).
+    The image goes through ``vision_model`` (its ``last_hidden_state``, post-normed in BLIP-2's tower, is what
+    the Q-Former cross-attends to); the Q-Former's ``num_query_tokens`` query outputs are projected by
+    ``language_projection`` to the LM width and become the visual tokens. InstructBLIP also feeds the
+    instruction to the Q-Former (``qformer_input_ids`` / ``qformer_attention_mask``, transformers' names, in the
+    Q-Former's own vocabulary); it reaches the LM as ordinary text in ``input_ids``.
+
+    Where the visual tokens go, as transformers 5.24 ``Blip2ForConditionalGeneration`` /
+    ``InstructBlipForConditionalGeneration`` do it:
+
+    - ``image_token_id`` set (the checkpoint's ``image_token_index``): each row of ``input_ids`` holds
+      ``num_query_tokens`` placeholders, and the i-th placeholder's embedding is replaced by the i-th visual
+      token (``masked_scatter``); the attention mask and the LM positions are the caller's, unchanged, so the
+      placeholders are ordinary positions (OPT numbers them from the mask, as it numbers text).
+    - ``image_token_id`` None (checkpoints written before the processor inserted placeholders): the visual
+      tokens are prepended with a mask of ones, as transformers 4.x did; the logits then cover them too.
+
+    A decoder LM gets the embeddings as ``inputs_embeds``. After the prefill, call with ``pixel_values=None``:
+    the step is the plain language model on new token ids with the cache.
+
+    Attributes:
+      vision_model: e.g. :class:`~vlpeft_jax.models.blip_vision.BlipVisionModel`.
+      qformer: a :class:`~vlpeft_jax.models.bert.QFormer` (its learned ``query_tokens`` live under it).
+      language_model: a decoder following :mod:`vlpeft_jax.models.outputs` with ``embed_tokens``.
+      lm_width: width of the LM's input embeddings (``language_projection``'s output).
+      num_query_tokens: visual tokens per image.
+      image_token_id: the placeholder id, or None to prepend.
     """
 
     vision_model: nn.Module
@@ -267,28 +290,42 @@ class QFormerVLM(nn.Module):
     language_model: nn.Module
     lm_width: int
     num_query_tokens: int
+    image_token_id: int | None = None
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """Whether the language model is an encoder-decoder (the visual tokens then go to its encoder)."""
+        return bool(getattr(self.language_model, "is_encoder_decoder", False))
 
     def setup(self) -> None:
         self.language_projection = layers.Linear(self.lm_width, axes=(None, "embed"))
 
-    def encode_image(self, pixel_values: Array, instruction_ids: Array | None = None,
-                     instruction_mask: Array | None = None) -> Array:
+    def encode_image(self, pixel_values: Array, qformer_input_ids: Array | None = None,
+                     qformer_attention_mask: Array | None = None) -> Array:
+        """The visual tokens ``[b, num_query_tokens, lm_width]``."""
         image = self.vision_model(pixel_values).last_hidden_state
-        if instruction_ids is None:
+        if qformer_input_ids is None:
+            if qformer_attention_mask is not None:
+                raise InputError("qformer_attention_mask was given without qformer_input_ids")
             q = self.qformer(encoder_hidden_states=image)
         else:
-            q = self.qformer(input_ids=instruction_ids, attention_mask=instruction_mask, encoder_hidden_states=image)
+            q = self.qformer(encoder_hidden_states=image, input_ids=qformer_input_ids,
+                             attention_mask=qformer_attention_mask)
         return self.language_projection(q.last_hidden_state[:, : self.num_query_tokens])
 
-    def __call__(self, input_ids: Array, attention_mask: Array | None = None, pixel_values: Array | None = None,
-                 *, instruction_ids: Array | None = None, instruction_mask: Array | None = None,
-                 cache: layers.KVCache | None = None, decode: bool = False, logits_to_keep: int = 0
-                 ) -> DecoderOutput:
+    def __call__(self, input_ids: Array | None, attention_mask: Array | None = None,
+                 pixel_values: Array | None = None, *, qformer_input_ids: Array | None = None,
+                 qformer_attention_mask: Array | None = None, cache: layers.KVCache | None = None,
+                 decode: bool = False, logits_to_keep: int = 0) -> DecoderOutput:
         if pixel_values is None:
             return self.language_model(input_ids, attention_mask, cache=cache, decode=decode,
                                        logits_to_keep=logits_to_keep)
-        visual = self.encode_image(pixel_values, instruction_ids, instruction_mask)
+        if input_ids is None:
+            raise InputError("QFormerVLM needs input_ids with pixel_values (the prompt, placeholders included)")
+        visual = self.encode_image(pixel_values, qformer_input_ids, qformer_attention_mask)
+        if self.image_token_id is not None and not isinstance(input_ids, jax.core.Tracer):
+            check_placeholders(input_ids, self.image_token_id, self.num_query_tokens)
         text = self.language_model.embed_tokens(input_ids)
-        embeds, mask = place_visual_tokens(text, attention_mask, visual, input_ids, None)
+        embeds, mask = place_visual_tokens(text, attention_mask, visual, input_ids, self.image_token_id)
         return self.language_model(None, mask, inputs_embeds=embeds, cache=cache, decode=decode,
                                    logits_to_keep=logits_to_keep)

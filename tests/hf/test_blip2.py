@@ -1,0 +1,290 @@
+"""Parity of BLIP-2 / InstructBLIP checkpoints (``hf.blip2`` + ``QFormerVLM``) with transformers.
+
+Tiny random ``Blip2ForConditionalGeneration`` (OPT LM) and ``InstructBlipForConditionalGeneration`` (LLaMA LM)
+models are built with transformers inside the tests (fp32, ``torch.manual_seed``; every weight redrawn with
+std 0.2, norms around 1, the learned query tokens random instead of transformers' zeros, so that no part is
+trivially small), saved with ``save_pretrained``, loaded with ``load_blip2`` / ``load_instructblip`` and
+compared on a left-padded batch of three different images whose prompts hold the ``image_token_index``
+placeholders (as the 5.x processors write them): the vision tower's outputs, the logits at every real
+position, greedy tokens against ``generate``, and beam search's ``sequences_scores``. Run with ``-s`` to see
+the measured max abs differences.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from vlpeft_jax.errors import CheckpointError, ConfigError
+from vlpeft_jax.eval import decode
+from vlpeft_jax.hf import blip2, io
+from vlpeft_jax.models.blip_vision import BlipVisionModel
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+TOL = 1e-4
+VOCAB = 64
+IMAGE_TOKEN = VOCAB - 1
+NUM_QUERY = 4
+PAD, BOS, EOS = 1, 2, 3
+GEN_EOS = 23  # the end token for generation: one the tiny models produce, so that rows finish at different steps
+BATCH, TEXT_LEN = 3, 6
+NEW_TOKENS, NUM_BEAMS = 5, 3
+
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=16,
+              patch_size=8)
+QFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=50,
+               max_position_embeddings=32, cross_attention_frequency=2)  # layer 0 cross-attends, layer 1 does not
+TEXT = {
+    "opt": dict(model_type="opt", vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=64, pad_token_id=PAD, bos_token_id=BOS,
+                eos_token_id=EOS),
+    "llama": dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD,
+                  bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=False),
+}
+
+MAX_DIFFS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_max_diffs():
+    yield
+    print("\n\nBLIP-2 / InstructBLIP max abs diff vs transformers (fp32):")
+    for name, diff in sorted(MAX_DIFFS.items()):
+        print(f"  {name:<48s} {diff:.3e}")
+
+
+def record(name: str, diff: float) -> float:
+    MAX_DIFFS[name] = max(MAX_DIFFS.get(name, 0.0), float(diff))
+    return float(diff)
+
+
+class Composition:
+    """A saved tiny transformers VLM, our loaded module and params, and a jitted forward."""
+
+    def __init__(self, kind: str, lm: str, tmp_dir):
+        torch.manual_seed(0)
+        if kind == "blip-2":
+            config = transformers.Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=TEXT[lm],
+                                              num_query_tokens=NUM_QUERY, image_token_index=IMAGE_TOKEN)
+            self.hf = transformers.Blip2ForConditionalGeneration(config)
+            self.load = blip2.load_blip2
+        else:
+            config = transformers.InstructBlipConfig(vision_config=VISION, qformer_config=QFORMER,
+                                                     text_config=TEXT[lm], num_query_tokens=NUM_QUERY,
+                                                     image_token_index=IMAGE_TOKEN)
+            self.hf = transformers.InstructBlipForConditionalGeneration(config)
+            self.load = blip2.load_instructblip
+        self.hf.eval()
+        with torch.no_grad():
+            for name, p in self.hf.named_parameters():
+                if "norm" in name and name.endswith("weight"):
+                    p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                elif name.startswith("language_model") and "embed_" in name:  # varied greedy tokens, not one repeated
+                    p.copy_(torch.randn_like(p))
+                else:
+                    p.copy_(0.2 * torch.randn_like(p))
+        self.name = f"{kind}+{lm}"
+        self.kind = kind
+        self.dir = tmp_dir / self.name
+        self.hf.save_pretrained(self.dir)
+        self.model, params = self.load(self.dir)
+        self.params = jax.tree.map(jnp.asarray, params)
+        self.step = decode.ModuleApply(self.model)
+        self.forward = jax.jit(lambda p, inputs, mask: self.model.apply({"params": p}, attention_mask=mask, **inputs))
+
+    def hf_inputs(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        out = {"input_ids": torch.tensor(batch["input_ids"]).long(),
+               "attention_mask": torch.tensor(batch["attention_mask"]).long(),
+               "pixel_values": torch.tensor(batch["pixel_values"].transpose(0, 3, 1, 2))}
+        if self.kind == "instructblip":
+            out["qformer_input_ids"] = torch.tensor(batch["qformer_input_ids"]).long()
+            out["qformer_attention_mask"] = torch.tensor(batch["qformer_attention_mask"]).long()
+        return out
+
+    def our_inputs(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        keys = ["input_ids", "pixel_values"]
+        if self.kind == "instructblip":
+            keys += ["qformer_input_ids", "qformer_attention_mask"]
+        return {k: jnp.asarray(batch[k]) for k in keys}
+
+
+@pytest.fixture(scope="module")
+def compositions(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("blip2")
+    cache: dict[tuple[str, str], Composition] = {}
+
+    def get(kind: str, lm: str) -> Composition:
+        if (kind, lm) not in cache:
+            cache[kind, lm] = Composition(kind, lm, tmp)
+        return cache[kind, lm]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def batch() -> dict[str, np.ndarray]:
+    """Three images; left-padded prompts ``[pad..] [image x NUM_QUERY] [bos] text`` with 6, 4 and 2 text tokens;
+    right-padded Q-Former instructions of 5, 3 and 4 tokens."""
+    rng = np.random.default_rng(0)
+    length = NUM_QUERY + TEXT_LEN
+    ids = np.full((BATCH, length), PAD, np.int32)
+    mask = np.zeros((BATCH, length), np.int32)
+    for row, n_text in enumerate((TEXT_LEN, TEXT_LEN - 2, TEXT_LEN - 4)):
+        start = length - NUM_QUERY - n_text
+        ids[row, start:start + NUM_QUERY] = IMAGE_TOKEN
+        ids[row, start + NUM_QUERY] = BOS
+        ids[row, start + NUM_QUERY + 1:] = rng.integers(4, IMAGE_TOKEN, size=n_text - 1)
+        mask[row, start:] = 1
+    q_ids = rng.integers(1, QFORMER["vocab_size"], size=(BATCH, 5)).astype(np.int32)
+    q_mask = (np.arange(5)[None] < np.array([5, 3, 4])[:, None]).astype(np.int32)
+    pixels = rng.normal(size=(BATCH, 16, 16, 3)).astype(np.float32)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
+            "qformer_input_ids": np.where(q_mask == 1, q_ids, 0).astype(np.int32), "qformer_attention_mask": q_mask}
+
+
+CASES = [("blip-2", "opt"), ("instructblip", "llama")]
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward parity
+
+
+def test_vision_tower_matches_transformers(compositions, batch):
+    """Our BlipVisionModel on the checkpoint's vision weights: last_hidden_state (post-LN, what the Q-Former
+    reads), every hidden state and the pooled output."""
+    comp = compositions("blip-2", "opt")
+    tower = BlipVisionModel(comp.model.vision_model.config)
+    out = jax.jit(lambda p, x: tower.apply({"params": p}, x))(comp.params["vision_model"],
+                                                                 jnp.asarray(batch["pixel_values"]))
+    with torch.no_grad():
+        ref = comp.hf.vision_model(torch.tensor(batch["pixel_values"].transpose(0, 3, 1, 2)),
+                                   output_hidden_states=True)
+    assert len(out.hidden_states) == len(ref.hidden_states) == VISION["num_hidden_layers"] + 1
+    diffs = [np.abs(np.asarray(out.last_hidden_state) - ref.last_hidden_state.numpy()).max(),
+             np.abs(np.asarray(out.pooled) - ref.pooler_output.numpy()).max(),
+             *(np.abs(np.asarray(a) - b.numpy()).max() for a, b in zip(out.hidden_states, ref.hidden_states,
+                                                                      strict=True))]
+    assert record("vision tower (all outputs)", max(diffs)) <= TOL, diffs
+
+
+@pytest.mark.parametrize("kind,lm", CASES)
+def test_logits_match_transformers(compositions, batch, kind, lm):
+    """Logits at every real position of a left-padded batch of three images (placeholders and text)."""
+    comp = compositions(kind, lm)
+    with torch.no_grad():
+        ref = comp.hf(**comp.hf_inputs(batch)).logits.numpy()
+    out = comp.forward(comp.params, comp.our_inputs(batch), jnp.asarray(batch["attention_mask"]))
+    assert out.logits.shape == ref.shape == (BATCH, NUM_QUERY + TEXT_LEN, VOCAB)
+    real = batch["attention_mask"].astype(bool)
+    diff = record(f"{comp.name} logits", np.abs(np.asarray(out.logits) - ref)[real].max())
+    assert diff <= TOL, diff
+    # the image matters (a wrong placement or a skipped vision tower would not show otherwise)
+    other = dict(batch, pixel_values=batch["pixel_values"][::-1].copy())
+    moved = comp.forward(comp.params, comp.our_inputs(other), jnp.asarray(batch["attention_mask"]))
+    assert np.abs(np.asarray(moved.logits) - np.asarray(out.logits))[real].max() > 1e-2
+
+
+def test_instruction_reaches_the_qformer(compositions, batch):
+    """InstructBLIP: a different Q-Former instruction changes the logits, as in transformers."""
+    comp = compositions("instructblip", "llama")
+    other = dict(batch, qformer_input_ids=batch["qformer_input_ids"][::-1].copy(),
+                 qformer_attention_mask=batch["qformer_attention_mask"][::-1].copy())
+    with torch.no_grad():
+        ref = comp.hf(**comp.hf_inputs(other)).logits.numpy()
+    out = comp.forward(comp.params, comp.our_inputs(other), jnp.asarray(batch["attention_mask"]))
+    real = batch["attention_mask"].astype(bool)
+    assert record(f"{comp.name} logits", np.abs(np.asarray(out.logits) - ref)[real].max()) <= TOL
+    base = comp.forward(comp.params, comp.our_inputs(batch), jnp.asarray(batch["attention_mask"]))
+    assert np.abs(np.asarray(base.logits) - np.asarray(out.logits))[real].max() > 1e-2
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation parity
+
+
+@pytest.mark.parametrize("kind,lm", CASES)
+def test_greedy_and_beam_match_generate(compositions, batch, kind, lm):
+    """Greedy tokens equal transformers' ``generate``; beam search's tokens and ``sequences_scores`` too."""
+    comp = compositions(kind, lm)
+    mask = jnp.asarray(batch["attention_mask"])
+    settings = dict(max_new_tokens=NEW_TOKENS, eos_token_id=GEN_EOS, pad_token_id=PAD)
+    prompt_len = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        ref_greedy = comp.hf.generate(**comp.hf_inputs(batch), do_sample=False, num_beams=1, **settings)
+        ref_beam = comp.hf.generate(**comp.hf_inputs(batch), do_sample=False, num_beams=NUM_BEAMS,
+                                    length_penalty=1.0, early_stopping=False, output_scores=True,
+                                    return_dict_in_generate=True, **settings)
+    greedy = decode.generate(comp.step, comp.params, comp.our_inputs(batch), mask, **settings)
+    beam = decode.generate(comp.step, comp.params, comp.our_inputs(batch), mask, method="beam",
+                           num_beams=NUM_BEAMS, length_penalty=1.0, early_stopping=False, **settings)
+    print(f"{comp.name} greedy {np.asarray(greedy.sequences).tolist()} beam {np.asarray(beam.sequences).tolist()}")
+    assert (np.asarray(greedy.lengths) < NEW_TOKENS).any() or (np.asarray(beam.lengths) < NEW_TOKENS).any()
+    _assert_tokens_equal(np.asarray(greedy.sequences), ref_greedy[:, prompt_len:].numpy())
+    _assert_tokens_equal(np.asarray(beam.sequences), ref_beam.sequences[:, prompt_len:].numpy())
+    diff = record(f"{comp.name} beam sequences_scores",
+                  np.abs(np.asarray(beam.scores) - ref_beam.sequences_scores.numpy()).max())
+    assert diff <= TOL, diff
+
+
+def _assert_tokens_equal(ours: np.ndarray, ref: np.ndarray) -> None:
+    """transformers stops at the longest finished row; ours runs on with padding."""
+    np.testing.assert_array_equal(ours[:, : ref.shape[1]], ref)
+    assert (ours[:, ref.shape[1]:] == PAD).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint IO
+
+
+@pytest.mark.parametrize("kind,lm", CASES)
+def test_tree_mirrors_hf_names_and_exports_back(compositions, kind, lm):
+    """Every saved tensor is mapped, and ``*_to_hf_state_dict`` gives the saved state dict back exactly."""
+    comp = compositions(kind, lm)
+    saved = io.load_state_dict(comp.dir)
+    export = blip2.blip2_to_hf_state_dict if kind == "blip-2" else blip2.instructblip_to_hf_state_dict
+    exported = export(comp.params, comp.model)
+    assert set(exported) == set(saved)
+    for key, value in saved.items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+    assert comp.model.image_token_id == IMAGE_TOKEN and comp.model.num_query_tokens == NUM_QUERY
+    assert comp.model.is_encoder_decoder is False
+    assert set(comp.params) == {"vision_model", "qformer", "language_model", "language_projection"}
+
+
+def test_missing_qformer_weights_fail_before_tracing(compositions, tmp_path, monkeypatch):
+    """A directory without the Q-Former, query tokens and projection: one CheckpointError naming them, raised
+    before the model is traced (abstract_params would trace it)."""
+    from safetensors.numpy import save_file
+
+    comp = compositions("blip-2", "opt")
+    state = io.load_state_dict(comp.dir)
+    kept = {k: v for k, v in state.items()
+            if not k.startswith(("qformer.", "query_tokens", "language_projection."))}
+    save_file(kept, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((comp.dir / "config.json").read_text())
+
+    def traced(*args, **kwargs):
+        raise AssertionError("the model was traced before the missing tensors were reported")
+
+    monkeypatch.setattr(blip2, "abstract_params", traced)
+    with pytest.raises(CheckpointError) as err:
+        blip2.load_blip2(tmp_path)
+    message = str(err.value)
+    for needle in ("query_tokens", "'qformer'", "language_projection.weight", "qformer.layernorm.weight"):
+        assert needle in message, message
+    with pytest.raises(CheckpointError, match="load_blip2"):
+        blip2.load_instructblip(comp.dir)
+
+
+def test_config_errors():
+    base = {"model_type": "blip-2", "num_query_tokens": 2, "vision_config": VISION, "qformer_config": QFORMER}
+    with pytest.raises(ConfigError, match="text_config.model_type 'gpt_neox'"):
+        blip2.build_qformer_vlm(dict(base, text_config={"model_type": "gpt_neox"}))
+    with pytest.raises(ConfigError, match="word_embed_proj_dim=16"):
+        blip2.build_qformer_vlm(dict(base, text_config=dict(TEXT["opt"], word_embed_proj_dim=16)))

@@ -1,0 +1,336 @@
+"""Hugging Face BLIP-2 and InstructBLIP checkpoints -> :class:`~vlpeft_jax.models.vlm.QFormerVLM`, and back.
+
+A ``Blip2ForConditionalGeneration`` (``model_type`` ``blip-2``) or ``InstructBlipForConditionalGeneration``
+(``instructblip``) directory holds four parts, each mapped by an explicit key map (HF tensor -> our path):
+
+- vision tower: ``vision_model.*`` -> ``vision_model/*`` (:class:`~vlpeft_jax.models.blip_vision.BlipVisionModel`);
+- Q-Former: ``qformer.*`` -> ``qformer/*``, and the top-level ``query_tokens`` -> ``qformer/query_tokens``;
+- projection: ``language_projection.{weight, bias}`` -> ``language_projection/{kernel, bias}``;
+- language model: ``language_model.<LM key>`` -> ``language_model/<LM path>``.
+
+The language model is chosen by ``text_config.model_type`` and mapped with its own family's key map
+(:func:`vlpeft_jax.hf.decoders.opt_key_maps` for ``opt``, :func:`~vlpeft_jax.hf.decoders.llama_key_maps` for
+``llama`` / Vicuna) under the ``language_model.`` prefix. Because every entry is a rename (plus transposes and the
+patch convolution's reshape), our module paths read as transformers' module names (``language_model/model/
+decoder/layers_0/self_attn/q_proj`` is ``language_model.model.decoder.layers.0.self_attn.q_proj``), which is
+what PEFT adapter export relies on.
+
+Visual tokens are placed as transformers 5.24 places them: over the ``image_token_index`` placeholders of
+``input_ids`` when the config has one (every checkpoint saved by a current processor), else prepended (see
+:class:`~vlpeft_jax.models.vlm.QFormerVLM`). Dtypes follow transformers' ``_keep_in_fp32_modules``: BLIP-2 keeps
+the whole Q-Former in float32, InstructBLIP only its query tokens (parameters are always float32 here; the
+``dtype`` argument is the compute dtype of the other parts).
+
+A directory without the Q-Former, ``query_tokens`` or ``language_projection`` tensors (e.g. a language model
+saved alone) fails with :class:`~vlpeft_jax.errors.CheckpointError` naming the missing keys, before anything is
+traced or compiled. Older checkpoints that store the vision attention bias as ``q_bias`` / ``v_bias`` are read
+too (the fused bias is ``[q_bias, 0, v_bias]``).
+
+Example (with a checkpoint directory ``DIR``)::
+
+    model, params = load_blip2(DIR)
+    out = model.apply({"params": params}, input_ids, attention_mask, pixel_values_nhwc)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlpeft_jax.errors import CheckpointError, ConfigError
+from vlpeft_jax.hf import io
+from vlpeft_jax.hf.bert import qformer_key_map
+from vlpeft_jax.hf.decoders import llama_key_maps, opt_key_maps
+from vlpeft_jax.hf.io import KeyMap
+from vlpeft_jax.hf.vision import conv_to_patch_kernel
+from vlpeft_jax.models import layers
+from vlpeft_jax.models.bert import BertConfig, QFormer
+from vlpeft_jax.models.blip_vision import BlipVisionConfig, BlipVisionModel
+from vlpeft_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from vlpeft_jax.models.opt import OPTConfig, OPTForCausalLM
+from vlpeft_jax.models.vlm import QFormerVLM
+
+Params = dict[str, Any]
+
+MODEL_TYPES = ("blip-2", "instructblip")
+
+
+# --------------------------------------------------------------------------------------------------
+# Language models by text_config.model_type
+
+
+@dataclasses.dataclass(frozen=True)
+class _LMFamily:
+    config_class: type
+    module: Callable[[Any], Any]
+    key_maps: Callable[[Any], list[KeyMap]]
+    width: Callable[[Any], int]  # what HF's language_projection outputs (text_config.hidden_size)
+
+
+def _lm_families() -> dict[str, _LMFamily]:
+    return {
+        "opt": _LMFamily(OPTConfig, OPTForCausalLM, opt_key_maps, lambda c: c.hidden_size),
+        "llama": _LMFamily(LlamaConfig, LlamaForCausalLM, llama_key_maps, lambda c: c.hidden_size),
+    }
+
+
+def _lm_family(model_type: str | None, source: str) -> _LMFamily:
+    families = _lm_families()
+    if model_type not in families:
+        raise ConfigError(f"{source}: text_config.model_type {model_type!r} is not a supported BLIP-2 / InstructBLIP "
+                          f"language model; supported: {', '.join(sorted(families))}")
+    return families[model_type]
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the module from config.json
+
+
+def build_qformer_vlm(hf_config: Mapping[str, Any], *, dtype: Any = jnp.float32,
+                      source: str = "config.json") -> QFormerVLM:
+    """The :class:`QFormerVLM` a ``blip-2`` / ``instructblip`` ``config.json`` dict describes (no weights).
+
+    Example:
+        >>> m = build_qformer_vlm({"model_type": "blip-2", "num_query_tokens": 4, "image_token_index": 50,
+        ...     "vision_config": {"hidden_size": 32, "num_attention_heads": 4, "image_size": 16, "patch_size": 8},
+        ...     "qformer_config": {"hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 1},
+        ...     "text_config": {"model_type": "opt", "hidden_size": 32, "num_attention_heads": 4}})
+        >>> m.num_query_tokens, m.image_token_id, m.is_encoder_decoder, type(m.language_model).__name__
+        (4, 50, False, 'OPTForCausalLM')
+    """
+    model_type = hf_config.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"{source}: model_type {model_type!r} is not a BLIP-2 / InstructBLIP checkpoint; "
+                          f"expected one of {', '.join(MODEL_TYPES)}")
+    qformer_hf = hf_config.get("qformer_config") or {}
+    if model_type == "blip-2" and qformer_hf.get("use_qformer_text_input"):
+        raise ConfigError(f"{source}: qformer_config.use_qformer_text_input=True belongs to BLIP-2's image-text "
+                          "retrieval model; Blip2ForConditionalGeneration checkpoints have it False")
+    text_hf = dict(hf_config.get("text_config") or {})
+    text_hf.setdefault("model_type", "opt")  # transformers' Blip2Config / InstructBlipConfig default
+    family = _lm_family(text_hf["model_type"], source)
+    text = family.config_class.from_hf(text_hf, dtype=dtype)
+    lm = family.module(text)
+    width = family.width(text)
+    embed_width = getattr(text, "word_embed_proj_dim", None) or width
+    if embed_width != width:
+        raise ConfigError(f"{source}: text_config word_embed_proj_dim={embed_width} differs from hidden_size={width}; "
+                          "BLIP-2's language_projection outputs hidden_size, which would not fit the LM's "
+                          "input embeddings (transformers cannot run this configuration either)")
+    vision = BlipVisionConfig.from_hf(hf_config, dtype=dtype)
+    # transformers keeps BLIP-2's whole Q-Former in float32 (_keep_in_fp32_modules), InstructBLIP's only the queries
+    qformer = BertConfig.from_hf(hf_config, dtype=jnp.float32 if model_type == "blip-2" else dtype)
+    if qformer.encoder_hidden_size != vision.hidden_size:
+        qformer = dataclasses.replace(qformer, encoder_hidden_size=vision.hidden_size)
+    if qformer.num_query_tokens <= 0:
+        raise ConfigError(f"{source}: num_query_tokens={qformer.num_query_tokens}; must be >= 1")
+    image_token = hf_config.get("image_token_index", hf_config.get("image_token_id"))
+    return QFormerVLM(vision_model=BlipVisionModel(vision), qformer=QFormer(qformer), language_model=lm,
+                      lm_width=width, num_query_tokens=qformer.num_query_tokens,
+                      image_token_id=None if image_token is None else int(image_token))
+
+
+# --------------------------------------------------------------------------------------------------
+# Key maps
+
+
+def blip_vision_key_maps(config: BlipVisionConfig, hf_prefix: str = "vision_model.",
+                         path: str = "vision_model") -> list[KeyMap]:
+    """HF ``Blip2VisionModel`` / ``InstructBlipVisionModel`` keys -> our :class:`BlipVisionModel` paths.
+
+    ``hf_prefix``/``path`` locate the tower (``""`` and ``""`` for a standalone vision checkpoint).
+
+    Example:
+        >>> maps = blip_vision_key_maps(BlipVisionConfig(num_hidden_layers=1))
+        >>> [(m.hf_key, m.path) for m in maps if "qkv" in m.hf_key][1]
+        ('vision_model.encoder.layers.0.self_attn.qkv.bias', 'vision_model/encoder/layers_0/self_attn/qkv/bias')
+    """
+    p, o = hf_prefix, f"{path}/" if path else ""
+    maps = [KeyMap(f"{p}embeddings.class_embedding", f"{o}embeddings/class_embedding"),
+            KeyMap(f"{p}embeddings.position_embedding", f"{o}embeddings/position_embedding"),
+            KeyMap(f"{p}embeddings.patch_embedding.weight", f"{o}embeddings/patch_embedding/kernel",
+                   conv_to_patch_kernel),
+            KeyMap(f"{p}embeddings.patch_embedding.bias", f"{o}embeddings/patch_embedding/bias")]
+    for i in range(config.num_hidden_layers):
+        hf, ours = f"{p}encoder.layers.{i}", f"{o}encoder/layers_{i}"
+        maps += io.linear(f"{hf}.self_attn.qkv", f"{ours}/self_attn/qkv", bias=config.qkv_bias)
+        maps += io.linear(f"{hf}.self_attn.projection", f"{ours}/self_attn/projection")
+        maps += io.norm(f"{hf}.layer_norm1", f"{ours}/layer_norm1")
+        maps += io.linear(f"{hf}.mlp.fc1", f"{ours}/mlp/fc1")
+        maps += io.linear(f"{hf}.mlp.fc2", f"{ours}/mlp/fc2")
+        maps += io.norm(f"{hf}.layer_norm2", f"{ours}/layer_norm2")
+    maps += io.norm(f"{p}post_layernorm", f"{o}post_layernorm")
+    return maps
+
+
+def _prefixed(maps: list[KeyMap], hf_prefix: str, path: str) -> list[KeyMap]:
+    return [dataclasses.replace(m, hf_key=hf_prefix + m.hf_key, path=f"{path}/{m.path}") for m in maps]
+
+
+def _qformer_vlm_key_maps(model: QFormerVLM) -> list[KeyMap]:
+    qformer_config: BertConfig = model.qformer.config
+    maps = blip_vision_key_maps(model.vision_model.config)
+    maps.append(KeyMap("query_tokens", "qformer/query_tokens"))
+    maps += _prefixed([m for m in qformer_key_map(qformer_config) if m.hf_key != "query_tokens"], "qformer.",
+                      "qformer")
+    maps += io.linear("language_projection", "language_projection")
+    lm_config = model.language_model.config
+    lm_maps = next(f.key_maps for f in _lm_families().values() if isinstance(lm_config, f.config_class))
+    maps += _prefixed(lm_maps(lm_config), "language_model.", "language_model")
+    return maps
+
+
+def blip2_key_maps(model: QFormerVLM) -> list[KeyMap]:
+    """``Blip2ForConditionalGeneration`` keys -> our paths, for a :class:`QFormerVLM` built by :func:`load_blip2`.
+
+    Example:
+        >>> m = build_qformer_vlm({"model_type": "blip-2", "num_query_tokens": 2,
+        ...     "vision_config": {"hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1},
+        ...     "qformer_config": {"hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1},
+        ...     "text_config": {"model_type": "opt", "hidden_size": 8, "num_attention_heads": 2,
+        ...                     "num_hidden_layers": 1}})
+        >>> {m.hf_key: m.path for m in blip2_key_maps(m)}["language_model.model.decoder.layers.0.fc1.weight"]
+        'language_model/model/decoder/layers_0/fc1/kernel'
+    """
+    if model.qformer.config.qformer_text_input:
+        raise ConfigError("blip2_key_maps got an InstructBLIP-layout Q-Former (qformer_text_input=True); use "
+                          "instructblip_key_maps")
+    return _qformer_vlm_key_maps(model)
+
+
+def instructblip_key_maps(model: QFormerVLM) -> list[KeyMap]:
+    """``InstructBlipForConditionalGeneration`` keys -> our paths (the Q-Former embeds the instruction:
+    ``qformer.embeddings.{word_embeddings, position_embeddings, layernorm}`` and text FFNs)."""
+    if not model.qformer.config.qformer_text_input:
+        raise ConfigError("instructblip_key_maps got a BLIP-2-layout Q-Former (qformer_text_input=False); use "
+                          "blip2_key_maps")
+    return _qformer_vlm_key_maps(model)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _normalise_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Fuses older checkpoints' ``self_attn.q_bias`` / ``v_bias`` into the ``qkv.bias`` transformers stores."""
+    out = dict(state)
+    for key in [k for k in state if k.endswith(".self_attn.q_bias")]:
+        base = key[: -len("q_bias")]
+        if f"{base}qkv.bias" in out or f"{base}v_bias" not in out:
+            continue
+        q, v = out.pop(key), out.pop(f"{base}v_bias")
+        out[f"{base}qkv.bias"] = np.concatenate([q, np.zeros_like(q), v])
+    return out
+
+
+def _check_present(state: Mapping[str, np.ndarray], maps: list[KeyMap], source: str) -> None:
+    missing = [m.hf_key for m in maps if not m.optional and m.hf_key not in state]
+    if not missing:
+        return
+    parts = {"query_tokens": [], "qformer.": [], "language_projection.": [], "vision_model.": [],
+             "language_model.": []}
+    for k in missing:
+        parts[next(p for p in parts if k.startswith(p))].append(k)
+    summary = "; ".join(f"{len(keys)} under {p.rstrip('.')!r} (e.g. {', '.join(keys[:3])})"
+                        for p, keys in parts.items() if keys)
+    raise CheckpointError(f"{source} is not a complete BLIP-2 / InstructBLIP checkpoint: {len(missing)} tensors "
+                          f"are missing: {summary}")
+
+
+def _dummy_inputs(model: QFormerVLM) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    vision = model.vision_model.config
+    h, w = vision.image_size
+    ids = jax.ShapeDtypeStruct((1, model.num_query_tokens + 1), jnp.int32)
+    pixels = jax.ShapeDtypeStruct((1, h, w, vision.num_channels), jnp.float32)
+    kwargs = {}
+    if model.qformer.config.qformer_text_input:
+        kwargs["qformer_input_ids"] = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+    return (ids, None, pixels), kwargs
+
+
+def abstract_params(model: QFormerVLM) -> Params:
+    """The model's unboxed parameter tree as ``ShapeDtypeStruct`` leaves (traced abstractly, no memory)."""
+    args, kwargs = _dummy_inputs(model)
+    ids, mask, pixels = args
+    variables = jax.eval_shape(lambda i, p, kw: model.init(jax.random.key(0), i, mask, p, **kw), ids, pixels, kwargs)
+    return layers.unbox(variables)["params"]
+
+
+def _load(model_dir: str | os.PathLike, model_type: str, dtype: Any) -> tuple[QFormerVLM, Params]:
+    d = io.resolve_model_dir(model_dir)
+    hf_config = io.load_config(d)
+    if hf_config.get("model_type") != model_type:
+        loader = {"blip-2": "load_blip2", "instructblip": "load_instructblip"}.get(hf_config.get("model_type"))
+        hint = f" (use {loader})" if loader else ""
+        raise CheckpointError(f"{d}/config.json has model_type {hf_config.get('model_type')!r}; expected "
+                              f"{model_type!r}{hint}")
+    model = build_qformer_vlm(hf_config, dtype=dtype, source=f"{d}/config.json")
+    maps = _qformer_vlm_key_maps(model)
+    state = _normalise_state(io.load_state_dict(d))
+    _check_present(state, maps, str(d))
+    return model, io.convert(state, maps, abstract_params(model), source=str(d))
+
+
+def load_blip2(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> tuple[QFormerVLM, Params]:
+    """Loads a local ``Blip2ForConditionalGeneration`` checkpoint directory (OPT or LLaMA LM).
+
+    Returns the :class:`QFormerVLM` (compute ``dtype``) and its parameters as host (numpy, float32) arrays.
+    """
+    return _load(model_dir, "blip-2", dtype)
+
+
+def load_instructblip(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> tuple[QFormerVLM, Params]:
+    """Loads a local ``InstructBlipForConditionalGeneration`` checkpoint directory (LLaMA/Vicuna or OPT LM).
+
+    Call the model with the instruction both in ``input_ids`` (LM vocabulary) and in ``qformer_input_ids`` /
+    ``qformer_attention_mask`` (the Q-Former's BERT vocabulary), as ``InstructBlipProcessor`` produces them.
+    """
+    return _load(model_dir, "instructblip", dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+
+
+def patch_kernel_to_conv(kernel: np.ndarray, patch_size: tuple[int, int], num_channels: int) -> np.ndarray:
+    """The inverse of :func:`~vlpeft_jax.hf.vision.conv_to_patch_kernel`: ``[p*p*c, d]`` -> ``[d, c, p, p]``.
+
+    Example:
+        >>> w = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+        >>> bool((patch_kernel_to_conv(conv_to_patch_kernel(w), (4, 4), 3) == w).all())
+        True
+    """
+    ph, pw = patch_size
+    return np.ascontiguousarray(kernel.reshape(ph, pw, num_channels, -1).transpose(3, 2, 0, 1))
+
+
+def _to_hf(params: Mapping[str, Any], maps: list[KeyMap], model: QFormerVLM) -> dict[str, np.ndarray]:
+    flat = io.flatten_tree(params)
+    vision = model.vision_model.config
+    out = {}
+    for m in maps:
+        if m.path not in flat:
+            raise CheckpointError(f"parameter {m.path} is missing from the tree being exported")
+        value = np.asarray(jax.device_get(flat[m.path]), dtype=np.float32)
+        if m.transform is conv_to_patch_kernel:
+            value = patch_kernel_to_conv(value, vision.patch_size, vision.num_channels)
+        else:  # identity and transpose are their own inverse
+            value = m.transform(value)
+        out[m.hf_key] = np.ascontiguousarray(value)
+    return out
+
+
+def blip2_to_hf_state_dict(params: Mapping[str, Any], model: QFormerVLM) -> dict[str, np.ndarray]:
+    """Our parameters -> a ``Blip2ForConditionalGeneration`` state dict (float32 numpy; tied heads left out)."""
+    return _to_hf(params, blip2_key_maps(model), model)
+
+
+def instructblip_to_hf_state_dict(params: Mapping[str, Any], model: QFormerVLM) -> dict[str, np.ndarray]:
+    """Our parameters -> an ``InstructBlipForConditionalGeneration`` state dict (float32 numpy)."""
+    return _to_hf(params, instructblip_key_maps(model), model)
