@@ -51,24 +51,31 @@ class ConnectorConfig:
       num_layers: ``l``, the MLP's linear layers or the Transformer's blocks.
       feature: which vision outputs become ``H_L``: ``patches`` (all patch tokens, LLaVA), ``cls`` (the
         class token, ClipCap) or ``all`` (class and patch tokens).
-      vision_layer: which hidden state of the vision tower to use (-1 = last; LLaVA uses -2).
+      vision_layer: which hidden state of the vision tower to use (-1 = last; LLaVA uses -2), or a tuple of
+        them, whose selected tokens are concatenated along the features (LLaVA's list ``vision_feature_layer``).
       num_prefix: ``I_pf`` visual tokens when ``feature == "cls"`` (ClipCap maps one vector to ``I_pf``
         tokens); ignored otherwise (one visual token per selected vision token).
       hidden_features: MLP width (default: the LM width).
       num_heads: attention heads of the Transformer connector.
       activation: MLP activation.
+      bias: biases on the connector's linear layers (LLaVA's ``multimodal_projector_bias``).
     """
 
     kind: str = "mlp"
     num_layers: int = 2
     feature: str = "patches"
-    vision_layer: int = -1
+    vision_layer: int | tuple[int, ...] = -1
     num_prefix: int = 1
     hidden_features: int | None = None
     num_heads: int = 4
     activation: str = "gelu"
+    bias: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.vision_layer, int):  # a list from a config file: hashable, for jit
+            object.__setattr__(self, "vision_layer", tuple(int(i) for i in self.vision_layer))
+            if not self.vision_layer:
+                raise ConfigError("connector.vision_layer is an empty list; give a layer index or a non-empty list")
         if self.kind not in CONNECTOR_KINDS:
             raise ConfigError(f"connector.kind={self.kind!r}; valid: {', '.join(CONNECTOR_KINDS)}")
         if self.feature not in FEATURE_KINDS:
@@ -142,7 +149,7 @@ class MappingLayer(nn.Module):
         b = feats.shape[0]
         n_out = c.num_prefix if c.feature == "cls" else feats.shape[1]
         if c.kind == "linear":
-            return layers.Linear(self.out_features, axes=(None, "embed"), name="linear_1")(feats)
+            return layers.Linear(self.out_features, axes=(None, "embed"), use_bias=c.bias, name="linear_1")(feats)
         if c.kind == "mlp":
             act = layers.activation(c.activation)
             width = c.hidden_features or self.out_features
@@ -151,14 +158,14 @@ class MappingLayer(nn.Module):
                 last = i == c.num_layers - 1
                 out = self.out_features * (n_out if c.feature == "cls" else 1) if last else width
                 axes = (None if i == 0 else "mlp", "embed" if last else "mlp")
-                x = layers.Linear(out, axes=axes, name=f"linear_{i + 1}")(x)
+                x = layers.Linear(out, axes=axes, use_bias=c.bias, name=f"linear_{i + 1}")(x)
                 if not last:
                     x = act(x)
             if c.feature == "cls":
                 x = x.reshape(b, n_out, self.out_features)
             return x
         # transformer: project to the LM width, (ClipCap) append learned prefix constants, l blocks
-        x = layers.Linear(self.out_features, axes=(None, "embed"), name="linear_in")(feats)
+        x = layers.Linear(self.out_features, axes=(None, "embed"), use_bias=c.bias, name="linear_in")(feats)
         if c.feature == "cls":
             const = self.param("prefix_const", nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                                               ("queries", "embed")),
@@ -169,8 +176,16 @@ class MappingLayer(nn.Module):
         return x[:, -n_out:] if c.feature == "cls" else x
 
 
-def select_vision_features(out: Any, feature: str, vision_layer: int) -> Array:
-    """``H_L`` from a vision tower's :class:`EncoderOutput`: a hidden state, then class/patch tokens."""
+def select_vision_features(out: Any, feature: str, vision_layer: int | tuple[int, ...]) -> Array:
+    """``H_L`` from a vision tower's :class:`EncoderOutput`: a hidden state, then class/patch tokens.
+
+    ``hidden_states[i]`` follows transformers (0: the embedding output, ``i``: the output of layer ``i``;
+    for CLIP, -2 is the second-to-last layer's output, before ``post_layernorm``). Several layers (a tuple)
+    are each selected, then concatenated along the features, as LLaVA does for a list
+    ``vision_feature_layer``.
+    """
+    if not isinstance(vision_layer, int):
+        return jnp.concatenate([select_vision_features(out, feature, i) for i in vision_layer], axis=-1)
     h = out.last_hidden_state if vision_layer == -1 else out.hidden_states[vision_layer]
     if feature == "cls":
         return h[:, :1]
@@ -183,9 +198,11 @@ def place_visual_tokens(text_embeds: Array, attention_mask: Array | None, visual
                         input_ids: Array, image_token_id: int | None) -> tuple[Array, Array]:
     """Puts visual tokens into the LM input: prepended (``image_token_id`` None) or over placeholders.
 
-    With placeholders, each sequence must hold exactly ``visual.shape[1]`` tokens ``image_token_id``;
-    the i-th placeholder receives the i-th visual token (checked before tracing by the data pipeline,
-    see :func:`check_placeholders`).
+    With placeholders, the visual tokens of all images ``visual`` ``[n_images, n, d]``, in order, fill the
+    placeholders of the batch in reading order (row by row), as transformers' LLaVA does
+    (``masked_scatter``): with one image per row, each row must hold ``n`` placeholders; a row may also hold
+    several images' (then ``n_images`` exceeds the batch). The counts cannot be checked inside ``jit``;
+    :func:`check_placeholders` checks them on concrete ids (:class:`PrefixVLM` does so when not traced).
     """
     b, t, _ = text_embeds.shape
     mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
@@ -194,20 +211,49 @@ def place_visual_tokens(text_embeds: Array, attention_mask: Array | None, visual
         mask = jnp.concatenate([jnp.ones(visual.shape[:2], jnp.int32), mask], axis=1)
         return embeds, mask
     is_img = input_ids == image_token_id
-    slot = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, visual.shape[1] - 1)
-    gathered = jnp.take_along_axis(visual, slot[..., None], axis=1).astype(text_embeds.dtype)
+    flat = visual.reshape(-1, visual.shape[-1])
+    slot = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, flat.shape[0] - 1).reshape(b, t)
+    gathered = jnp.take(flat, slot, axis=0).astype(text_embeds.dtype)
     return jnp.where(is_img[..., None], gathered, text_embeds), mask
 
 
-def check_placeholders(input_ids: Any, image_token_id: int, num_visual: int) -> None:
-    """Raises :class:`ConfigError` unless every row has exactly ``num_visual`` image placeholders."""
+class ImageTokenError(InputError, ConfigError):
+    """The image placeholder tokens of ``input_ids`` do not match the visual tokens of the images.
+
+    An :class:`~vlpeft_jax.errors.InputError`; also a ``ConfigError`` for callers that caught that before.
+    """
+
+
+def check_placeholders(input_ids: Any, image_token_id: int, num_visual: int, num_images: int | None = None) -> None:
+    """Raises :class:`ImageTokenError` unless the placeholders fit ``num_visual`` visual tokens per image.
+
+    ``num_images`` None (one image per row): every row holds exactly ``num_visual`` placeholders
+    ``image_token_id``. Otherwise the batch holds ``num_images * num_visual`` of them, a multiple of
+    ``num_visual`` per row (a row's images follow each other in the ``pixel_values`` order).
+
+    Example:
+        >>> check_placeholders([[7, 9, 9, 1], [9, 9, 2, 3]], image_token_id=9, num_visual=2)
+        >>> try:
+        ...     check_placeholders([[7, 9, 9, 1], [9, 2, 2, 3]], image_token_id=9, num_visual=2)
+        ... except ImageTokenError as e:
+        ...     print(str(e)[:46])
+        rows [1] hold [1] image placeholder tokens (id
+    """
     import numpy as np
 
     counts = (np.asarray(input_ids) == image_token_id).sum(-1)
-    bad = np.nonzero(counts != num_visual)[0]
-    if bad.size:
-        raise ConfigError(f"rows {bad.tolist()[:10]} hold {counts[bad].tolist()[:10]} image placeholder tokens "
-                          f"(id {image_token_id}); each must hold exactly {num_visual}, one per visual token")
+    if num_images is None:
+        bad = np.nonzero(counts != num_visual)[0]
+        if bad.size:
+            raise ImageTokenError(f"rows {bad.tolist()[:10]} hold {counts[bad].tolist()[:10]} image placeholder "
+                                  f"tokens (id {image_token_id}); each must hold exactly {num_visual}, one per "
+                                  "visual token of its image")
+        return
+    bad = np.nonzero(counts % num_visual)[0]
+    if bad.size or counts.sum() != num_images * num_visual:
+        raise ImageTokenError(f"input_ids hold {counts.tolist()[:10]} image placeholder tokens (id {image_token_id}) "
+                              f"per row, {int(counts.sum())} in all; {num_images} image(s) of {num_visual} visual "
+                              f"tokens need {num_images * num_visual} in all, a multiple of {num_visual} per row")
 
 
 class PrefixVLM(nn.Module):
@@ -218,7 +264,9 @@ class PrefixVLM(nn.Module):
       language_model: a decoder following the convention of ``vlpeft_jax.models.outputs``.
       connector: the Mapping Layer settings.
       lm_width: the LM's embedding width.
-      image_token_id: None to prepend the visual tokens; else the placeholder token id.
+      image_token_id: None to prepend the visual tokens; else the placeholder token id, which
+        ``input_ids`` repeat :attr:`num_image_tokens` times per image (transformers' LLaVA layout;
+        concrete ids are checked by :func:`check_placeholders`, traced ones cannot be).
     """
 
     vision_tower: nn.Module
@@ -242,6 +290,11 @@ class PrefixVLM(nn.Module):
         if pixel_values is None:
             return self.language_model(input_ids, attention_mask, cache=cache, decode=decode,
                                        logits_to_keep=logits_to_keep)
+        # concrete ids are checked here (not at init, whose example ids hold no placeholders)
+        if (self.image_token_id is not None and not isinstance(input_ids, jax.core.Tracer)
+                and not self.is_initializing()):
+            check_placeholders(input_ids, self.image_token_id, self.num_image_tokens,
+                               None if pixel_values.shape[0] == input_ids.shape[0] else pixel_values.shape[0])
         visual = self.encode_image(pixel_values)
         text = self.language_model.embed_tokens(input_ids)
         embeds, mask = place_visual_tokens(text, attention_mask, visual, input_ids, self.image_token_id)
@@ -252,6 +305,12 @@ class PrefixVLM(nn.Module):
         """``I_pf`` for a vision tower that outputs ``num_vision_tokens`` tokens (class token included)."""
         c = self.connector
         return {"cls": c.num_prefix, "patches": num_vision_tokens - 1, "all": num_vision_tokens}[c.feature]
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens per image (the placeholders one image needs), for a tower with a class token and a
+        fixed patch grid (``vision_tower.config.num_patches``: CLIP, ViT); LLaVA's ``image_seq_length``."""
+        return self.num_visual_tokens(self.vision_tower.config.num_patches + 1)
 
 
 class QFormerVLM(nn.Module):
