@@ -1,10 +1,24 @@
 """Image decoding and preprocessing shared by every data source.
 
 Images travel through the data pipeline as ``uint8`` RGB arrays ``[height, width, 3]`` (small, exact) and
-become ``float32`` only in a batch: resized to the vision tower's input size, scaled to ``[0, 1]`` and
-normalised with the tower's mean/std (``(x / 255 - mean) / std``, as Hugging Face image processors do).
-Grayscale, palette, CMYK, 16-bit and RGBA/LA images are converted to RGB rather than rejected (alpha is
-composited onto a white background, which is how viewers show it); a missing or undecodable file raises
+become ``float32`` only in a batch. :class:`ImagePreprocessor` follows the steps and the arithmetic of the
+Hugging Face image processors' PIL backend (``CLIPImageProcessorPil``, ``BlipImageProcessorPil``,
+``LlavaImageProcessorPil`` in transformers 5), so pixel values equal theirs:
+
+1. RGB: images with an alpha band or a ``transparency`` entry are composited onto white, everything else
+   goes through ``PIL.Image.convert("RGB")`` (CMYK, palette, grayscale). One deliberate difference: 16/32-bit
+   grayscale is scaled to 8 bits instead of clipped (PIL clips 16-bit values at 255, which turns almost
+   every 16-bit photo white).
+2. optional pad to a square with the mean colour (LLaVA's ``do_pad``), before resizing;
+3. resize with PIL's filter, either straight to ``size`` or the shortest edge to ``resize_shortest_edge``
+   (the long edge ``int(edge * long / short)``, truncated, as torchvision's ``Resize`` and transformers do);
+4. centre crop to ``size``, ``top = (h - crop_h) // 2``; an image smaller than the crop is zero-padded
+   around it first (transformers' ``center_crop``);
+5. ``float32(uint8 * rescale_factor)`` computed in float64, then ``(x - mean) / std`` in float32.
+
+Steps 1-4 stay in ``uint8`` (:meth:`ImagePreprocessor.to_uint8`, cached by the batch builders), step 5 is
+:meth:`ImagePreprocessor.normalize`. Reading a checkpoint's ``preprocessor_config.json`` lives in
+:mod:`vlpeft_jax.data.processors`. A missing or undecodable file raises
 :class:`~vlpeft_jax.errors.InputError` naming the file.
 
 Example:
@@ -20,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +58,7 @@ _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
 }
 # Hugging Face preprocessor_config.json stores PIL resample codes as ints.
 _RESAMPLE_BY_CODE = {int(v): k for k, v in _RESAMPLE.items()}
@@ -62,26 +76,26 @@ def _as_hw(size: int | Sequence[int]) -> tuple[int, int]:
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Converts any PIL mode to RGB; transparency is composited onto ``background``.
 
+    An image has transparency when it has an ``A`` band (RGBA, LA, PA) or a ``transparency`` entry (palette,
+    grayscale or RGB PNGs with a tRNS chunk), the rule of transformers' ``convert_to_rgb``. 16/32-bit
+    grayscale is scaled to 8 bits (PIL would clip it at 255).
+
     Example:
         >>> from PIL import Image
         >>> to_rgb(Image.new("LA", (2, 2), (128, 0))).getpixel((0, 0))
         (255, 255, 255)
     """
-    if image.mode == "RGB":
-        return image
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (*background, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16/32-bit grayscale: scale the value range to 8 bits before converting (PIL would clip).
         arr = np.asarray(image, dtype=np.float64)
         hi = float(arr.max()) if arr.size else 0.0
         arr = arr / hi * 255.0 if hi > 255 else arr
-        image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
-    return image.convert("RGB")
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def array_to_rgb_uint8(array: np.ndarray, name: str = "image") -> np.ndarray:
@@ -109,8 +123,8 @@ def array_to_rgb_uint8(array: np.ndarray, name: str = "image") -> np.ndarray:
     if a.ndim == 2:
         return np.repeat(a[..., None], 3, axis=-1)
     if a.shape[-1] == 4:
-        alpha = a[..., 3:4].astype(np.float32) / 255.0
-        rgb = a[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+        alpha = a[..., 3:4] / 255.0  # float64, as transformers' convert_to_rgb
+        rgb = alpha * a[..., :3] + (1.0 - alpha) * 255.0
         return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(a)
 
@@ -186,19 +200,29 @@ IMAGE_MODES = ("eager", "lazy")
 
 @dataclasses.dataclass(frozen=True)
 class ImagePreprocessor:
-    """A vision tower's input transform: RGB, resize to ``size``, rescale to [0, 1], normalise.
+    """A vision tower's input transform, step for step as transformers' PIL image processors (module docstring).
 
     Attributes:
-        size: the tower's input size, an int (square) or (height, width).
-        mean, std: per-channel normalisation applied after rescaling to [0, 1].
-        resample: PIL resampling filter name ("bicubic" for CLIP/SigLIP/ViT, "bilinear" for some others).
-        crop: "none" resizes straight to ``size``; "center" resizes the shortest edge and center-crops,
-            as CLIP's processor does.
+        size: the output size, an int (square) or (height, width).
+        mean, std: per-channel normalisation applied after rescaling (``(0, 0, 0)``/``(1, 1, 1)``: none).
+        resample: PIL resampling filter name ("bicubic" for CLIP/SigLIP/BLIP, "bilinear" for ViT).
+        crop: "none" resizes straight to ``size``; "center" resizes the shortest edge to
+            ``resize_shortest_edge`` and centre-crops ``size``, as CLIP's processor does.
+        resize_shortest_edge: the shortest edge before a centre crop; None: ``max(size)`` (unless ``resize_hw``).
+        resize_hw: resize to this (height, width) before a centre crop instead.
+        do_resize: False skips resizing (a centre crop then pads or crops the image as it is).
+        rescale_factor: multiplies the uint8 values before normalising; None: no rescaling.
+        pad_to_square: pad to a square with the mean colour (``int(mean * 255)``) before resizing, as
+            LLaVA's image processor does with ``do_pad``.
+        pad_color: the padding colour, ``uint8`` RGB; None: ``int(mean * 255)``.
 
     Example:
         >>> pre = ImagePreprocessor(size=(16, 16), mean=CLIP_MEAN, std=CLIP_STD)
         >>> pre.batch([np.zeros((20, 30, 3), np.uint8)] * 2).shape
         (2, 16, 16, 3)
+        >>> clip = ImagePreprocessor(size=4, crop="center", resize_shortest_edge=5)
+        >>> clip.to_uint8(np.zeros((10, 20, 3), np.uint8)).shape  # 10x20 -> 5x10 -> crop 4x4
+        (4, 4, 3)
     """
 
     size: int | tuple[int, int] = 224
@@ -206,6 +230,12 @@ class ImagePreprocessor:
     std: tuple[float, ...] = HALF_STD
     resample: str = "bicubic"
     crop: str = "none"
+    resize_shortest_edge: int | None = None
+    resize_hw: tuple[int, int] | None = None
+    do_resize: bool = True
+    rescale_factor: float | None = 1 / 255
+    pad_to_square: bool = False
+    pad_color: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         _as_hw(self.size)
@@ -217,26 +247,43 @@ class ImagePreprocessor:
             raise InputError(f"unknown resample {self.resample!r}; valid: {', '.join(_RESAMPLE)}")
         if self.crop not in ("none", "center"):
             raise InputError(f"crop must be 'none' or 'center'; got {self.crop!r}")
+        if self.resize_shortest_edge is not None and self.resize_shortest_edge < 1:
+            raise InputError(f"resize_shortest_edge must be a positive int; got {self.resize_shortest_edge!r}")
+        if self.resize_shortest_edge is not None and self.resize_hw is not None:
+            raise InputError("give resize_shortest_edge or resize_hw, not both")
 
     @property
     def height_width(self) -> tuple[int, int]:
         return _as_hw(self.size)
 
     def to_uint8(self, image: Any, name: str | None = None) -> np.ndarray:
-        """Decodes (if needed), converts to RGB and resizes: ``uint8 [height, width, 3]``."""
+        """Decodes (if needed), converts to RGB, pads, resizes and crops: ``uint8 [height, width, 3]``."""
         rgb = decode_image(image, name)
         h, w = self.height_width
-        if self.crop == "center" and rgb.shape[:2] != (h, w):
-            scale = max(h / rgb.shape[0], w / rgb.shape[1])
-            rh, rw = max(h, round(rgb.shape[0] * scale)), max(w, round(rgb.shape[1] * scale))
-            rgb = resize_uint8(rgb, (rh, rw), self.resample)
-            top, left = (rh - h) // 2, (rw - w) // 2
-            return np.ascontiguousarray(rgb[top:top + h, left:left + w])
-        return resize_uint8(rgb, (h, w), self.resample)
+        if self.pad_to_square:
+            color = self.pad_color if self.pad_color is not None else tuple(int(m * 255) for m in self.mean)
+            rgb = _pad_to_square(rgb, color)
+        if self.crop == "none":
+            if not self.do_resize and rgb.shape[:2] != (h, w):
+                raise InputError(f"{name or 'image'}: size {rgb.shape[:2]} is not the expected {(h, w)} and "
+                                 "resizing is off (do_resize=False without a centre crop)")
+            return resize_uint8(rgb, (h, w), self.resample)
+        if self.do_resize and self.resize_hw is not None:
+            rgb = resize_uint8(rgb, self.resize_hw, self.resample)
+        elif self.do_resize:
+            edge = self.resize_shortest_edge or max(h, w)
+            rgb = resize_uint8(rgb, shortest_edge_size(rgb.shape[:2], edge), self.resample)
+        return center_crop_uint8(rgb, (h, w))
 
     def normalize(self, image_uint8: np.ndarray) -> np.ndarray:
-        """``(x / 255 - mean) / std`` in float32 for any leading batch shape."""
-        x = np.asarray(image_uint8, dtype=np.float32) * np.float32(1.0 / 255.0)
+        """``(x * rescale_factor - mean) / std`` in float32 for any leading batch shape.
+
+        The product is taken in float64 and rounded to float32 before normalising, as transformers' ``rescale``.
+        """
+        x = np.asarray(image_uint8)
+        if self.rescale_factor is not None:
+            x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        x = x.astype(np.float32, copy=False)
         return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
 
     def __call__(self, image: Any, name: str | None = None) -> np.ndarray:
@@ -251,40 +298,65 @@ class ImagePreprocessor:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike) -> ImagePreprocessor:
-        """Reads size, mean, std and resampling from a Hugging Face ``preprocessor_config.json``.
+        """The preprocessing of a Hugging Face checkpoint directory (``preprocessor_config.json`` or the
+        ``image_processor`` entry of ``processor_config.json``); see
+        :func:`vlpeft_jax.data.processors.image_preprocessor_from_pretrained`."""
+        from vlpeft_jax.data.processors import image_preprocessor_from_pretrained
 
-        Understands ``size`` as an int, ``{"height", "width"}`` or ``{"shortest_edge"}`` (then uses
-        ``crop_size`` and a center crop, as CLIP does).
-        """
-        path = Path(model_dir) / "preprocessor_config.json"
-        if not path.is_file():
-            raise InputError(f"no preprocessor_config.json in {model_dir}")
-        with open(path) as fh:
-            cfg = json.load(fh)
-        size_cfg = cfg.get("size", 224)
-        crop = "none"
-        if isinstance(size_cfg, dict):
-            if "height" in size_cfg and "width" in size_cfg:
-                size: int | tuple[int, int] = (int(size_cfg["height"]), int(size_cfg["width"]))
-            elif "shortest_edge" in size_cfg:
-                crop_cfg = cfg.get("crop_size", size_cfg["shortest_edge"])
-                if isinstance(crop_cfg, dict):
-                    size = (int(crop_cfg["height"]), int(crop_cfg["width"]))
-                else:
-                    size = int(crop_cfg)
-                crop = "center" if cfg.get("do_center_crop", True) else "none"
-            else:
-                raise InputError(f"{path}: unsupported 'size' {size_cfg!r}")
-        else:
-            size = int(size_cfg)
-        resample = cfg.get("resample", "bicubic")
-        if isinstance(resample, int):
-            resample = _RESAMPLE_BY_CODE.get(resample, "bicubic")
-        mean = tuple(cfg.get("image_mean", HALF_MEAN))
-        std = tuple(cfg.get("image_std", HALF_STD))
-        if not cfg.get("do_normalize", True):
-            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-        return cls(size=size, mean=mean, std=std, resample=resample, crop=crop)
+        return image_preprocessor_from_pretrained(model_dir)
+
+
+def shortest_edge_size(hw: tuple[int, int], edge: int) -> tuple[int, int]:
+    """(height, width) with the shorter side ``edge`` and the longer ``int(edge * long / short)`` (truncated).
+
+    Example:
+        >>> shortest_edge_size((480, 640), 224)
+        (224, 298)
+    """
+    height, width = int(hw[0]), int(hw[1])
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(edge * long / short)
+    return (new_long, edge) if width <= height else (edge, new_long)
+
+
+def center_crop_uint8(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The centre ``size`` window (``top = (h - crop_h) // 2``); a smaller image is zero-padded around it first
+    (``ceil`` of half the missing rows/columns above/left), as transformers' ``center_crop``.
+
+    Example:
+        >>> center_crop_uint8(np.ones((2, 3, 3), np.uint8), (3, 3))[..., 0].tolist()
+        [[0, 0, 0], [1, 1, 1], [1, 1, 1]]
+    """
+    ch, cw = size
+    h, w = image.shape[:2]
+    ph, pw = max(ch, h), max(cw, w)
+    if (ph, pw) != (h, w):
+        top_pad, left_pad = -(-(ph - h) // 2), -(-(pw - w) // 2)
+        canvas = np.zeros((ph, pw, *image.shape[2:]), image.dtype)
+        canvas[top_pad:top_pad + h, left_pad:left_pad + w] = image
+        top, left = (h - ch) // 2 + top_pad, (w - cw) // 2 + left_pad
+        image = canvas
+    else:
+        top, left = (h - ch) // 2, (w - cw) // 2
+    top, left = max(0, top), max(0, left)
+    return np.ascontiguousarray(image[top:top + ch, left:left + cw])
+
+
+def _pad_to_square(image: np.ndarray, fill: tuple[int, ...]) -> np.ndarray:
+    """Centres the image on a square canvas of its longer side filled with ``fill`` (LLaVA's ``pad_to_square``)."""
+    h, w = image.shape[:2]
+    if h == w:
+        return image
+    side = max(h, w)
+    canvas = np.empty((side, side, 3), np.uint8)
+    canvas[...] = np.asarray(fill, np.uint8)
+    if w > h:
+        start = (side - h) // 2
+        canvas[start:start + h] = image
+    else:
+        start = (side - w) // 2
+        canvas[:, start:start + w] = image
+    return canvas
 
 
 def resolve_image(path: str | os.PathLike, report: Any, what: str, images: str = "eager",
