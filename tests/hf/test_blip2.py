@@ -31,7 +31,8 @@ VOCAB = 64
 IMAGE_TOKEN = VOCAB - 1
 NUM_QUERY = 4
 PAD, BOS, EOS = 1, 2, 3
-GEN_EOS = 23  # the end token for generation: one the tiny models produce, so that rows finish at different steps
+# the end token for generation: one each tiny model produces, so that rows finish at different steps
+GEN_EOS = {("blip-2", "opt"): 23, ("instructblip", "llama"): 23, ("blip-2", "t5"): 56, ("instructblip", "t5"): 49}
 BATCH, TEXT_LEN = 3, 6
 NEW_TOKENS, NUM_BEAMS = 5, 3
 
@@ -46,7 +47,12 @@ TEXT = {
     "llama": dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD,
                   bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=False),
+    # Flan-T5 shape: gated-GELU feed-forward, untied head; pad 0 = decoder start, eos 1
+    "t5": dict(model_type="t5", vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+               relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
+               tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0),
 }
+DECODER_LEN = 4  # decoder_input_ids of the encoder-decoder compositions' logits test
 
 MAX_DIFFS: dict[str, float] = {}
 
@@ -85,12 +91,13 @@ class Composition:
             for name, p in self.hf.named_parameters():
                 if "norm" in name and name.endswith("weight"):
                     p.copy_(1.0 + 0.1 * torch.randn_like(p))
-                elif name.startswith("language_model") and "embed_" in name:  # varied greedy tokens, not one repeated
+                elif name.startswith("language_model") and ("embed_" in name or "shared" in name):  # varied tokens
                     p.copy_(torch.randn_like(p))
                 else:
                     p.copy_(0.2 * torch.randn_like(p))
         self.name = f"{kind}+{lm}"
         self.kind = kind
+        self.seq2seq = lm == "t5"
         self.dir = tmp_dir / self.name
         self.hf.save_pretrained(self.dir)
         self.model, params = self.load(self.dir)
@@ -105,12 +112,16 @@ class Composition:
         if self.kind == "instructblip":
             out["qformer_input_ids"] = torch.tensor(batch["qformer_input_ids"]).long()
             out["qformer_attention_mask"] = torch.tensor(batch["qformer_attention_mask"]).long()
+        if self.seq2seq and "decoder_input_ids" in batch:
+            out["decoder_input_ids"] = torch.tensor(batch["decoder_input_ids"]).long()
         return out
 
     def our_inputs(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         keys = ["input_ids", "pixel_values"]
         if self.kind == "instructblip":
             keys += ["qformer_input_ids", "qformer_attention_mask"]
+        if self.seq2seq and "decoder_input_ids" in batch:
+            keys.append("decoder_input_ids")
         return {k: jnp.asarray(batch[k]) for k in keys}
 
 
@@ -148,7 +159,7 @@ def batch() -> dict[str, np.ndarray]:
             "qformer_input_ids": np.where(q_mask == 1, q_ids, 0).astype(np.int32), "qformer_attention_mask": q_mask}
 
 
-CASES = [("blip-2", "opt"), ("instructblip", "llama")]
+CASES = [("blip-2", "opt"), ("instructblip", "llama"), ("blip-2", "t5"), ("instructblip", "t5")]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,13 +186,16 @@ def test_vision_tower_matches_transformers(compositions, batch):
 
 @pytest.mark.parametrize("kind,lm", CASES)
 def test_logits_match_transformers(compositions, batch, kind, lm):
-    """Logits at every real position of a left-padded batch of three images (placeholders and text)."""
+    """Logits at every real position of a left-padded batch of three images (placeholders and text); for Flan-T5
+    the decoder's logits on ``decoder_input_ids`` given with the (image + prompt) encoder input."""
     comp = compositions(kind, lm)
+    if comp.seq2seq:
+        batch = dict(batch, decoder_input_ids=np.random.default_rng(1).integers(0, VOCAB, (BATCH, DECODER_LEN)))
     with torch.no_grad():
         ref = comp.hf(**comp.hf_inputs(batch)).logits.numpy()
     out = comp.forward(comp.params, comp.our_inputs(batch), jnp.asarray(batch["attention_mask"]))
-    assert out.logits.shape == ref.shape == (BATCH, NUM_QUERY + TEXT_LEN, VOCAB)
-    real = batch["attention_mask"].astype(bool)
+    assert out.logits.shape == ref.shape == (BATCH, DECODER_LEN if comp.seq2seq else NUM_QUERY + TEXT_LEN, VOCAB)
+    real = np.ones(ref.shape[:2], bool) if comp.seq2seq else batch["attention_mask"].astype(bool)
     diff = record(f"{comp.name} logits", np.abs(np.asarray(out.logits) - ref)[real].max())
     assert diff <= TOL, diff
     # the image matters (a wrong placement or a skipped vision tower would not show otherwise)
@@ -213,8 +227,9 @@ def test_greedy_and_beam_match_generate(compositions, batch, kind, lm):
     """Greedy tokens equal transformers' ``generate``; beam search's tokens and ``sequences_scores`` too."""
     comp = compositions(kind, lm)
     mask = jnp.asarray(batch["attention_mask"])
-    settings = dict(max_new_tokens=NEW_TOKENS, eos_token_id=GEN_EOS, pad_token_id=PAD)
-    prompt_len = batch["input_ids"].shape[1]
+    settings = dict(max_new_tokens=NEW_TOKENS, eos_token_id=GEN_EOS[kind, lm], pad_token_id=PAD)
+    # transformers returns the prompt before the new tokens (decoder LMs) or the decoder start token (T5)
+    prompt_len = 1 if comp.seq2seq else batch["input_ids"].shape[1]
     with torch.no_grad():
         ref_greedy = comp.hf.generate(**comp.hf_inputs(batch), do_sample=False, num_beams=1, **settings)
         ref_beam = comp.hf.generate(**comp.hf_inputs(batch), do_sample=False, num_beams=NUM_BEAMS,
@@ -253,7 +268,7 @@ def test_tree_mirrors_hf_names_and_exports_back(compositions, kind, lm):
     for key, value in saved.items():
         np.testing.assert_array_equal(exported[key], value, err_msg=key)
     assert comp.model.image_token_id == IMAGE_TOKEN and comp.model.num_query_tokens == NUM_QUERY
-    assert comp.model.is_encoder_decoder is False
+    assert comp.model.is_encoder_decoder is comp.seq2seq
     assert set(comp.params) == {"vision_model", "qformer", "language_model", "language_projection"}
 
 

@@ -10,10 +10,14 @@ A ``Blip2ForConditionalGeneration`` (``model_type`` ``blip-2``) or ``InstructBli
 
 The language model is chosen by ``text_config.model_type`` and mapped with its own family's key map
 (:func:`vlpeft_jax.hf.decoders.opt_key_maps` for ``opt``, :func:`~vlpeft_jax.hf.decoders.llama_key_maps` for
-``llama`` / Vicuna) under the ``language_model.`` prefix. Because every entry is a rename (plus transposes and the
-patch convolution's reshape), our module paths read as transformers' module names (``language_model/model/
-decoder/layers_0/self_attn/q_proj`` is ``language_model.model.decoder.layers.0.self_attn.q_proj``), which is
-what PEFT adapter export relies on.
+``llama`` / Vicuna, :func:`vlpeft_jax.hf.t5.t5_key_maps` for ``t5`` / Flan-T5) under the ``language_model.``
+prefix. With Flan-T5 the composed module is an encoder-decoder (``is_encoder_decoder``): the visual tokens go to
+the T5 encoder's input, ``decoder_input_ids`` to its decoder, and :func:`vlpeft_jax.eval.decode.generate` drives it
+through :class:`~vlpeft_jax.eval.decode.ModuleApply` like any other model.
+
+Because every entry is a rename (plus transposes and the patch convolution's reshape), our module paths read as
+transformers' module names (``language_model/model/decoder/layers_0/self_attn/q_proj`` is
+``language_model.model.decoder.layers.0.self_attn.q_proj``), which is what PEFT adapter export relies on.
 
 Visual tokens are placed as transformers 5.24 places them: over the ``image_token_index`` placeholders of
 ``input_ids`` when the config has one (every checkpoint saved by a current processor), else prepended (see
@@ -48,21 +52,40 @@ from vlpeft_jax.hf import io
 from vlpeft_jax.hf.bert import qformer_key_map
 from vlpeft_jax.hf.decoders import llama_key_maps, opt_key_maps
 from vlpeft_jax.hf.io import KeyMap
+from vlpeft_jax.hf.t5 import resolve_tied_head, t5_key_maps, with_shared_alias
 from vlpeft_jax.hf.vision import conv_to_patch_kernel
 from vlpeft_jax.models import layers
 from vlpeft_jax.models.bert import BertConfig, QFormer
 from vlpeft_jax.models.blip_vision import BlipVisionConfig, BlipVisionModel
 from vlpeft_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from vlpeft_jax.models.opt import OPTConfig, OPTForCausalLM
+from vlpeft_jax.models.t5 import T5Config, T5ForConditionalGeneration
 from vlpeft_jax.models.vlm import QFormerVLM
 
 Params = dict[str, Any]
 
 MODEL_TYPES = ("blip-2", "instructblip")
+LM_PREFIX = "language_model."
 
 
 # --------------------------------------------------------------------------------------------------
 # Language models by text_config.model_type
+
+
+def _same_config(config: Any, state: Mapping[str, np.ndarray]) -> Any:
+    return config
+
+
+def _same_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return dict(state)
+
+
+def _t5_config_from_weights(config: T5Config, state: Mapping[str, np.ndarray]) -> T5Config:
+    return resolve_tied_head(config, state, hf_prefix=LM_PREFIX)
+
+
+def _t5_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return with_shared_alias(state, hf_prefix=LM_PREFIX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,12 +94,16 @@ class _LMFamily:
     module: Callable[[Any], Any]
     key_maps: Callable[[Any], list[KeyMap]]
     width: Callable[[Any], int]  # what HF's language_projection outputs (text_config.hidden_size)
+    prepare_state: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]] = _same_state
+    config_from_weights: Callable[[Any, Mapping[str, np.ndarray]], Any] = _same_config  # e.g. T5's tied head
 
 
 def _lm_families() -> dict[str, _LMFamily]:
     return {
         "opt": _LMFamily(OPTConfig, OPTForCausalLM, opt_key_maps, lambda c: c.hidden_size),
         "llama": _LMFamily(LlamaConfig, LlamaForCausalLM, llama_key_maps, lambda c: c.hidden_size),
+        "t5": _LMFamily(T5Config, T5ForConditionalGeneration, t5_key_maps, lambda c: c.d_model, _t5_state,
+                        _t5_config_from_weights),
     }
 
 
@@ -92,9 +119,12 @@ def _lm_family(model_type: str | None, source: str) -> _LMFamily:
 # Building the module from config.json
 
 
-def build_qformer_vlm(hf_config: Mapping[str, Any], *, dtype: Any = jnp.float32,
-                      source: str = "config.json") -> QFormerVLM:
+def build_qformer_vlm(hf_config: Mapping[str, Any], *, dtype: Any = jnp.float32, source: str = "config.json",
+                      state: Mapping[str, np.ndarray] | None = None) -> QFormerVLM:
     """The :class:`QFormerVLM` a ``blip-2`` / ``instructblip`` ``config.json`` dict describes (no weights).
+
+    ``state`` (the checkpoint's tensors, when known) settles what only the weights say: whether a T5 head is tied
+    (transformers 5 writes ``tie_word_embeddings: true`` for Flan-T5's untied head too).
 
     Example:
         >>> m = build_qformer_vlm({"model_type": "blip-2", "num_query_tokens": 4, "image_token_index": 50,
@@ -116,6 +146,8 @@ def build_qformer_vlm(hf_config: Mapping[str, Any], *, dtype: Any = jnp.float32,
     text_hf.setdefault("model_type", "opt")  # transformers' Blip2Config / InstructBlipConfig default
     family = _lm_family(text_hf["model_type"], source)
     text = family.config_class.from_hf(text_hf, dtype=dtype)
+    if state is not None:
+        text = family.config_from_weights(text, family.prepare_state(state))
     lm = family.module(text)
     width = family.width(text)
     embed_width = getattr(text, "word_embed_proj_dim", None) or width
@@ -182,7 +214,7 @@ def _qformer_vlm_key_maps(model: QFormerVLM) -> list[KeyMap]:
     maps += io.linear("language_projection", "language_projection")
     lm_config = model.language_model.config
     lm_maps = next(f.key_maps for f in _lm_families().values() if isinstance(lm_config, f.config_class))
-    maps += _prefixed(lm_maps(lm_config), "language_model.", "language_model")
+    maps += _prefixed(lm_maps(lm_config), LM_PREFIX, "language_model")
     return maps
 
 
@@ -217,9 +249,12 @@ def instructblip_key_maps(model: QFormerVLM) -> list[KeyMap]:
 # Loading
 
 
-def _normalise_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Fuses older checkpoints' ``self_attn.q_bias`` / ``v_bias`` into the ``qkv.bias`` transformers stores."""
-    out = dict(state)
+def _normalise_state(state: Mapping[str, np.ndarray], hf_config: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Fuses older checkpoints' ``self_attn.q_bias`` / ``v_bias`` into the ``qkv.bias`` transformers stores; lets
+    the LM family fill its aliases (T5's ``shared.weight`` from ``encoder.embed_tokens.weight``)."""
+    text_type = (hf_config.get("text_config") or {}).get("model_type", "opt")
+    family = _lm_families().get(text_type)
+    out = family.prepare_state(state) if family is not None else dict(state)
     for key in [k for k in state if k.endswith(".self_attn.q_bias")]:
         base = key[: -len("q_bias")]
         if f"{base}qkv.bias" in out or f"{base}v_bias" not in out:
@@ -270,15 +305,16 @@ def _load(model_dir: str | os.PathLike, model_type: str, dtype: Any) -> tuple[QF
         hint = f" (use {loader})" if loader else ""
         raise CheckpointError(f"{d}/config.json has model_type {hf_config.get('model_type')!r}; expected "
                               f"{model_type!r}{hint}")
-    model = build_qformer_vlm(hf_config, dtype=dtype, source=f"{d}/config.json")
+    build_qformer_vlm(hf_config, dtype=dtype, source=f"{d}/config.json")  # config errors before reading weights
+    state = _normalise_state(io.load_state_dict(d), hf_config)
+    model = build_qformer_vlm(hf_config, dtype=dtype, source=f"{d}/config.json", state=state)
     maps = _qformer_vlm_key_maps(model)
-    state = _normalise_state(io.load_state_dict(d))
     _check_present(state, maps, str(d))
     return model, io.convert(state, maps, abstract_params(model), source=str(d))
 
 
 def load_blip2(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> tuple[QFormerVLM, Params]:
-    """Loads a local ``Blip2ForConditionalGeneration`` checkpoint directory (OPT or LLaMA LM).
+    """Loads a local ``Blip2ForConditionalGeneration`` checkpoint directory (OPT, LLaMA or Flan-T5 LM).
 
     Returns the :class:`QFormerVLM` (compute ``dtype``) and its parameters as host (numpy, float32) arrays.
     """
@@ -286,7 +322,7 @@ def load_blip2(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> tup
 
 
 def load_instructblip(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> tuple[QFormerVLM, Params]:
-    """Loads a local ``InstructBlipForConditionalGeneration`` checkpoint directory (LLaMA/Vicuna or OPT LM).
+    """Loads a local ``InstructBlipForConditionalGeneration`` checkpoint directory (Vicuna/LLaMA, Flan-T5 or OPT LM).
 
     Call the model with the instruction both in ``input_ids`` (LM vocabulary) and in ``qformer_input_ids`` /
     ``qformer_attention_mask`` (the Q-Former's BERT vocabulary), as ``InstructBlipProcessor`` produces them.

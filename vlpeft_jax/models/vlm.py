@@ -332,13 +332,18 @@ class QFormerVLM(nn.Module):
     - ``image_token_id`` None (checkpoints written before the processor inserted placeholders): the visual
       tokens are prepended with a mask of ones, as transformers 4.x did; the logits then cover them too.
 
-    A decoder LM gets the embeddings as ``inputs_embeds``. After the prefill, call with ``pixel_values=None``:
-    the step is the plain language model on new token ids with the cache.
+    A decoder LM gets the embeddings as ``inputs_embeds``. An encoder-decoder LM (Flan-T5; ``is_encoder_decoder``)
+    gets them as its *encoder* input, and ``decoder_input_ids`` / ``decoder_attention_mask`` pass through to its
+    decoder (None: one decoder start token per row, the generation prefill); its logits are the decoder's.
+    After the prefill, call with ``pixel_values=None``: the step is the plain language model with the cache (a
+    decoder on new ``input_ids``; an encoder-decoder on ``decoder_input_ids`` against its cached encoder output,
+    as :class:`~vlpeft_jax.eval.decode.ModuleApply` calls it).
 
     Attributes:
       vision_model: e.g. :class:`~vlpeft_jax.models.blip_vision.BlipVisionModel`.
       qformer: a :class:`~vlpeft_jax.models.bert.QFormer` (its learned ``query_tokens`` live under it).
-      language_model: a decoder following :mod:`vlpeft_jax.models.outputs` with ``embed_tokens``.
+      language_model: a decoder following :mod:`vlpeft_jax.models.outputs` with ``embed_tokens``, or an
+        encoder-decoder such as :class:`~vlpeft_jax.models.t5.T5ForConditionalGeneration`.
       lm_width: width of the LM's input embeddings (``language_projection``'s output).
       num_query_tokens: visual tokens per image.
       image_token_id: the placeholder id, or None to prepend.
@@ -372,12 +377,19 @@ class QFormerVLM(nn.Module):
                              attention_mask=qformer_attention_mask)
         return self.language_projection(q.last_hidden_state[:, : self.num_query_tokens])
 
-    def __call__(self, input_ids: Array | None, attention_mask: Array | None = None,
+    def __call__(self, input_ids: Array | None = None, attention_mask: Array | None = None,
                  pixel_values: Array | None = None, *, qformer_input_ids: Array | None = None,
-                 qformer_attention_mask: Array | None = None, cache: layers.KVCache | None = None,
-                 decode: bool = False, logits_to_keep: int = 0) -> DecoderOutput:
+                 qformer_attention_mask: Array | None = None, decoder_input_ids: Array | None = None,
+                 decoder_attention_mask: Array | None = None, cache: Any = None, decode: bool = False,
+                 logits_to_keep: int = 0) -> DecoderOutput:
+        seq2seq = {}
+        if self.is_encoder_decoder:
+            seq2seq = {"decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask}
+        elif decoder_input_ids is not None or decoder_attention_mask is not None:
+            raise InputError("decoder_input_ids / decoder_attention_mask were given, but the language model is a "
+                             f"decoder ({type(self.language_model).__name__}), not an encoder-decoder")
         if pixel_values is None:
-            return self.language_model(input_ids, attention_mask, cache=cache, decode=decode,
+            return self.language_model(input_ids, attention_mask, **seq2seq, cache=cache, decode=decode,
                                        logits_to_keep=logits_to_keep)
         if input_ids is None:
             raise InputError("QFormerVLM needs input_ids with pixel_values (the prompt, placeholders included)")
@@ -386,5 +398,5 @@ class QFormerVLM(nn.Module):
             check_placeholders(input_ids, self.image_token_id, self.num_query_tokens)
         text = self.language_model.embed_tokens(input_ids)
         embeds, mask = place_visual_tokens(text, attention_mask, visual, input_ids, self.image_token_id)
-        return self.language_model(None, mask, inputs_embeds=embeds, cache=cache, decode=decode,
+        return self.language_model(None, mask, **seq2seq, inputs_embeds=embeds, cache=cache, decode=decode,
                                    logits_to_keep=logits_to_keep)
