@@ -6,13 +6,17 @@ built inside the test from tiny configs (:mod:`tests.data.vlm_dirs`); our side r
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.data import vlm_dirs
 from vlpeft_jax.data import processors
 from vlpeft_jax.data.images import ImagePreprocessor
-from vlpeft_jax.errors import InputError
+from vlpeft_jax.data.processors import IGNORE_INDEX, VLMProcessor
+from vlpeft_jax.errors import CheckpointError, ConfigError, InputError
 
 transformers = pytest.importorskip("transformers")
 
@@ -140,6 +144,180 @@ def test_image_config_errors(tmp_path):
 
 
 def _tiny_tokenizer():
-    from tests.data import vlm_dirs
-
     return vlm_dirs.word_tokenizer()
+
+
+# ---------------------------------------------------------------------------------------- VLM processors
+BATCH_IMAGES = [IMAGES["rgb_wide"], IMAGES["rgba"], IMAGES["l"]]
+QUESTIONS = ["What is this ?", "Describe the image .", "Is it a red cat ?"]
+
+
+def _compare(ours: dict, ref, keys=("input_ids", "attention_mask")) -> float:
+    for key in keys:
+        np.testing.assert_array_equal(ours[key], np.asarray(ref[key]), err_msg=key)
+    want = np.asarray(ref["pixel_values"]).transpose(0, 2, 3, 1)
+    diff = float(np.abs(ours["pixel_values"] - want).max())
+    assert ours["pixel_values"].shape == want.shape and diff <= 1e-5, diff
+    return diff
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_llava_inputs_equal_llava_processor(tmp_path, chat):
+    d, ref = vlm_dirs.llava_dir(tmp_path, chat_template=chat)
+    ours = VLMProcessor.from_pretrained(d, prompt_format="llava-chat" if chat else "llava-1.5")
+    assert ours.num_image_tokens == 2 * 2 + 1 - 1 and ours.image_token_id == ref.image_token_id  # 2x2 patches
+    texts = [ours.render(q) for q in QUESTIONS]
+    if chat:  # the chat template renders what transformers' apply_chat_template renders
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[0]}]}]
+        assert texts[0] == ref.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+    else:
+        assert texts[0] == "USER: <image>\nWhat is this ? ASSISTANT:"
+    want = ref(images=BATCH_IMAGES, text=texts, padding="max_length", max_length=20, return_tensors="np")
+    got = ours.generation_inputs(BATCH_IMAGES, QUESTIONS, max_length=20)
+    diff = _compare(got, want)
+    assert (got["input_ids"] == ours.image_token_id).sum() == 3 * ours.num_image_tokens
+    print(f"llava chat={chat}: ids equal, pixel max abs diff {diff:.3g}")
+
+
+def test_llava_several_images_per_prompt_and_full_strategy(tmp_path):
+    d, ref = vlm_dirs.llava_dir(tmp_path, strategy="full", image_token_attr=False)
+    ours = VLMProcessor.from_pretrained(d, prompt_format="llava-1.5")
+    assert ours.num_image_tokens == 4 + 1  # 'full' keeps CLS
+    images = [[IMAGES["rgb_wide"], IMAGES["p"]], [IMAGES["cmyk"], IMAGES["la"]]]
+    texts = [ours.render(q, num_images=2) for q in QUESTIONS[:2]]
+    want = ref(images=[im for row in images for im in row], text=texts, padding="longest", return_tensors="np")
+    got = ours.generation_inputs(images, QUESTIONS[:2], max_length=want["input_ids"].shape[1])
+    _compare(got, want)
+
+
+@pytest.mark.parametrize("lm", ["opt", "t5"])
+def test_blip2_inputs_equal_blip2_processor(tmp_path, lm):
+    d, ref = vlm_dirs.blip2_dir(tmp_path, lm=lm, num_query_tokens=3)
+    ours = VLMProcessor.from_pretrained(d)  # default: BLIP-2's VQA prompt
+    assert ours.encoder_decoder == (lm == "t5") and ours.padding_side == ("right" if lm == "t5" else "left")
+    texts = [ours.render(q) for q in QUESTIONS]
+    assert texts[0] == "Question: What is this ? Answer:"
+    want = ref(images=BATCH_IMAGES, text=texts, padding="max_length", max_length=18, return_tensors="np")
+    got = ours.generation_inputs(BATCH_IMAGES, QUESTIONS, max_length=18)
+    diff = _compare(got, want)
+    # captioning: an empty prompt
+    caption = VLMProcessor.from_pretrained(d, prompt_format="blip2-caption")
+    want = ref(images=BATCH_IMAGES[:2], text=["", ""], padding="max_length", max_length=6, return_tensors="np")
+    _compare(caption.generation_inputs(BATCH_IMAGES[:2], [None, ""], max_length=6), want)
+    print(f"blip-2 {lm}: ids equal, pixel max abs diff {diff:.3g}")
+
+
+@pytest.mark.parametrize("lm", ["llama", "t5"])
+def test_instructblip_inputs_equal_instructblip_processor(tmp_path, lm):
+    d, ref = vlm_dirs.instructblip_dir(tmp_path, lm=lm, num_query_tokens=2)
+    ours = VLMProcessor.from_pretrained(d)
+    want = ref(images=BATCH_IMAGES, text=QUESTIONS, padding="max_length", max_length=14, return_tensors="np")
+    got = ours.generation_inputs(BATCH_IMAGES, QUESTIONS, max_length=14, qformer_max_length=14)
+    diff = _compare(got, want, keys=("input_ids", "attention_mask", "qformer_input_ids", "qformer_attention_mask"))
+    print(f"instructblip {lm}: ids equal, pixel max abs diff {diff:.3g}")
+
+
+def test_legacy_blip2_config_without_image_token_index(tmp_path):
+    d, _ = vlm_dirs.blip2_dir(tmp_path, image_token_index=False)
+    ours = VLMProcessor.from_pretrained(d)
+    assert ours.num_image_tokens == 0 and ours.image_token_id is None
+    got = ours.generation_inputs(BATCH_IMAGES[:1], QUESTIONS[:1], max_length=12)
+    assert ours.tokenizer.convert_tokens_to_ids("<image>") not in got["input_ids"]
+
+
+def test_training_batch_decoder_only(tmp_path):
+    d, _ = vlm_dirs.llava_dir(tmp_path)
+    ours = VLMProcessor.from_pretrained(d)
+    tok = ours.tokenizer
+    targets = ["a red cat", "two dogs on the picture", "no"]
+    b, truncated = ours.training_batch(BATCH_IMAGES, QUESTIONS, targets, max_length=24, return_truncated=True)
+    assert truncated == 0 and b["pixel_values"].shape == (3, 28, 28, 3)
+    for i, (q, t) in enumerate(zip(QUESTIONS, targets, strict=True)):
+        ids, mask, labels = b["input_ids"][i], b["attention_mask"][i], b["labels"][i]
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()  # right padding
+        full = tok(f"USER: {'<image>' * ours.num_image_tokens}\n{q} ASSISTANT: {t}")["input_ids"]
+        np.testing.assert_array_equal(ids[:n], full + [tok.eos_token_id])  # the whole text, then eos
+        prompt_len = len(full) - len(t.split())
+        assert (labels[:prompt_len] == IGNORE_INDEX).all() and (labels[n:] == IGNORE_INDEX).all()
+        np.testing.assert_array_equal(labels[prompt_len:n], ids[prompt_len:n])
+        assert tok.decode(labels[prompt_len:n - 1]) == t
+    short = ours.training_batch(BATCH_IMAGES[:1], QUESTIONS[:1], ["two dogs on the picture"], max_length=15,
+                                return_truncated=True)
+    assert short[1] == 1 and short[0]["attention_mask"].all()
+    with pytest.raises(InputError, match="leaving none"):
+        ours.training_batch(BATCH_IMAGES[:1], QUESTIONS[:1], ["x"], max_length=8)
+
+
+def test_training_batch_encoder_decoder(tmp_path):
+    d, ref = vlm_dirs.instructblip_dir(tmp_path, lm="t5", num_query_tokens=2)
+    ours = VLMProcessor.from_pretrained(d)
+    tok = ours.tokenizer
+    targets = ["a red cat", "two dogs", "no"]
+    b = ours.training_batch(BATCH_IMAGES, QUESTIONS, targets, max_length=14, max_target_length=5,
+                            qformer_max_length=14)
+    # encoder side: what the processor gives with right padding
+    want = ref(images=BATCH_IMAGES, text=QUESTIONS, padding="max_length", max_length=14, return_tensors="np")
+    _compare(b, want, keys=("input_ids", "attention_mask", "qformer_input_ids", "qformer_attention_mask"))
+    # labels: the target with eos (what T5 tokenizers give for text_target), -100 padding; decoder inputs shifted
+    want_labels = tok(text_target=targets, padding="max_length", max_length=5)["input_ids"]
+    want_labels = np.where(np.asarray(want_labels) == tok.pad_token_id, IGNORE_INDEX, want_labels)
+    np.testing.assert_array_equal(b["labels"], want_labels)
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    shift = T5ForConditionalGeneration(T5Config(d_model=8, d_ff=8, num_layers=1, num_heads=1, vocab_size=len(tok),
+                                                decoder_start_token_id=0, pad_token_id=0))._shift_right
+    np.testing.assert_array_equal(b["decoder_input_ids"], shift(torch.tensor(b["labels"], dtype=torch.long)).numpy())
+    np.testing.assert_array_equal(b["decoder_attention_mask"], (want_labels != IGNORE_INDEX).astype(np.int32))
+
+
+def test_vlm_bad_input(tmp_path):
+    d, _ = vlm_dirs.llava_dir(tmp_path / "llava")
+    ours = VLMProcessor.from_pretrained(d, prompt_format={"template": "{prompt}"})
+    one = [np.zeros((8, 8, 3), np.uint8)]
+    with pytest.raises(InputError, match="0 image token"):  # no marker for one image
+        ours.generation_inputs(one, ["what is this ?"], max_length=16)
+    with pytest.raises(InputError, match="2 image token"):  # two markers for one image
+        ours.generation_inputs(one, ["<image> <image> what"], max_length=16)
+    with pytest.raises(InputError, match="max_length=4"):
+        ours.generation_inputs(one, ["<image> what is this ?"], max_length=4)
+    with pytest.raises(InputError, match="2 image entries for 1 prompts"):
+        ours.generation_inputs(one * 2, ["<image>"], max_length=8)
+    with pytest.raises(InputError, match="missing.png"):
+        ours.generation_inputs([tmp_path / "missing.png"], ["<image>"], max_length=8)
+    b2, _ = vlm_dirs.blip2_dir(tmp_path / "blip2")
+    blip = VLMProcessor.from_pretrained(b2, prompt_format={"template": "{image} {prompt}"})
+    with pytest.raises(InputError, match="before the text"):
+        blip.generation_inputs(one, ["what"], max_length=16)
+    with pytest.raises(ConfigError, match="unknown field"):
+        VLMProcessor.from_pretrained(b2, prompt_format={"template": "{prompt} {answer}"})
+    # the vision tower disagrees with the processor's image-token count
+    cfg = vlm_dirs.read_json(d / "config.json")
+    cfg["vision_config"]["image_size"] = 56
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="image-token count must match"):
+        VLMProcessor.from_pretrained(d)
+    cfg["vision_config"]["image_size"] = 28
+    cfg["vision_feature_select_strategy"] = "cls_only"
+    (d / "config.json").write_text(json.dumps(cfg))
+    proc_cfg = vlm_dirs.read_json(d / "processor_config.json")
+    proc_cfg.pop("vision_feature_select_strategy")
+    (d / "processor_config.json").write_text(json.dumps(proc_cfg))
+    with pytest.raises(ConfigError, match="cls_only"):
+        VLMProcessor.from_pretrained(d)
+    cfg["model_type"] = "llava_next"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="anyres"):
+        VLMProcessor.from_pretrained(d)
+    cfg = vlm_dirs.read_json(b2 / "config.json")
+    cfg["image_token_index"] = 3
+    (b2 / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="image_token_index=3"):
+        VLMProcessor.from_pretrained(b2)
+    ib, _ = vlm_dirs.instructblip_dir(tmp_path / "iblip")
+    import shutil
+
+    shutil.rmtree(ib / "qformer_tokenizer")
+    with pytest.raises(CheckpointError, match="qformer_tokenizer"):
+        VLMProcessor.from_pretrained(ib)

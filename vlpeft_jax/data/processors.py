@@ -31,7 +31,10 @@ Image tokens, as transformers 5.24's processors place them:
   sum), which is what OPT and transformers' ``generate`` do. A checkpoint whose config has no
   ``image_token_index`` (made before transformers 4.47) gets no image tokens (``num_image_tokens == 0``):
   its model prepends the query outputs itself. InstructBLIP's text also goes, unchanged, to the Q-Former
-  tokenizer (``qformer_tokenizer/`` in the checkpoint), padded on its own side (right, for BERT).
+  tokenizer (``qformer_tokenizer/`` in the checkpoint). Its padding side is the language model tokenizer's
+  when that tokenizer was saved with one (transformers passes the LM tokenizer's init ``padding_side`` to
+  both tokenizers, so a left-padded Vicuna left-pads the Q-Former text too, which shifts the Q-Former's
+  absolute positions), else the Q-Former tokenizer's own; ``qformer_padding_side`` overrides it.
 
 Training batches (:meth:`VLMProcessor.training_batch`) are right-padded. Decoder-only LMs:
 ``prompt (with image tokens) target <eos>`` with ``labels = -100`` on the prompt, the image tokens and
@@ -346,6 +349,7 @@ class VLMProcessor:
         padding_side: of the generation inputs (``"left"`` for decoder-only LMs, so that every row ends at the
             last position; ``"right"`` for encoder-decoder LMs, whose relative positions must not see padding).
         decoder_start_token_id: first decoder input of an encoder-decoder LM (T5: the pad id).
+        qformer_padding_side: of the Q-Former text (module docstring); None: the Q-Former tokenizer's.
 
     Example (BLIP-2's layout, image tokens before the left padding):
         >>> from tokenizers import Tokenizer, models, pre_tokenizers
@@ -372,6 +376,7 @@ class VLMProcessor:
     chat_template: str | None = None
     padding_side: str = "left"
     decoder_start_token_id: int | None = None
+    qformer_padding_side: str | None = None
 
     def __post_init__(self) -> None:
         if self.image_layout not in ("inline", "prefix"):
@@ -408,6 +413,8 @@ class VLMProcessor:
             raise CheckpointError(f"{d}: model_type {model_type!r} is not a supported vision-language checkpoint; "
                                   f"supported: {', '.join(VLM_MODEL_TYPES)}")
         proc_cfg = _read_json(d / "processor_config.json") if (d / "processor_config.json").is_file() else {}
+        if model_type == "llava":
+            _select_strategy(cfg, proc_cfg, str(d))  # before transformers reads config.json with the tokenizer
         tokenizer = load_tokenizer(d)
         pre = image_preprocessor_from_pretrained(d)
         text_cfg = cfg.get("text_config") or {}
@@ -416,7 +423,7 @@ class VLMProcessor:
                                or text_cfg.get("model_type") in ENCODER_DECODER_LMS)
         template = _chat_template(d, tokenizer)
         config_image_id = cfg.get("image_token_index", cfg.get("image_token_id"))
-        qformer_tokenizer = None
+        qformer_tokenizer, qformer_side = None, None
         if model_type == "llava":
             token, token_id = _image_token_of(tokenizer, proc_cfg.get("image_token") or "<image>", add=False)
             if config_image_id is not None and int(config_image_id) != token_id:
@@ -441,6 +448,8 @@ class VLMProcessor:
                     raise CheckpointError(f"{d}: an InstructBLIP checkpoint needs its Q-Former tokenizer in "
                                           f"{d / 'qformer_tokenizer'}")
                 qformer_tokenizer = load_tokenizer(d / "qformer_tokenizer")
+                if "padding_side" in (getattr(tokenizer, "init_kwargs", None) or {}):
+                    qformer_side = tokenizer.padding_side
         start = text_cfg.get("decoder_start_token_id")
         if encoder_decoder and start is None:
             start = tokenizer.pad_token_id
@@ -450,7 +459,7 @@ class VLMProcessor:
                    image_layout=layout, image_token=token, image_token_id=token_id, num_image_tokens=num,
                    encoder_decoder=encoder_decoder, qformer_tokenizer=qformer_tokenizer, chat_template=template,
                    padding_side=padding_side or ("right" if encoder_decoder else "left"),
-                   decoder_start_token_id=None if start is None else int(start))
+                   decoder_start_token_id=None if start is None else int(start), qformer_padding_side=qformer_side)
 
     # ------------------------------------------------------------------------------------------- prompts
     def render(self, text: str | None, num_images: int = 1) -> str:
@@ -496,7 +505,7 @@ class VLMProcessor:
         rows = [[int(i) for i in self.qformer_tokenizer(self.prompt_format.render_qformer(t, r))["input_ids"]]
                 for t, r in zip(texts, rendered, strict=True)]
         length = length or max(len(r) for r in rows)
-        side = getattr(self.qformer_tokenizer, "padding_side", "right")
+        side = self.qformer_padding_side or getattr(self.qformer_tokenizer, "padding_side", "right")
         ids, mask = _padded(rows, length, int(self.qformer_tokenizer.pad_token_id), side, "Q-Former text")
         return {"qformer_input_ids": ids, "qformer_attention_mask": mask}
 
@@ -607,13 +616,18 @@ class VLMProcessor:
         return tail[:-1] if tail and tail[-1] == eos else tail
 
 
-def _llava_image_tokens(cfg: Mapping[str, Any], proc_cfg: Mapping[str, Any], pre: ImagePreprocessor,
-                        source: str) -> int:
-    """Image tokens per image as transformers' LlavaProcessor counts them, checked against the vision tower."""
+def _select_strategy(cfg: Mapping[str, Any], proc_cfg: Mapping[str, Any], source: str) -> str:
     strategy = proc_cfg.get("vision_feature_select_strategy") or cfg.get("vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):
         raise ConfigError(f"{source}: vision_feature_select_strategy={strategy!r} is not supported; valid: "
                           "'default' (drop CLS), 'full'")
+    return strategy
+
+
+def _llava_image_tokens(cfg: Mapping[str, Any], proc_cfg: Mapping[str, Any], pre: ImagePreprocessor,
+                        source: str) -> int:
+    """Image tokens per image as transformers' LlavaProcessor counts them, checked against the vision tower."""
+    strategy = _select_strategy(cfg, proc_cfg, source)
     vision = cfg.get("vision_config") or {}
     vision_type = str(vision.get("model_type", "clip_vision_model"))
     cls_tokens = 1 if vision_type.startswith("clip") else 0
