@@ -19,9 +19,10 @@ import pytest
 import torch
 import transformers
 
-from vlpeft_jax.errors import CheckpointError, ConfigError
+from vlpeft_jax.errors import CheckpointError, ConfigError, InputError
 from vlpeft_jax.eval import decode
 from vlpeft_jax.hf import blip2, io
+from vlpeft_jax.models import hooks
 from vlpeft_jax.models.blip_vision import BlipVisionModel
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -218,6 +219,66 @@ def test_instruction_reaches_the_qformer(compositions, batch):
     assert np.abs(np.asarray(base.logits) - np.asarray(out.logits))[real].max() > 1e-2
 
 
+def test_prepended_queries_match_the_transformers_4_layout(compositions, batch):
+    """``image_token_id`` None (configs without ``image_token_index``): the visual tokens are prepended with a
+    mask of ones, as transformers 4.x did. Reference: transformers' own image features (``get_image_features``)
+    concatenated before its token embeddings, fed to its language model."""
+    comp = compositions("blip-2", "opt")
+    model = comp.model.clone(image_token_id=None)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    text = [row[(m == 1) & (row != IMAGE_TOKEN)] for row, m in zip(ids, mask, strict=True)]
+    text_ids = np.full((BATCH, TEXT_LEN), PAD, np.int32)
+    text_mask = np.zeros((BATCH, TEXT_LEN), np.int32)
+    for row, tokens in enumerate(text):
+        text_ids[row, TEXT_LEN - len(tokens):], text_mask[row, TEXT_LEN - len(tokens):] = tokens, 1
+    with torch.no_grad():
+        visual = comp.hf.get_image_features(torch.tensor(batch["pixel_values"].transpose(0, 3, 1, 2))).pooler_output
+        embeds = torch.cat([visual, comp.hf.get_input_embeddings()(torch.tensor(text_ids).long())], dim=1)
+        full_mask = torch.cat([torch.ones(BATCH, NUM_QUERY).long(), torch.tensor(text_mask).long()], dim=1)
+        ref = comp.hf.language_model(inputs_embeds=embeds, attention_mask=full_mask).logits.numpy()
+    out = jax.jit(lambda p, i, m, x: model.apply({"params": p}, i, m, x))(
+        comp.params, jnp.asarray(text_ids), jnp.asarray(text_mask), jnp.asarray(batch["pixel_values"]))
+    assert out.logits.shape == ref.shape == (BATCH, NUM_QUERY + TEXT_LEN, VOCAB)
+    diff = record("blip-2+opt logits, queries prepended", np.abs(np.asarray(out.logits) - ref)[full_mask.bool()].max())
+    assert diff <= TOL, diff
+
+
+def test_placeholder_count_is_checked_on_concrete_ids(compositions, batch):
+    comp = compositions("blip-2", "opt")
+    ids = batch["input_ids"].copy()
+    ids[1, np.argmax(ids[1] == IMAGE_TOKEN)] = 5  # row 1 keeps 3 of its 4 placeholders
+    with pytest.raises(InputError, match=r"rows \[1\] hold \[3\] image placeholder"):
+        comp.model.apply({"params": comp.params}, jnp.asarray(ids), jnp.asarray(batch["attention_mask"]),
+                         jnp.asarray(batch["pixel_values"]))
+
+
+def test_hook_points_sit_at_transformers_module_paths(compositions, batch):
+    """Every ``linear`` hook point is a module of the key map (so its HF name is the mapped key), and the
+    vision tower's, Q-Former's and LM's attention / feed-forward hook points are where transformers has them."""
+    comp = compositions("instructblip", "llama")
+    seen: dict[str, set[str]] = {kind: set() for kind in ("linear", "attention", "mlp", "embed")}
+
+    def record_path(ctx, nxt, *args):
+        seen[ctx.kind].add(ctx.name)
+        return nxt(*args)
+
+    with hooks.use_hooks(*(hooks.Hook(kind, record_path) for kind in seen)):
+        jax.eval_shape(lambda p: comp.model.apply({"params": p}, attention_mask=jnp.asarray(batch["attention_mask"]),
+                                                  **comp.our_inputs(batch)), comp.params)
+    hf_modules = {m.path.rsplit("/", 1)[0]: m.hf_key.rsplit(".", 1)[0]
+                  for m in blip2.instructblip_key_maps(comp.model) if m.path.endswith("/kernel")}
+    assert seen["linear"] <= set(hf_modules), seen["linear"] - set(hf_modules)
+    assert hf_modules["vision_model/encoder/layers_0/self_attn/qkv"] == "vision_model.encoder.layers.0.self_attn.qkv"
+    assert {"vision_model/embeddings/patch_embedding", "language_projection",
+            "qformer/encoder/layer_0/crossattention/attention/key"} <= seen["linear"]
+    assert {"vision_model/encoder/layers_0/self_attn", "qformer/encoder/layer_0/attention/attention",
+            "qformer/encoder/layer_0/crossattention/attention", "language_model/model/layers_1/self_attn"
+            } <= seen["attention"]
+    assert {"vision_model/encoder/layers_0/mlp", "qformer/encoder/layer_1/intermediate_query",
+            "qformer/encoder/layer_1/intermediate", "language_model/model/layers_0/mlp"} <= seen["mlp"]
+    assert "vision_model/embeddings" in seen["embed"]
+
+
 # --------------------------------------------------------------------------------------------------
 # Generation parity
 
@@ -295,6 +356,14 @@ def test_missing_qformer_weights_fail_before_tracing(compositions, tmp_path, mon
         assert needle in message, message
     with pytest.raises(CheckpointError, match="load_blip2"):
         blip2.load_instructblip(comp.dir)
+
+
+def test_compute_dtypes_follow_keep_in_fp32_modules(compositions):
+    """bfloat16: BLIP-2's Q-Former stays float32 (transformers' _keep_in_fp32_modules), InstructBLIP's does not."""
+    for kind, lm in (("blip-2", "opt"), ("instructblip", "llama")):
+        model = blip2.build_qformer_vlm(io.load_config(compositions(kind, lm).dir), dtype=jnp.bfloat16)
+        assert model.vision_model.config.dtype == model.language_model.config.dtype == jnp.bfloat16
+        assert model.qformer.config.dtype == (jnp.float32 if kind == "blip-2" else jnp.bfloat16)
 
 
 def test_config_errors():

@@ -393,9 +393,9 @@ class QFormerVLM(nn.Module):
                                        logits_to_keep=logits_to_keep)
         if input_ids is None:
             raise InputError("QFormerVLM needs input_ids with pixel_values (the prompt, placeholders included)")
-        visual = self.encode_image(pixel_values, qformer_input_ids, qformer_attention_mask)
         if self.image_token_id is not None and not isinstance(input_ids, jax.core.Tracer):
-            check_placeholders(input_ids, self.image_token_id, self.num_query_tokens)
+            check_placeholders(input_ids, self.image_token_id, self.num_query_tokens)  # eager calls only
+        visual = self.encode_image(pixel_values, qformer_input_ids, qformer_attention_mask)
         text = self.language_model.embed_tokens(input_ids)
         embeds, mask = place_visual_tokens(text, attention_mask, visual, input_ids, self.image_token_id)
         return self.language_model(None, mask, **seq2seq, inputs_embeds=embeds, cache=cache, decode=decode,
