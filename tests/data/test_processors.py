@@ -321,3 +321,19 @@ def test_vlm_bad_input(tmp_path):
     shutil.rmtree(ib / "qformer_tokenizer")
     with pytest.raises(CheckpointError, match="qformer_tokenizer"):
         VLMProcessor.from_pretrained(ib)
+
+
+def test_training_batch_blip2_decoder_only(tmp_path):
+    """BLIP-2 with OPT: the image block, then ``<s> prompt target </s>``, right-padded; labels on target and eos."""
+    d, ref = vlm_dirs.blip2_dir(tmp_path, lm="opt", num_query_tokens=3)
+    ours = VLMProcessor.from_pretrained(d)
+    b = ours.training_batch(BATCH_IMAGES[:2], QUESTIONS[:2], ["a cat", "two dogs"], max_length=16)
+    ref.tokenizer.padding_side = "right"
+    texts = [f"{ours.render(q)} {t}" for q, t in zip(QUESTIONS[:2], ["a cat", "two dogs"], strict=True)]
+    want = ref(images=BATCH_IMAGES[:2], text=texts, padding="max_length", max_length=15, return_tensors="np")
+    for i, n_target in enumerate((2, 2)):
+        n = int(want["attention_mask"][i].sum())
+        np.testing.assert_array_equal(b["input_ids"][i, :n + 1], list(want["input_ids"][i, :n]) + [2])  # + </s>
+        assert b["attention_mask"][i, :n + 1].all() and not b["attention_mask"][i, n + 1:].any()
+        np.testing.assert_array_equal(b["labels"][i, n - n_target:n + 1], b["input_ids"][i, n - n_target:n + 1])
+        assert (b["labels"][i, :n - n_target] == IGNORE_INDEX).all() and (b["labels"][i, n + 1:] == IGNORE_INDEX).all()
