@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 
 
 # ------------------------------------------------------------------------------------------------ images
-def _images() -> dict[str, Image.Image]:
+def _images() -> dict[str, Image.Image | np.ndarray]:
     """Real PIL images of several sizes and modes (noise, so that every resampling detail shows)."""
     rng = np.random.default_rng(0)
     noise = lambda h, w, c: rng.integers(0, 256, (h, w, c), dtype=np.uint8)  # noqa: E731
@@ -45,6 +45,8 @@ def _images() -> dict[str, Image.Image]:
         "p": palette,
         "p_transparent": palette_t,
         "cmyk": Image.fromarray(noise(26, 44, 4), "CMYK"),
+        "array_rgba": rgba[:, :30].copy(),  # numpy arrays (HWC uint8) go through the array path
+        "array_rgb": noise(31, 23, 3),
     }
 
 
