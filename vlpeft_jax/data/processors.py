@@ -498,13 +498,11 @@ class VLMProcessor:
                              f"ids, expected {want}; the image token must be a special token of the tokenizer")
         return [], ids, rendered
 
-    def _qformer(self, texts: Sequence[str | None], rendered: Sequence[str],
-                 length: int | None) -> dict[str, np.ndarray]:
+    def _qformer(self, texts: Sequence[str | None], rendered: Sequence[str], length: int) -> dict[str, np.ndarray]:
         if self.qformer_tokenizer is None:
             return {}
         rows = [[int(i) for i in self.qformer_tokenizer(self.prompt_format.render_qformer(t, r))["input_ids"]]
                 for t, r in zip(texts, rendered, strict=True)]
-        length = length or max(len(r) for r in rows)
         side = self.qformer_padding_side or getattr(self.qformer_tokenizer, "padding_side", "right")
         ids, mask = _padded(rows, length, int(self.qformer_tokenizer.pad_token_id), side, "Q-Former text")
         return {"qformer_input_ids": ids, "qformer_attention_mask": mask}
@@ -523,8 +521,8 @@ class VLMProcessor:
 
         Returns ``input_ids``, ``attention_mask`` (int32 ``[b, max_length]``), ``pixel_values`` (float32
         ``[images, H, W, 3]``) and, for InstructBLIP, ``qformer_input_ids``/``qformer_attention_mask``
-        (``qformer_max_length``, default the longest row). Every check (image-token counts, lengths, image
-        files) runs before anything is compiled.
+        (``qformer_max_length``, default ``max_length``, which is what transformers pads it to). Every check
+        (image-token counts, lengths, image files) runs before anything is compiled.
         """
         per_row, flat = self._images(images, len(texts))
         prefixes, rows, rendered = [], [], []
@@ -534,7 +532,8 @@ class VLMProcessor:
             rows.append(ids)
             rendered.append(r)
         ids, mask = _padded(rows, max_length, int(self._pad_id), self.padding_side, "prompt", prefixes)
-        out = {"input_ids": ids, "attention_mask": mask, **self._qformer(texts, rendered, qformer_max_length)}
+        out = {"input_ids": ids, "attention_mask": mask,
+               **self._qformer(texts, rendered, qformer_max_length or max_length)}
         out["pixel_values"] = self.image_preprocessor.batch(flat)
         return out
 
@@ -552,7 +551,8 @@ class VLMProcessor:
         the prompt, image tokens and padding; a target too long loses its end (counted, returned with
         ``return_truncated``). Encoder-decoder: ``input_ids``/``attention_mask`` of the prompt, ``labels`` of
         ``target <eos>`` (``max_target_length``, default ``max_length``), ``decoder_input_ids`` and
-        ``decoder_attention_mask``. InstructBLIP adds the Q-Former inputs. ``pixel_values`` as
+        ``decoder_attention_mask``. InstructBLIP adds the Q-Former inputs (``qformer_max_length``, default
+        ``max_length``). ``pixel_values`` as
         :meth:`generation_inputs`.
         """
         if len(targets) != len(texts):
@@ -597,7 +597,7 @@ class VLMProcessor:
             out["decoder_input_ids"] = np.where(dec == IGNORE_INDEX, pad, dec).astype(np.int32)
             out["decoder_attention_mask"] = (labels != IGNORE_INDEX).astype(np.int32)
         out["labels"] = labels
-        out.update(self._qformer(texts, rendered, qformer_max_length))
+        out.update(self._qformer(texts, rendered, qformer_max_length or max_length))
         out["pixel_values"] = self.image_preprocessor.batch(flat)
         return (out, truncated) if return_truncated else out
 
