@@ -93,8 +93,7 @@ def _text_config(lm: str, vocab_size: int, tok: Any) -> Any:
                             **common)
     if lm == "t5":
         return tf.T5Config(d_model=32, d_ff=48, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4,
-                           feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                           decoder_start_token_id=tok.pad_token_id, **common)
+                           feed_forward_proj="gated-gelu", decoder_start_token_id=tok.pad_token_id, **common)
     raise ValueError(f"unknown lm {lm!r}")
 
 
