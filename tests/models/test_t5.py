@@ -171,10 +171,11 @@ def test_inputs_embeds_logits_to_keep_and_shift_right(families):
     fam = families("flan")
     ids, mask, dec, dec_mask = _batch(seed=1)
     full = np.asarray(fam.forward(fam.params, ids, mask, dec, dec_mask).logits)
-    embeds = fam.model.apply({"params": fam.params}, ids, method="embed_tokens")
-    out = fam.model.apply({"params": fam.params}, None, mask, dec, dec_mask, inputs_embeds=embeds, logits_to_keep=2)
+    embeds = jax.jit(lambda p: fam.model.apply({"params": p}, ids, method="embed_tokens"))(fam.params)
+    out = jax.jit(lambda p, e: fam.model.apply({"params": p}, None, mask, dec, dec_mask, inputs_embeds=e,
+                                               logits_to_keep=2))(fam.params, embeds)
     assert out.logits.shape == (BATCH, 2, VOCAB)
-    np.testing.assert_allclose(out.logits, full[:, -2:], atol=2e-5)  # one jitted, one not
+    np.testing.assert_allclose(out.logits, full[:, -2:], atol=1e-5)
     labels = np.where(dec_mask == 1, dec, -100)
     np.testing.assert_array_equal(shift_right(labels, START, PAD),
                                   fam.hf._shift_right(torch.tensor(labels).long()).numpy())
@@ -193,7 +194,8 @@ def test_cached_decoding_matches_full_forward(families):
     ones = np.ones_like(dec)
     full = np.asarray(fam.forward(fam.params, ids, mask, dec, ones).logits)
     cache = fam.model.init_cache(BATCH, DEC_LENGTH + 2)  # spare slots must stay masked out
-    out = fam.step(fam.params, {"input_ids": ids, "decoder_input_ids": dec[:, :2]}, mask, cache, False)
+    prefill = jax.jit(lambda p, c: fam.step(p, {"input_ids": ids, "decoder_input_ids": dec[:, :2]}, mask, c, False))
+    out = prefill(fam.params, cache)
     assert out.cache.cross_keys[0].shape == (BATCH, LENGTH, 4, 8)
     steps, cache = [np.asarray(out.logits)], out.cache
     step = jax.jit(lambda p, tok, c: fam.step(p, tok, jnp.ones_like(tok), c, True))
@@ -353,3 +355,20 @@ def test_registry_builds_t5():
     assert shapes["decoder"]["block_0"]["layer_2"]["DenseReluDense"]["wi_1"]["kernel"].shape == (16, 32)
     with pytest.raises(ConfigError, match="no setting"):
         registry.build_model({"family": "t5", "hidden_size": 4})
+
+
+def test_dropout_only_when_not_deterministic():
+    m, inputs = registry.build_model({"family": "t5", "vocab_size": VOCAB, "d_model": 16, "d_kv": 4, "d_ff": 32,
+                                      "num_layers": 1, "num_heads": 2, "dropout_rate": 0.5})
+    params = jax.jit(m.init)(jax.random.key(0), **inputs)["params"]
+
+    @jax.jit
+    def run(rng):
+        def logits(deterministic, r):
+            return m.apply({"params": params}, **inputs, deterministic=deterministic, rngs={"dropout": r}).logits
+
+        return logits(True, rng), logits(True, jax.random.key(2)), logits(False, rng)
+
+    plain, plain_other_rng, dropped = (np.asarray(x) for x in run(jax.random.key(1)))
+    np.testing.assert_array_equal(plain, plain_other_rng)
+    assert np.abs(plain - dropped).max() > 1e-3
