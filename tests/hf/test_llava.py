@@ -280,3 +280,58 @@ def test_image_token_count_mismatch(families):
         fam.model.apply({"params": fam.params}, bad, mask, pix_nhwc)
     with pytest.raises(InputError, match=r"2 image\(s\) of 4 visual tokens need 8"):  # 3 rows of 4, 2 images
         fam.model.apply({"params": fam.params}, ids, mask, pix_nhwc[:2])
+
+
+# --------------------------------------------------------------------------------------------------
+# peft adapters on the VLM
+
+
+def test_lora_export_loads_in_peft_onto_llava_and_imports_back(families, tmp_path):
+    """A LoRA on q/v of the LM and of the vision tower, B non-zero: ``export_peft`` writes transformers 5's module
+    names; ``PeftModel.from_pretrained`` on the torch LLaVA gives our logits; ``import_peft`` reads it (and peft's
+    own re-save) back."""
+    import peft
+
+    from tests.peft.test_peft_parity import key, perturb_ours
+    from vlpeft_jax.hf import peft_io
+    from vlpeft_jax.peft import base as pb
+    from vlpeft_jax.peft.lora import LoRA
+
+    fam = families("llama_default")
+    ids, mask, pix, pix_nhwc = batch(fam.n_img, seed=5)
+    method = LoRA(targets=("q_proj", "v_proj"), rank=4, alpha=6.0)
+    p = perturb_ours(method.init(key(0), fam.params))
+    assert {"vision_tower", "language_model"} <= set(p)
+
+    compiled = {}
+
+    def ours_with(m, q):
+        if m not in compiled:
+            compiled[m] = jax.jit(lambda q: pb.apply_with(fam.model.apply, [(m, q)], {"params": fam.params}, ids,
+                                                          mask, pix_nhwc).logits)
+        return np.asarray(compiled[m](q))
+
+    ours = ours_with(method, p)
+    assert np.abs(ours - np.asarray(fam.forward(fam.params, ids, mask, pix_nhwc).logits)).max() > 1e-2
+    out_dir = peft_io.export_peft(method, p, fam.dir, tmp_path / "ours")
+    cfg = json.loads((out_dir / "adapter_config.json").read_text())
+    assert (cfg["task_type"], cfg["target_modules"]) == ("CAUSAL_LM", ["q_proj", "v_proj"])
+    keys = set(io._read_safetensors(out_dir / "adapter_model.safetensors"))
+    assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.vision_tower.encoder.layers.1.self_attn.v_proj.lora_B.weight" in keys
+
+    fresh = transformers.LlavaForConditionalGeneration.from_pretrained(fam.dir, attn_implementation="eager").eval()
+    loaded = peft.PeftModel.from_pretrained(fresh, out_dir).eval()
+    theirs = fam.hf_logits(ids, mask, pix, model=loaded)
+    assert record("llama_default LoRA (LM + vision q/v) export -> peft", masked_max_diff(ours, theirs, mask)) <= TOL
+    # the vision tower's LoRA matters (so the comparison covers its names and values too)
+    no_vision = {**p, "vision_tower": jax.tree.map(jnp.zeros_like, p["vision_tower"])}
+    assert masked_max_diff(ours_with(method, no_vision), ours, mask) > 1e-2
+
+    imported, q = peft_io.import_peft(out_dir, fam.params, base=fam.dir)
+    assert type(imported) is LoRA and jax.tree.structure(q) == jax.tree.structure(p)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), q, jax.tree.map(np.asarray, p))
+    loaded.save_pretrained(tmp_path / "theirs")  # peft's own files, imported here
+    imported, q = peft_io.import_peft(tmp_path / "theirs", fam.params, base=LlavaConfig.from_module(fam.model))
+    assert record("llama_default LoRA peft save -> import_peft", masked_max_diff(ours_with(imported, q), theirs,
+                                                                                  mask)) <= TOL

@@ -10,6 +10,12 @@ Key names. Our parameter paths mirror the Hugging Face module names with a list 
     params["transformer"]["h_0"]["attn"]["c_attn"]["lora_a"]   [in, r]
       <-> base_model.model.transformer.h.0.attn.c_attn.lora_A.weight   (r, in)
 
+Where our tree does not mirror the Hugging Face names, the family's key map gives them
+(:attr:`BaseModelInfo.module_names`, built by :func:`key_map_module_names`): a LLaVA's
+``params["language_model"]["model"]["layers_0"]["self_attn"]["q_proj"]`` is transformers 5's
+``base_model.model.model.language_model.layers.0.self_attn.q_proj``, its CLIP tower's
+``vision_tower/vision_model/encoder/layers_0/...`` is ``model.vision_tower.encoder.layers.0...``.
+
 LoRA's ``lora_B.weight`` is ``(out, r)`` (our ``lora_b`` transposed), DoRA's magnitude is
 ``lora_magnitude_vector`` ``(out,)`` (no ``.weight``: peft 0.21's saved name), IA3's vector is ``ia3_l``,
 ``(out, 1)`` or ``(1, in)`` for feed-forward modules. GPT-2's ``Conv1D`` layers get ``fan_in_fan_out=true``
@@ -42,6 +48,7 @@ Example (a LoRA on a tiny GPT-2 checkpoint directory ``hf_dir``)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -74,7 +81,7 @@ PEFT_TYPE_METHODS: dict[str, str] = {
 
 # peft's task type per base model family (it picks the PeftModel subclass peft wraps the model in).
 TASK_TYPES: dict[str, str] = {"gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "qwen2": "CAUSAL_LM", "opt": "CAUSAL_LM",
-                              "bert": "FEATURE_EXTRACTION"}
+                              "bert": "FEATURE_EXTRACTION", "llava": "CAUSAL_LM"}
 
 # registered method name -> "module:FORMAT", its PeftFormat (imported on first use, as the methods are).
 PEFT_FORMATS: dict[str, str] = {
@@ -141,19 +148,94 @@ def module_path(hf_name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+# Our architecture config class ("module:QualName") -> (the peft model type, or None to read the config's own
+# ``model_type``; "module:function" returning the family's Hugging Face key map). The key map names every
+# tensor's Hugging Face module, so adapters are keyed by the Hugging Face model's module names whatever our tree
+# looks like: a new family (a VLM's ``*_key_maps``) plugs in with one entry here, one in HF_CONFIG_READERS and
+# one in TASK_TYPES.
+KEY_MAP_SOURCES: dict[str, tuple[str | None, str]] = {
+    "vlpeft_jax.models.gpt2:GPT2Config": ("gpt2", "vlpeft_jax.hf.decoders:gpt2_key_maps"),
+    "vlpeft_jax.models.llama:LlamaConfig": (None, "vlpeft_jax.hf.decoders:llama_key_maps"),
+    "vlpeft_jax.models.opt:OPTConfig": ("opt", "vlpeft_jax.hf.decoders:opt_key_maps"),
+    "vlpeft_jax.models.bert:BertConfig": ("bert", "vlpeft_jax.hf.bert:bert_key_map"),
+    "vlpeft_jax.hf.llava:LlavaConfig": ("llava", "vlpeft_jax.hf.llava:llava_key_maps"),
+}
+
+# ``model_type`` of a config.json -> "module:callable" reading that dict into our architecture config.
+HF_CONFIG_READERS: dict[str, str] = {
+    "gpt2": "vlpeft_jax.models.gpt2:GPT2Config.from_hf",
+    "llama": "vlpeft_jax.models.llama:LlamaConfig.from_hf",
+    "qwen2": "vlpeft_jax.models.llama:LlamaConfig.from_hf",
+    "opt": "vlpeft_jax.models.opt:OPTConfig.from_hf",
+    "bert": "vlpeft_jax.models.bert:BertConfig.from_hf",
+    "llava": "vlpeft_jax.hf.llava:LlavaConfig.from_hf",
+}
+
+
+def _resolve(spec: str) -> Any:
+    """``"package.module:Name.attr"`` -> the object (imported on first use)."""
+    module, attr = spec.split(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def key_map_module_names(key_maps: Sequence[io.KeyMap]) -> dict[tuple[str, ...], str]:
+    """Our module path -> Hugging Face module name, from a family's key map.
+
+    Each tensor gives its module (``language_model/model/layers_0/self_attn/q_proj`` ->
+    ``model.language_model.layers.0.self_attn.q_proj``), and so do its enclosing modules as long as the
+    trailing names agree (``.../self_attn`` -> ``...self_attn``, ``.../layers_0`` -> ``...layers.0``); a path
+    the maps name two ways is left out (callers then fall back to :func:`hf_module_name`).
+
+    Example:
+        >>> names = key_map_module_names(io.linear("model.language_model.layers.0.mlp.up_proj",
+        ...                                        "language_model/model/layers_0/mlp/up_proj"))
+        >>> names[("language_model", "model", "layers_0", "mlp")]
+        'model.language_model.layers.0.mlp'
+        >>> ("language_model",) in names
+        False
+    """
+    out: dict[tuple[str, ...], str] = {}
+    clashes: set[tuple[str, ...]] = set()
+
+    def add(path: tuple[str, ...], name: str) -> None:
+        if out.setdefault(path, name) != name:
+            clashes.add(path)
+
+    for m in key_maps:
+        path = tuple(m.path.split("/")[:-1])
+        hf = m.hf_key.split(".")[:-1]
+        add(path, ".".join(hf))
+        while path:  # enclosing modules, while our trailing name is theirs
+            tokens = hf_module_name(path[-1:]).split(".")
+            if len(hf) <= len(tokens) or hf[-len(tokens):] != tokens:
+                break
+            path, hf = path[:-1], hf[:-len(tokens)]
+            if path:
+                add(path, ".".join(hf))
+    for path in clashes:
+        del out[path]
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class BaseModelInfo:
     """What an export needs to know about the Hugging Face model the adapter is for.
 
     Attributes:
-      model_type: ``gpt2``, ``llama``, ``qwen2``, ``opt``, ``bert``.
-      task_type: peft's task type (``CAUSAL_LM`` for decoders, ``FEATURE_EXTRACTION`` for BERT).
+      model_type: ``gpt2``, ``llama``, ``qwen2``, ``opt``, ``bert``, ``llava``.
+      task_type: peft's task type (``CAUSAL_LM`` for decoders and LLaVA, ``FEATURE_EXTRACTION`` for BERT).
       base_model_name_or_path: written to the config (where peft finds the base model); may be None.
-      config: our architecture config (``GPT2Config``, ``LlamaConfig``, ``OPTConfig``, ``BertConfig``), for methods that
-        need sizes (prompt and prefix tuning), or None.
+      config: our architecture config (``GPT2Config``, ``LlamaConfig``, ``OPTConfig``, ``BertConfig``,
+        ``LlavaConfig``), for methods that need sizes (prompt and prefix tuning), or None.
       linear_modules: every linear layer of the model (our paths); lets ``target_modules`` use short names
         (``c_attn``) where they select exactly the adapted layers. Empty: full module names are written.
       conv1d_modules: the layers stored ``[in, out]`` in PyTorch (GPT-2's ``Conv1D``).
+      module_names: ``(our path, Hugging Face module name)`` pairs from the family's key map
+        (:func:`key_map_module_names`); paths not listed (or all, if empty) are renamed by
+        :func:`hf_module_name`, which suffices where our tree mirrors the Hugging Face one.
     """
 
     model_type: str
@@ -162,51 +244,45 @@ class BaseModelInfo:
     config: Any = None
     linear_modules: tuple[tuple[str, ...], ...] = ()
     conv1d_modules: frozenset[tuple[str, ...]] = frozenset()
+    module_names: tuple[tuple[tuple[str, ...], str], ...] = ()
+
+    @classmethod
+    def from_key_maps(cls, model_type: str, key_maps: Sequence[io.KeyMap], *, config: Any = None,
+                      name_or_path: str | None = None, task_type: str | None = None) -> BaseModelInfo:
+        """From a family's Hugging Face key map: its linear layers (kernels stored transposed, or as they are
+        for ``Conv1D``; a kernel with any other transform, e.g. a patch convolution, is not a ``Linear``) and
+        the Hugging Face name of every module. ``task_type`` defaults to :data:`TASK_TYPES`'s."""
+        kernels = [m for m in key_maps if m.path.endswith("/kernel") and m.transform in (io.identity, io.transpose)]
+        linear = tuple(tuple(m.path.split("/")[:-1]) for m in kernels)
+        conv1d = frozenset(tuple(m.path.split("/")[:-1]) for m in kernels if m.transform is io.identity)
+        names = tuple(key_map_module_names(key_maps).items())
+        return cls(model_type=model_type, task_type=task_type or TASK_TYPES.get(model_type),
+                   base_model_name_or_path=name_or_path, config=config, linear_modules=linear, conv1d_modules=conv1d,
+                   module_names=names)
 
     @classmethod
     def from_config(cls, config: Any, *, name_or_path: str | None = None) -> BaseModelInfo:
-        """From our architecture config, through the family's Hugging Face key map."""
-        from vlpeft_jax.hf import bert as hf_bert
-        from vlpeft_jax.hf import decoders
-        from vlpeft_jax.models.bert import BertConfig
-        from vlpeft_jax.models.gpt2 import GPT2Config
-        from vlpeft_jax.models.llama import LlamaConfig
-        from vlpeft_jax.models.opt import OPTConfig
-
-        if isinstance(config, GPT2Config):
-            model_type, maps = "gpt2", decoders.gpt2_key_maps(config)
-        elif isinstance(config, LlamaConfig):
-            model_type, maps = config.model_type, decoders.llama_key_maps(config)
-        elif isinstance(config, OPTConfig):
-            model_type, maps = "opt", decoders.opt_key_maps(config)
-        elif isinstance(config, BertConfig):
-            model_type, maps = "bert", hf_bert.bert_key_map(config)
-        else:
-            raise UnsupportedAdapterError(f"peft export knows GPT-2, LLaMA/Qwen2, OPT and BERT models; got a "
-                                          f"{type(config).__name__}")
-        kernels = [m for m in maps if m.path.endswith("/kernel")]
-        linear = tuple(tuple(m.path.split("/")[:-1]) for m in kernels)
-        conv1d = frozenset(tuple(m.path.split("/")[:-1]) for m in kernels if m.transform is io.identity)
-        return cls(model_type=model_type, task_type=TASK_TYPES[model_type], base_model_name_or_path=name_or_path,
-                   config=config, linear_modules=linear, conv1d_modules=conv1d)
+        """From our architecture config, through the family's Hugging Face key map (:data:`KEY_MAP_SOURCES`)."""
+        for klass in type(config).__mro__:
+            source = KEY_MAP_SOURCES.get(f"{klass.__module__}:{klass.__qualname__}")
+            if source is not None:
+                model_type, maps_fn = source
+                model_type = model_type or config.model_type
+                return cls.from_key_maps(model_type, _resolve(maps_fn)(config), config=config,
+                                         name_or_path=name_or_path)
+        known = ", ".join(spec.split(":")[1] for spec in KEY_MAP_SOURCES)
+        raise UnsupportedAdapterError(f"peft export knows the models of these configs: {known}; got a "
+                                      f"{type(config).__name__}")
 
     @classmethod
     def from_hf_dir(cls, model_dir: str | os.PathLike) -> BaseModelInfo:
         """From a local Hugging Face checkpoint directory (its ``config.json``); the path is recorded."""
-        from vlpeft_jax.models.bert import BertConfig
-        from vlpeft_jax.models.gpt2 import GPT2Config
-        from vlpeft_jax.models.llama import LlamaConfig
-        from vlpeft_jax.models.opt import OPTConfig
-
         hf = io.load_config(model_dir)
         model_type = hf.get("model_type")
-        builders: dict[str, Callable[[Mapping[str, Any]], Any]] = {
-            "gpt2": GPT2Config.from_hf, "llama": LlamaConfig.from_hf, "qwen2": LlamaConfig.from_hf,
-            "opt": OPTConfig.from_hf, "bert": BertConfig.from_hf}
-        if model_type not in builders:
+        if model_type not in HF_CONFIG_READERS:
             raise UnsupportedAdapterError(f"{model_dir}: model_type {model_type!r} is not supported for peft export; "
-                                          f"supported: {', '.join(builders)}")
-        return cls.from_config(builders[model_type](hf), name_or_path=str(model_dir))
+                                          f"supported: {', '.join(HF_CONFIG_READERS)}")
+        return cls.from_config(_resolve(HF_CONFIG_READERS[model_type])(hf), name_or_path=str(model_dir))
 
     @classmethod
     def from_model_type(cls, model_type: str, *, name_or_path: str | None = None) -> BaseModelInfo:
@@ -215,6 +291,40 @@ class BaseModelInfo:
             raise UnsupportedAdapterError(f"model type {model_type!r} is not supported for peft export; "
                                           f"supported: {', '.join(TASK_TYPES)}")
         return cls(model_type=model_type, task_type=TASK_TYPES[model_type], base_model_name_or_path=name_or_path)
+
+    @functools.cached_property
+    def _names(self) -> dict[tuple[str, ...], str]:
+        return dict(self.module_names)
+
+    @functools.cached_property
+    def _paths(self) -> dict[str, tuple[str, ...]]:
+        return {name: path for path, name in self.module_names}
+
+    def module_name(self, path: Sequence[str]) -> str:
+        """The Hugging Face module name of our module ``path`` (relative to the Hugging Face model).
+
+        From :attr:`module_names` (the longest listed ancestor, the rest renamed by :func:`hf_module_name`),
+        else :func:`hf_module_name`.
+        """
+        path = tuple(path)
+        for k in range(len(path), 0, -1):
+            name = self._names.get(path[:k])
+            if name is not None:
+                return ".".join(filter(None, (name, hf_module_name(path[k:]) if path[k:] else "")))
+        return hf_module_name(path)
+
+    def module_path(self, name: str) -> tuple[str, ...]:
+        """Our module path of a Hugging Face module name, the inverse of :meth:`module_name`.
+
+        Names the key map does not know (e.g. transformers 4's ``language_model.model.layers.0...`` of a
+        LLaVA, which is our own layout) are renamed by :func:`module_path`.
+        """
+        parts = name.split(".")
+        for k in range(len(parts), 0, -1):
+            path = self._paths.get(".".join(parts[:k]))
+            if path is not None:
+                return path + (module_path(".".join(parts[k:])) if parts[k:] else ())
+        return module_path(name)
 
     def is_conv1d(self, path: Sequence[str]) -> bool:
         if self.linear_modules:
@@ -227,7 +337,7 @@ class BaseModelInfo:
 
     def peft_key(self, path: Sequence[str], suffix: str) -> str:
         """``base_model.model.<HF module name>.<suffix>`` for a module path relative to the HF model."""
-        return f"{PEFT_PREFIX}{hf_module_name(path)}.{suffix}"
+        return f"{PEFT_PREFIX}{self.module_name(path)}.{suffix}"
 
     def target_modules(self, paths: Sequence[Sequence[str]], within: Sequence[Sequence[str]] | None = None
                        ) -> list[str]:
@@ -237,11 +347,11 @@ class BaseModelInfo:
         is used only if every linear layer of the model that it matches is among ``within`` (default: ``paths``).
         Without ``linear_modules``, full names are written.
         """
-        names = {hf_module_name(p) for p in paths}
-        allowed = names if within is None else {hf_module_name(p) for p in within}
+        names = {self.module_name(p) for p in paths}
+        allowed = names if within is None else {self.module_name(p) for p in within}
         if not self.linear_modules:
             return sorted(names)
-        candidates = names | {hf_module_name(p) for p in self.linear_modules}
+        candidates = names | {self.module_name(p) for p in self.linear_modules}
         chosen = set()
         for name in names:
             parts = name.split(".")
@@ -338,7 +448,8 @@ class PeftFormat:
     Attributes:
       peft_type: peft's ``PeftType`` value written to ``adapter_config.json``.
       to_state: ``(method, peft_params, info, prefix) -> (config_fields, tensors)``.
-      from_state: ``(config, tensors, base_params, prefix, name) -> (method, peft_params)``.
+      from_state: ``(config, tensors, base_params, prefix, name, info) -> (method, peft_params)``; ``info`` (a
+        :class:`BaseModelInfo` or None) maps Hugging Face module names to our paths (:meth:`BaseModelInfo.module_path`).
     """
 
     peft_type: str
@@ -460,7 +571,8 @@ def method_for(config: Mapping[str, Any]) -> str:
 
 
 def import_peft_state(config: Mapping[str, Any], state: Mapping[str, np.ndarray], base_params: Mapping[str, Any],
-                      *, prefix: Sequence[str] = (), name: str | None = None) -> tuple[Any, dict[str, Any]]:
+                      *, prefix: Sequence[str] = (), name: str | None = None, base: Any = None
+                      ) -> tuple[Any, dict[str, Any]]:
     """``(method, peft_params)`` from a peft config and its tensors (see :func:`import_peft`)."""
     kind = method_for(config)
     name = name or kind
@@ -468,11 +580,12 @@ def import_peft_state(config: Mapping[str, Any], state: Mapping[str, np.ndarray]
     if fmt is None:
         raise UnsupportedAdapterError(f"peft_type {config.get('peft_type')!r} maps to method {kind!r}, which has no "
                                       "peft import (no entry in PEFT_FORMATS) in this version")
-    return fmt.from_state(config, state, base_params, tuple(prefix), name=name)
+    info = None if base is None else base_model_info(base)
+    return fmt.from_state(config, state, base_params, tuple(prefix), name=name, info=info)
 
 
 def import_peft(adapter_dir: str | os.PathLike, base_params: Mapping[str, Any], *, prefix: Sequence[str] = (),
-                name: str | None = None) -> tuple[Any, dict[str, Any]]:
+                name: str | None = None, base: Any = None) -> tuple[Any, dict[str, Any]]:
     """Reads a peft adapter directory into ``(method, peft_params)`` for ``base_params``.
 
     Args:
@@ -480,6 +593,11 @@ def import_peft(adapter_dir: str | os.PathLike, base_params: Mapping[str, Any], 
       base_params: our parameters of the model (arrays or ``jax.ShapeDtypeStruct``: only shapes are read).
       prefix: where the Hugging Face model sits in ``base_params`` (e.g. ``("language_model",)``).
       name: the method instance name (default: the method kind, e.g. ``lora``).
+      base: what :func:`export_peft` takes as the base model (a :class:`BaseModelInfo`, a Hugging Face
+        checkpoint directory, our config or a model type): its key map turns the adapter's module names into
+        our paths. Needed where our tree does not mirror the Hugging Face model's names (a LLaVA:
+        ``model.language_model.layers.0...`` is our ``language_model/model/layers_0...``); without it the
+        names are renamed as they are (``h.0`` -> ``h_0``).
 
     The method targets exactly the adapted modules (full paths), so ``method.init`` on ``base_params`` gives
     parameters of the same structure. Use them with :func:`vlpeft_jax.peft.base.apply_with`.
@@ -490,4 +608,4 @@ def import_peft(adapter_dir: str | os.PathLike, base_params: Mapping[str, Any], 
       AdapterShapeError: a tensor does not fit its layer.
     """
     config, state = read_peft_dir(adapter_dir)
-    return import_peft_state(config, state, base_params, prefix=prefix, name=name)
+    return import_peft_state(config, state, base_params, prefix=prefix, name=name, base=base)

@@ -22,7 +22,6 @@ from vlpeft_jax.hf.peft_io import (
     check_shape,
     find_kernel,
     group_module_state,
-    hf_module_name,
     module_path,
 )
 from vlpeft_jax.peft import base as pb
@@ -42,8 +41,8 @@ def ia3_to_peft_state(ia3: IA3, peft_params: pb.Params, info: BaseModelInfo, pre
     # peft wants feedforward_modules to be entries of target_modules, and tells them apart from the other
     # targets by a plain ``name.endswith(entry)``: each entry covers one kind only, else full names.
     ff_entries = info.target_modules(in_paths, within=in_paths) if in_paths else []
-    ff_names = {hf_module_name(p) for p in in_paths}
-    all_names = ff_names | {hf_module_name(p) for p in out_paths}
+    ff_names = {info.module_name(p) for p in in_paths}
+    all_names = ff_names | {info.module_name(p) for p in out_paths}
     if any(n not in ff_names for f in ff_entries for n in all_names if n.endswith(f)):
         ff_entries = sorted(ff_names)
     out_entries = info.target_modules(out_paths, within=out_paths) if out_paths else []
@@ -54,7 +53,8 @@ def ia3_to_peft_state(ia3: IA3, peft_params: pb.Params, info: BaseModelInfo, pre
 
 
 def ia3_from_peft_state(config: Mapping[str, Any], state: Mapping[str, np.ndarray], base_params: pb.Params,
-                        prefix: Sequence[str] = (), name: str = "ia3") -> tuple[IA3, pb.Params]:
+                        prefix: Sequence[str] = (), name: str = "ia3", info: BaseModelInfo | None = None
+                        ) -> tuple[IA3, pb.Params]:
     """The method and parameters of a peft IA3 adapter (``ia3_l`` per module)."""
     if config.get("modules_to_save"):
         raise UnsupportedAdapterError(
@@ -64,7 +64,7 @@ def ia3_from_peft_state(config: Mapping[str, Any], state: Mapping[str, np.ndarra
     targets, scaled_in = [], []
     for module, found in group_module_state(state, ("ia3_l",), name).items():
         key, value = found["ia3_l"]
-        path = tuple(prefix) + module_path(module)
+        path = tuple(prefix) + (info.module_path(module) if info else module_path(module))
         kernel = find_kernel(base_params, path, key)
         d_in, d_out = kernel.shape[-2], kernel.shape[-1]
         # peft's rule (IA3Model._check_target_module_feedforward): a regex string or plain suffixes.

@@ -104,8 +104,8 @@ def llama_adapter_to_peft_state(method: LlamaAdapter, peft_params: pb.Params, in
 
 
 def llama_adapter_from_peft_state(config: Mapping[str, Any], state: Mapping[str, Any], base_params: pb.Params,
-                                  prefix: Sequence[str] = (), name: str = "llama_adapter"
-                                  ) -> tuple[LlamaAdapter, pb.Params]:
+                                  prefix: Sequence[str] = (), name: str = "llama_adapter",
+                                  info: BaseModelInfo | None = None) -> tuple[LlamaAdapter, pb.Params]:
     """``(method, peft_params)`` from a peft ADAPTION_PROMPT config and tensors.
 
     The method targets exactly the adapted attention modules (full paths under ``prefix``), with peft's gate
@@ -127,7 +127,7 @@ def llama_adapter_from_peft_state(config: Mapping[str, Any], state: Mapping[str,
             if part not in found:
                 raise AdapterStateError(f"{name}: {PEFT_PREFIX}{module}.{part} is missing")
         (key_p, prompt), (key_g, gate) = found["adaption_prompt"], found["adaption_gate"]
-        path = prefix + module_path(module)
+        path = prefix + (info.module_path(module) if info else module_path(module))
         if path not in candidates:
             shown = ", ".join("/".join(p) for p in list(candidates)[:8])
             raise AdapterTargetError(f"tensor {key_p!r} adapts {'/'.join(path)}, which is not an attention "

@@ -34,7 +34,6 @@ from vlpeft_jax.hf.peft_io import (
     check_shape,
     find_kernel,
     group_module_state,
-    hf_module_name,
     module_path,
     pattern_value,
 )
@@ -81,7 +80,7 @@ def lora_to_peft_state(lora: LoRA, peft_params: Mapping[str, Any], info: BaseMod
         "target_modules": info.target_modules(paths), "fan_in_fan_out": info.fan_in_fan_out(paths),
         "bias": "none", "init_lora_weights": True if lora.init_weights == "kaiming" else "gaussian",
         # Per-module ranks as exact module names (peft matches ``(.*\.)?(key)$``).
-        "rank_pattern": {re.escape(hf_module_name(p)): r for p, r in ranks.items() if r != lora.rank},
+        "rank_pattern": {re.escape(info.module_name(p)): r for p, r in ranks.items() if r != lora.rank},
         "alpha_pattern": {}, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "lora_bias": False, "exclude_modules": None,
     }
@@ -105,13 +104,16 @@ def _check_lora_config(config: Mapping[str, Any], name: str) -> None:
 
 
 def lora_from_peft_state(config: Mapping[str, Any], state: Mapping[str, np.ndarray], base_params: Mapping[str, Any],
-                         prefix: Sequence[str] = (), *, extra_suffixes: Sequence[str] = (), name: str = "lora"
+                         prefix: Sequence[str] = (), *, extra_suffixes: Sequence[str] = (), name: str = "lora",
+                         info: BaseModelInfo | None = None
                          ) -> tuple[LoRA, dict[str, Any], dict[tuple[str, ...], dict[str, tuple[str, np.ndarray]]]]:
     """A peft LoRA/rsLoRA adapter -> ``(LoRA, peft_params, extras)``.
 
     ``extras`` maps each module path to its tensors named by ``extra_suffixes`` (DoRA's magnitude), so that
     variants build on this. Ranks come from the tensors (``rank_pattern`` is implied); a module's
     ``alpha_pattern`` value is folded into its ``lora_b`` (``B · α_i/α``), which gives identical outputs.
+    ``info`` maps the Hugging Face module names to our paths (:meth:`BaseModelInfo.module_path`; default: a
+    rename, for trees that mirror the Hugging Face model).
     """
     _check_lora_config(config, name)
     prefix = tuple(prefix)
@@ -124,7 +126,7 @@ def lora_from_peft_state(config: Mapping[str, Any], state: Mapping[str, np.ndarr
     if not groups:
         raise AdapterStateError(f"{name}: the adapter holds no LoRA tensors")
     for module, found in groups.items():
-        path = prefix + module_path(module)
+        path = prefix + (info.module_path(module) if info else module_path(module))
         for part in ("lora_A.weight", "lora_B.weight"):
             if part not in found:
                 raise AdapterStateError(f"{name}: {PEFT_PREFIX}{module}.{part} is missing (module {module})")
@@ -150,9 +152,9 @@ def lora_from_peft_state(config: Mapping[str, Any], state: Mapping[str, np.ndarr
 
 
 def _lora_method_from_peft_state(config: Mapping[str, Any], state: Mapping[str, np.ndarray],
-                                 base_params: Mapping[str, Any], prefix: Sequence[str] = (), name: str = "lora"
-                                 ) -> tuple[LoRA, dict[str, Any]]:
-    lora, params, _ = lora_from_peft_state(config, state, base_params, prefix, name=name)
+                                 base_params: Mapping[str, Any], prefix: Sequence[str] = (), name: str = "lora",
+                                 info: BaseModelInfo | None = None) -> tuple[LoRA, dict[str, Any]]:
+    lora, params, _ = lora_from_peft_state(config, state, base_params, prefix, name=name, info=info)
     return lora, params
 
 
@@ -172,10 +174,11 @@ def dora_to_peft_state(dora: DoRA, peft_params: pb.Params, info: BaseModelInfo, 
 
 
 def dora_from_peft_state(config: Mapping[str, Any], state: Mapping[str, np.ndarray], base_params: pb.Params,
-                         prefix: Sequence[str] = (), name: str = "dora") -> tuple[DoRA, pb.Params]:
+                         prefix: Sequence[str] = (), name: str = "dora", info: BaseModelInfo | None = None
+                         ) -> tuple[DoRA, pb.Params]:
     """The method and parameters of a peft LoRA adapter saved with ``use_dora=True``."""
     lora, params, extras = lora_from_peft_state(config, state, base_params, prefix,
-                                                extra_suffixes=("lora_magnitude_vector",), name=name)
+                                                extra_suffixes=("lora_magnitude_vector",), name=name, info=info)
     for path, found in extras.items():
         key, m = found.get("lora_magnitude_vector", (None, None))
         kernel = pb.get_path(base_params, path + ("kernel",))

@@ -72,7 +72,8 @@ def prefix_to_peft_state(method: PrefixTuning, peft_params: pb.Params, info: Bas
 
 
 def prefix_from_peft_state(config: Mapping[str, Any], state: Mapping[str, Any], base_params: pb.Params,
-                           prefix: Sequence[str] = (), name: str = "prefix") -> tuple[PrefixTuning, pb.Params]:
+                           prefix: Sequence[str] = (), name: str = "prefix", info: BaseModelInfo | None = None
+                           ) -> tuple[PrefixTuning, pb.Params]:
     """``(method, peft_params)`` (plain form) from a peft PREFIX_TUNING adapter config and tensors.
 
     The adapter's ``num_layers`` layers are the self-attention modules under ``prefix`` (the Hugging Face
@@ -146,7 +147,8 @@ def prompt_to_peft_state(method: PromptTuning, peft_params: pb.Params, info: Bas
 
 
 def prompt_from_peft_state(config: Mapping[str, Any], state: Mapping[str, Any], base_params: pb.Params,
-                           prefix: Sequence[str] = (), name: str = "prompt") -> tuple[PromptTuning, pb.Params]:
+                           prefix: Sequence[str] = (), name: str = "prompt", info: BaseModelInfo | None = None
+                           ) -> tuple[PromptTuning, pb.Params]:
     """``(method, peft_params)`` from a peft PROMPT_TUNING config and tensors; the prompt goes into the one
     token-embedding table under ``prefix`` (the Hugging Face model's path in our tree)."""
     prefix = tuple(prefix)
