@@ -24,7 +24,7 @@ from tests.peft.test_peft_parity import copy_into_peft, key, perturb_ours
 from vlpeft_jax.errors import ConfigError, InputError
 from vlpeft_jax.eval import decode
 from vlpeft_jax.hf import t5 as hf_t5
-from vlpeft_jax.models import layers, registry
+from vlpeft_jax.models import hooks, layers, registry
 from vlpeft_jax.models.t5 import T5Config, T5ForConditionalGeneration, relative_position_bucket, shift_right
 from vlpeft_jax.peft import base as pb
 from vlpeft_jax.peft.lora import LoRA
@@ -181,6 +181,54 @@ def test_inputs_embeds_logits_to_keep_and_shift_right(families):
                                   fam.hf._shift_right(torch.tensor(labels).long()).numpy())
     with pytest.raises(InputError, match="exactly one of input_ids"):
         fam.model.apply({"params": fam.params}, ids, mask, dec, inputs_embeds=embeds)
+
+
+def test_hook_points_are_where_the_docstring_says(families):
+    """Paths each hook kind sees (traced once), and each hook's effect vs an independent construction."""
+    fam = families("flan")
+    ids, mask, dec, dec_mask = _batch(seed=3)
+    seen: dict[str, list[str]] = {}
+
+    def spy(kind):
+        return hooks.Hook(kind, lambda ctx, nxt, *a: (seen.setdefault(kind, []).append(ctx.name), nxt(*a))[1])
+
+    with hooks.use_hooks(*(spy(k) for k in ("attention", "mlp", "embed", "final_hidden", "lm_head"))):
+        jax.eval_shape(lambda p: fam.model.apply({"params": p}, ids, mask, dec, dec_mask), fam.params)
+    assert seen["embed"] == ["shared"]  # the encoder's embeddings only
+    assert seen["attention"] == ["encoder/block_0/layer_0/SelfAttention", "encoder/block_1/layer_0/SelfAttention",
+                                 "decoder/block_0/layer_0/SelfAttention", "decoder/block_0/layer_1/EncDecAttention"]
+    assert seen["mlp"] == ["encoder/block_0/layer_1/DenseReluDense", "encoder/block_1/layer_1/DenseReluDense",
+                           "decoder/block_0/layer_2/DenseReluDense"]
+    assert (seen["final_hidden"], seen["lm_head"]) == (["decoder/final_layer_norm"], ["lm_head"])
+
+    def zero_kernels(suffix):
+        return jax.tree_util.tree_map_with_path(
+            lambda kp, x: jnp.zeros_like(x) if "/".join(k.key for k in kp).endswith(suffix) else x, fam.params)
+
+    def apply(p, *hk, embeds=None):
+        with hooks.use_hooks(*hk):
+            return fam.model.apply({"params": p}, None if embeds is not None else ids, mask, dec, dec_mask,
+                                   inputs_embeds=embeds).logits
+
+    zero_mlp = hooks.Hook("mlp", lambda ctx, nxt, x: jnp.zeros_like(nxt(x)))
+    zero_cross = hooks.Hook("attention", lambda ctx, nxt, q, k, v, b: jnp.zeros_like(nxt(q, k, v, b)),
+                            where=lambda path: path[-1] == "EncDecAttention")
+    half_embed = hooks.Hook("embed", lambda ctx, nxt, i, e, m: (0.5 * e, m))
+    head = [hooks.Hook("final_hidden", lambda ctx, nxt, h: 2.0 * nxt(h)),
+            hooks.Hook("lm_head", lambda ctx, nxt, h: nxt(h) + 1.0)]
+
+    @jax.jit
+    def run(p):
+        embeds = 0.5 * fam.model.apply({"params": p}, ids, method="embed_tokens")
+        return [(apply(p, zero_mlp), apply(zero_kernels("DenseReluDense/wo/kernel"))),
+                (apply(p, zero_cross), apply(zero_kernels("EncDecAttention/o/kernel"))),
+                (apply(p, half_embed), apply(p, embeds=embeds)),
+                (apply(p, *head), 2.0 * apply(p) + 1.0)]
+
+    for hooked, reference in run(fam.params):
+        np.testing.assert_allclose(hooked, reference, atol=1e-5)
+        assert np.abs(np.asarray(hooked) - np.asarray(fam.forward(fam.params, ids, mask, dec, dec_mask).logits)).max() \
+            > 1e-2
 
 
 # --------------------------------------------------------------------------------------------------
