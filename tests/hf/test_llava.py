@@ -335,3 +335,26 @@ def test_lora_export_loads_in_peft_onto_llava_and_imports_back(families, tmp_pat
     imported, q = peft_io.import_peft(tmp_path / "theirs", fam.params, base=LlavaConfig.from_module(fam.model))
     assert record("llama_default LoRA peft save -> import_peft", masked_max_diff(ours_with(imported, q), theirs,
                                                                                   mask)) <= TOL
+
+
+def test_cli_export_targets_the_whole_llava_and_writes_it_back(families, tmp_path):
+    """``run.py export`` on a run of a LLaVA checkpoint: the adapters are for the whole VLM (prefix ``()``, the
+    checkpoint folder as base), and ``--with-base`` writes a checkpoint transformers loads with our logits."""
+    from types import SimpleNamespace
+
+    from vlpeft_jax.cli.export import peft_base, write_vlm_checkpoint
+
+    fam = families("llama_default")
+    info, prefix = peft_base(SimpleNamespace(task=SimpleNamespace(model_dir=fam.dir), module=fam.model))
+    assert (info.model_type, prefix, info.base_model_name_or_path) == ("llava", (), str(fam.dir))
+    assert info.module_name(("multi_modal_projector", "linear_1")) == "model.multi_modal_projector.linear_1"
+    leaves, treedef = jax.tree.flatten(fam.params)
+    params = jax.tree.unflatten(treedef, [x + 0.01 * np.random.default_rng(i).standard_normal(x.shape, np.float32)
+                                          for i, x in enumerate(leaves)])
+    write_vlm_checkpoint(params, fam.dir, tmp_path)
+    hf_model = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids, mask, pix, pix_nhwc = batch(fam.n_img, seed=6)
+    ours = np.asarray(fam.forward(params, ids, mask, pix_nhwc).logits)
+    assert np.abs(ours - np.asarray(fam.forward(fam.params, ids, mask, pix_nhwc).logits)).max() > 1e-3
+    diff = masked_max_diff(ours, fam.hf_logits(ids, mask, pix, model=hf_model), mask)
+    assert record("llama_default write_vlm_checkpoint -> transformers", diff) <= TOL

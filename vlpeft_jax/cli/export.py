@@ -6,7 +6,12 @@ Writes the adapters of a finished run (``RUN_DIR/final``) in Hugging Face ``peft
 - Which adapters: ``--method NAME`` (an instance name of the run's ``peft`` section); without it every
   method of the run is exported, into ``DIR`` if there is one and into ``DIR/<name>`` if there are several
   (peft's own layout for several adapters).
-- Which model: peft adapters belong to one Hugging Face model. For a VLM run (the shapes configs) that is
+- Which model: peft adapters belong to one Hugging Face model. A run on a Hugging Face VLM checkpoint
+  (``model.hf_dir``) whose key map peft export knows (LLaVA: :data:`vlpeft_jax.hf.peft_io.KEY_MAP_SOURCES`)
+  exports for the whole VLM, keyed by transformers' module names
+  (``base_model.model.model.language_model.layers.0...``, ``...model.vision_tower.encoder.layers.0...``), so
+  adapters on the vision tower and the projector go too; ``base_model_name_or_path`` is ``model.hf_dir``, and
+  ``--with-base`` writes the run's whole VLM checkpoint instead. For a VLM run of the shapes configs it is
   the decoder LM: our ``language_model/...`` prefix is stripped and the keys are the LM's own
   (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``), so the adapter loads onto the LM
   alone (``LlamaForCausalLM``, ``GPT2LMHeadModel``). A method that also adapts the vision tower or the
@@ -118,6 +123,44 @@ def write_hf_checkpoint(params: Any, config: Any, out_dir: Path) -> Path:
     return out_dir
 
 
+def peft_base(setup: Any) -> tuple[Any, tuple[str, ...]]:
+    """``(BaseModelInfo, prefix)``: the Hugging Face model a run's adapters are exported for.
+
+    A run on a checkpoint folder (``setup.task.model_dir``) whose ``model_type`` peft export knows
+    (:data:`vlpeft_jax.hf.peft_io.HF_CONFIG_READERS`, e.g. ``llava``): the whole model, prefix ``()``, with the
+    folder as ``base_model_name_or_path``. Otherwise the decoder LM (prefix ``("language_model",)``) of a VLM,
+    or the model itself.
+    """
+    from vlpeft_jax.hf import io, peft_io
+
+    model_dir = getattr(setup.task, "model_dir", None)
+    if model_dir is not None and io.load_config(model_dir).get("model_type") in peft_io.HF_CONFIG_READERS:
+        return peft_io.BaseModelInfo.from_hf_dir(model_dir), ()
+    module = setup.module
+    lm = getattr(module, "language_model", None)
+    prefix: tuple[str, ...] = ("language_model",) if lm is not None else ()
+    return peft_io.BaseModelInfo.from_config((lm if lm is not None else module).config), prefix
+
+
+def write_vlm_checkpoint(params: Any, model_dir: str | Path, out_dir: Path) -> Path:
+    """A run's whole LLaVA -> ``out_dir/config.json`` (the checkpoint's, unchanged) + ``model.safetensors``
+    (transformers 5's names, float32), each written atomically; loads with ``LlavaForConditionalGeneration``."""
+    from safetensors.numpy import save
+
+    from vlpeft_jax.hf import io
+    from vlpeft_jax.hf.llava import LlavaConfig, llava_to_hf_state_dict
+
+    hf_config = io.load_config(model_dir)
+    if hf_config.get("model_type") != "llava":
+        raise ConfigError(f"--with-base writes LLaVA and decoder checkpoints; {model_dir} is a "
+                          f"{hf_config.get('model_type')!r} one (its adapters load onto {model_dir} itself)")
+    state = llava_to_hf_state_dict(jax.device_get(params), LlavaConfig.from_hf(hf_config))
+    files.write_bytes(out_dir / "model.safetensors",
+                      save({k: np.ascontiguousarray(v) for k, v in state.items()}, metadata={"format": "pt"}))
+    files.write_text(out_dir / "config.json", json.dumps({**hf_config, "torch_dtype": "float32"}, indent=2) + "\n")
+    return out_dir
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="run.py export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,20 +189,20 @@ def main(argv: list[str]) -> int:
     from vlpeft_jax.hf import peft_io
 
     setup, params = runner.load_final(args.run, cfg)
-    module, methods = setup.module, setup.methods
-    lm = getattr(module, "language_model", None)
-    prefix: tuple[str, ...] = ("language_model",) if lm is not None else ()
-    lm_config = (lm if lm is not None else module).config
-    info = peft_io.BaseModelInfo.from_config(lm_config)
+    methods = setup.methods
+    info, prefix = peft_base(setup)
     names = [args.method] if args.method else list(methods)
     # Every adapter is converted before anything is written, so that a refused one leaves no partial output.
     exported = {n: peft_io.peft_state(methods[n], params["peft"][n], info, prefix=prefix) for n in names}
     if args.with_base:
-        lm_params = params["base"][prefix[0]] if prefix else params["base"]
-        base_dir = write_hf_checkpoint(lm_params, lm_config, args.out / "base_model")
+        if info.base_model_name_or_path is not None:  # the whole VLM of model.hf_dir
+            base_dir = write_vlm_checkpoint(params["base"], info.base_model_name_or_path, args.out / "base_model")
+        else:
+            lm_params = params["base"][prefix[0]] if prefix else params["base"]
+            base_dir = write_hf_checkpoint(lm_params, info.config, args.out / "base_model")
         for config, _ in exported.values():
             config["base_model_name_or_path"] = str(base_dir.resolve())
-        print(f"wrote the base LM to {base_dir}")
+        print(f"wrote the base {'model' if info.base_model_name_or_path else 'LM'} to {base_dir}")
     for name, (config, state) in exported.items():
         out = args.out if len(names) == 1 else args.out / name
         peft_io.write_peft_dir(config, state, out)
