@@ -266,7 +266,8 @@ def test_hook_points_sit_at_transformers_module_paths(compositions, batch):
         jax.eval_shape(lambda p: comp.model.apply({"params": p}, attention_mask=jnp.asarray(batch["attention_mask"]),
                                                   **comp.our_inputs(batch)), comp.params)
     hf_modules = {m.path.rsplit("/", 1)[0]: m.hf_key.rsplit(".", 1)[0]
-                  for m in blip2.instructblip_key_maps(comp.model) if m.path.endswith("/kernel")}
+                  for m in blip2.instructblip_key_maps(blip2.Blip2Config.from_module(comp.model))
+                  if m.path.endswith("/kernel")}
     assert seen["linear"] <= set(hf_modules), seen["linear"] - set(hf_modules)
     assert hf_modules["vision_model/encoder/layers_0/self_attn/qkv"] == "vision_model.encoder.layers.0.self_attn.qkv"
     assert {"vision_model/embeddings/patch_embedding", "language_projection",
@@ -324,7 +325,9 @@ def test_tree_mirrors_hf_names_and_exports_back(compositions, kind, lm):
     comp = compositions(kind, lm)
     saved = io.load_state_dict(comp.dir)
     export = blip2.blip2_to_hf_state_dict if kind == "blip-2" else blip2.instructblip_to_hf_state_dict
-    exported = export(comp.params, comp.model)
+    config = blip2.Blip2Config.from_module(comp.model)
+    assert config == blip2.Blip2Config.from_hf(io.load_config(comp.dir), state=saved)
+    exported = export(comp.params, config)
     assert set(exported) == set(saved)
     for key, value in saved.items():
         np.testing.assert_array_equal(exported[key], value, err_msg=key)
@@ -361,7 +364,7 @@ def test_missing_qformer_weights_fail_before_tracing(compositions, tmp_path, mon
 def test_compute_dtypes_follow_keep_in_fp32_modules(compositions):
     """bfloat16: BLIP-2's Q-Former stays float32 (transformers' _keep_in_fp32_modules), InstructBLIP's does not."""
     for kind, lm in (("blip-2", "opt"), ("instructblip", "llama")):
-        model = blip2.build_qformer_vlm(io.load_config(compositions(kind, lm).dir), dtype=jnp.bfloat16)
+        model = blip2.Blip2Config.from_hf(io.load_config(compositions(kind, lm).dir), dtype=jnp.bfloat16).module()
         assert model.vision_model.config.dtype == model.language_model.config.dtype == jnp.bfloat16
         assert model.qformer.config.dtype == (jnp.float32 if kind == "blip-2" else jnp.bfloat16)
 
@@ -369,6 +372,6 @@ def test_compute_dtypes_follow_keep_in_fp32_modules(compositions):
 def test_config_errors():
     base = {"model_type": "blip-2", "num_query_tokens": 2, "vision_config": VISION, "qformer_config": QFORMER}
     with pytest.raises(ConfigError, match="text_config.model_type 'gpt_neox'"):
-        blip2.build_qformer_vlm(dict(base, text_config={"model_type": "gpt_neox"}))
+        blip2.Blip2Config.from_hf(dict(base, text_config={"model_type": "gpt_neox"}))
     with pytest.raises(ConfigError, match="word_embed_proj_dim=16"):
-        blip2.build_qformer_vlm(dict(base, text_config=dict(TEXT["opt"], word_embed_proj_dim=16)))
+        blip2.Blip2Config.from_hf(dict(base, text_config=dict(TEXT["opt"], word_embed_proj_dim=16)))

@@ -116,56 +116,131 @@ def _lm_family(model_type: str | None, source: str) -> _LMFamily:
 
 
 # --------------------------------------------------------------------------------------------------
-# Building the module from config.json
+# The architecture
 
 
-def build_qformer_vlm(hf_config: Mapping[str, Any], *, dtype: Any = jnp.float32, source: str = "config.json",
-                      state: Mapping[str, np.ndarray] | None = None) -> QFormerVLM:
-    """The :class:`QFormerVLM` a ``blip-2`` / ``instructblip`` ``config.json`` dict describes (no weights).
+@dataclasses.dataclass(frozen=True)
+class Blip2Config:
+    """A BLIP-2 / InstructBLIP architecture: vision tower, Q-Former (with its query tokens), language model.
 
-    ``state`` (the checkpoint's tensors, when known) settles what only the weights say: whether a T5 head is tied
-    (transformers 5 writes ``tie_word_embeddings: true`` for Flan-T5's untied head too).
+    Attributes:
+      vision: the vision tower.
+      qformer: the Q-Former (``num_query_tokens`` included; ``qformer_text_input`` for InstructBLIP's layout).
+      text: the language model's config (:class:`~vlpeft_jax.models.opt.OPTConfig`,
+        :class:`~vlpeft_jax.models.llama.LlamaConfig` or :class:`~vlpeft_jax.models.t5.T5Config`).
+      model_type: ``blip-2`` or ``instructblip`` (transformers' names).
+      text_model_type: the LM's ``model_type`` (``opt``, ``llama``, ``t5``).
+      image_token_id: the placeholder id (``image_token_index``), or None to prepend the visual tokens.
 
     Example:
-        >>> m = build_qformer_vlm({"model_type": "blip-2", "num_query_tokens": 4, "image_token_index": 50,
+        >>> cfg = Blip2Config.from_hf({"model_type": "blip-2", "num_query_tokens": 4, "image_token_index": 50,
         ...     "vision_config": {"hidden_size": 32, "num_attention_heads": 4, "image_size": 16, "patch_size": 8},
         ...     "qformer_config": {"hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 1},
         ...     "text_config": {"model_type": "opt", "hidden_size": 32, "num_attention_heads": 4}})
+        >>> m = cfg.module()
         >>> m.num_query_tokens, m.image_token_id, m.is_encoder_decoder, type(m.language_model).__name__
         (4, 50, False, 'OPTForCausalLM')
     """
-    model_type = hf_config.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise ConfigError(f"{source}: model_type {model_type!r} is not a BLIP-2 / InstructBLIP checkpoint; "
-                          f"expected one of {', '.join(MODEL_TYPES)}")
-    qformer_hf = hf_config.get("qformer_config") or {}
-    if model_type == "blip-2" and qformer_hf.get("use_qformer_text_input"):
-        raise ConfigError(f"{source}: qformer_config.use_qformer_text_input=True belongs to BLIP-2's image-text "
-                          "retrieval model; Blip2ForConditionalGeneration checkpoints have it False")
-    text_hf = dict(hf_config.get("text_config") or {})
-    text_hf.setdefault("model_type", "opt")  # transformers' Blip2Config / InstructBlipConfig default
-    family = _lm_family(text_hf["model_type"], source)
-    text = family.config_class.from_hf(text_hf, dtype=dtype)
-    if state is not None:
-        text = family.config_from_weights(text, family.prepare_state(state))
-    lm = family.module(text)
-    width = family.width(text)
-    embed_width = getattr(text, "word_embed_proj_dim", None) or width
-    if embed_width != width:
-        raise ConfigError(f"{source}: text_config word_embed_proj_dim={embed_width} differs from hidden_size={width}; "
-                          "BLIP-2's language_projection outputs hidden_size, which would not fit the LM's "
-                          "input embeddings (transformers cannot run this configuration either)")
-    vision = BlipVisionConfig.from_hf(hf_config, dtype=dtype)
-    # transformers keeps BLIP-2's whole Q-Former in float32 (_keep_in_fp32_modules), InstructBLIP's only the queries
-    qformer = BertConfig.from_hf(hf_config, dtype=jnp.float32 if model_type == "blip-2" else dtype)
-    if qformer.encoder_hidden_size != vision.hidden_size:
+
+    vision: BlipVisionConfig
+    qformer: BertConfig
+    text: Any
+    model_type: str = "blip-2"
+    text_model_type: str = "opt"
+    image_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type {self.model_type!r} is not a BLIP-2 / InstructBLIP checkpoint; expected "
+                              f"one of {', '.join(MODEL_TYPES)}")
+        family = _lm_family(self.text_model_type, "text_config")
+        if not isinstance(self.text, family.config_class):
+            raise ConfigError(f"text is a {type(self.text).__name__}, text_model_type {self.text_model_type!r} needs "
+                              f"a {family.config_class.__name__}")
+        want_text_input = self.model_type == "instructblip"
+        if self.qformer.qformer_text_input != want_text_input:
+            raise ConfigError(f"a {self.model_type} Q-Former has qformer_text_input={want_text_input}, got "
+                              f"{self.qformer.qformer_text_input}")
+        if self.qformer.num_query_tokens <= 0:
+            raise ConfigError(f"num_query_tokens={self.qformer.num_query_tokens}; must be >= 1")
+        if self.qformer.encoder_hidden_size != self.vision.hidden_size:
+            raise ConfigError(f"the Q-Former's encoder_hidden_size ({self.qformer.encoder_hidden_size}) must equal the "
+                              f"vision tower's hidden_size ({self.vision.hidden_size})")
+        width = family.width(self.text)
+        embed_width = getattr(self.text, "word_embed_proj_dim", None) or width
+        if embed_width != width:
+            raise ConfigError(f"text_config word_embed_proj_dim={embed_width} differs from hidden_size={width}; "
+                              "BLIP-2's language_projection outputs hidden_size, which would not fit the LM's "
+                              "input embeddings (transformers cannot run this configuration either)")
+
+    @property
+    def num_query_tokens(self) -> int:
+        return self.qformer.num_query_tokens
+
+    @property
+    def lm_width(self) -> int:
+        """What ``language_projection`` outputs: transformers' ``text_config.hidden_size``."""
+        return _lm_family(self.text_model_type, "text_config").width(self.text)
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.text_model_type == "t5"
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
+                state: Mapping[str, np.ndarray] | None = None, source: str = "config.json") -> Blip2Config:
+        """Reads a ``blip-2`` / ``instructblip`` ``config.json`` dict.
+
+        Compute dtypes follow transformers' ``_keep_in_fp32_modules``: BLIP-2's Q-Former stays float32, the rest
+        (and all of InstructBLIP but its query tokens, which are parameters and so float32 anyway) uses ``dtype``.
+        ``state`` (the checkpoint's tensors, when known) settles what only the weights say: whether a T5 head is
+        tied (transformers 5 writes ``tie_word_embeddings: true`` for Flan-T5's untied head too).
+        """
+        model_type = config.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(f"{source}: model_type {model_type!r} is not a BLIP-2 / InstructBLIP checkpoint; "
+                              f"expected one of {', '.join(MODEL_TYPES)}")
+        qformer_hf = config.get("qformer_config") or {}
+        if model_type == "blip-2" and qformer_hf.get("use_qformer_text_input"):
+            raise ConfigError(f"{source}: qformer_config.use_qformer_text_input=True belongs to BLIP-2's image-text "
+                              "retrieval model; Blip2ForConditionalGeneration checkpoints have it False")
+        text_hf = dict(config.get("text_config") or {})
+        text_hf.setdefault("model_type", "opt")  # transformers' Blip2Config / InstructBlipConfig default
+        family = _lm_family(text_hf["model_type"], source)
+        text = family.config_class.from_hf(text_hf, dtype=dtype)
+        if state is not None:
+            text = family.config_from_weights(text, family.prepare_state(state))
+        vision = BlipVisionConfig.from_hf(config, dtype=dtype)
+        qformer = BertConfig.from_hf(config, dtype=jnp.float32 if model_type == "blip-2" else dtype)
+        # transformers sets the Q-Former's encoder_hidden_size from the vision config (Blip2Config.__post_init__)
         qformer = dataclasses.replace(qformer, encoder_hidden_size=vision.hidden_size)
-    if qformer.num_query_tokens <= 0:
-        raise ConfigError(f"{source}: num_query_tokens={qformer.num_query_tokens}; must be >= 1")
-    image_token = hf_config.get("image_token_index", hf_config.get("image_token_id"))
-    return QFormerVLM(vision_model=BlipVisionModel(vision), qformer=QFormer(qformer), language_model=lm,
-                      lm_width=width, num_query_tokens=qformer.num_query_tokens,
-                      image_token_id=None if image_token is None else int(image_token))
+        image_token = config.get("image_token_index", config.get("image_token_id"))
+        try:
+            return cls(vision=vision, qformer=qformer, text=text, model_type=model_type,
+                       text_model_type=text_hf["model_type"],
+                       image_token_id=None if image_token is None else int(image_token))
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_module(cls, model: QFormerVLM) -> Blip2Config:
+        """The architecture of a :class:`QFormerVLM` built by :meth:`module` (e.g. by :func:`load_blip2`)."""
+        text = model.language_model.config
+        text_type = next((name for name, f in _lm_families().items() if isinstance(text, f.config_class)), None)
+        if text_type is None:
+            raise ConfigError(f"the language model's config is a {type(text).__name__}; BLIP-2 / InstructBLIP "
+                              f"support {', '.join(sorted(_lm_families()))}")
+        qformer = model.qformer.config
+        return cls(vision=model.vision_model.config, qformer=qformer, text=text,
+                   model_type="instructblip" if qformer.qformer_text_input else "blip-2", text_model_type=text_type,
+                   image_token_id=model.image_token_id)
+
+    def module(self) -> QFormerVLM:
+        """The :class:`QFormerVLM` of this architecture (no parameters)."""
+        family = _lm_family(self.text_model_type, "text_config")
+        return QFormerVLM(vision_model=BlipVisionModel(self.vision), qformer=QFormer(self.qformer),
+                          language_model=family.module(self.text), lm_width=self.lm_width,
+                          num_query_tokens=self.num_query_tokens, image_token_id=self.image_token_id)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,44 +280,41 @@ def _prefixed(maps: list[KeyMap], hf_prefix: str, path: str) -> list[KeyMap]:
     return [dataclasses.replace(m, hf_key=hf_prefix + m.hf_key, path=f"{path}/{m.path}") for m in maps]
 
 
-def _qformer_vlm_key_maps(model: QFormerVLM) -> list[KeyMap]:
-    qformer_config: BertConfig = model.qformer.config
-    maps = blip_vision_key_maps(model.vision_model.config)
+def qformer_vlm_key_maps(config: Blip2Config) -> list[KeyMap]:
+    """HF keys -> our paths for either layout (the Q-Former's part follows ``config.qformer``)."""
+    maps = blip_vision_key_maps(config.vision)
     maps.append(KeyMap("query_tokens", "qformer/query_tokens"))
-    maps += _prefixed([m for m in qformer_key_map(qformer_config) if m.hf_key != "query_tokens"], "qformer.",
+    maps += _prefixed([m for m in qformer_key_map(config.qformer) if m.hf_key != "query_tokens"], "qformer.",
                       "qformer")
     maps += io.linear("language_projection", "language_projection")
-    lm_config = model.language_model.config
-    lm_maps = next(f.key_maps for f in _lm_families().values() if isinstance(lm_config, f.config_class))
-    maps += _prefixed(lm_maps(lm_config), LM_PREFIX, "language_model")
+    lm_maps = _lm_family(config.text_model_type, "text_config").key_maps(config.text)
+    maps += _prefixed(lm_maps, LM_PREFIX, "language_model")
     return maps
 
 
-def blip2_key_maps(model: QFormerVLM) -> list[KeyMap]:
-    """``Blip2ForConditionalGeneration`` keys -> our paths, for a :class:`QFormerVLM` built by :func:`load_blip2`.
+def blip2_key_maps(config: Blip2Config) -> list[KeyMap]:
+    """``Blip2ForConditionalGeneration`` keys -> our :class:`QFormerVLM` paths.
 
     Example:
-        >>> m = build_qformer_vlm({"model_type": "blip-2", "num_query_tokens": 2,
+        >>> cfg = Blip2Config.from_hf({"model_type": "blip-2", "num_query_tokens": 2,
         ...     "vision_config": {"hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1},
         ...     "qformer_config": {"hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1},
         ...     "text_config": {"model_type": "opt", "hidden_size": 8, "num_attention_heads": 2,
         ...                     "num_hidden_layers": 1}})
-        >>> {m.hf_key: m.path for m in blip2_key_maps(m)}["language_model.model.decoder.layers.0.fc1.weight"]
+        >>> {m.hf_key: m.path for m in blip2_key_maps(cfg)}["language_model.model.decoder.layers.0.fc1.weight"]
         'language_model/model/decoder/layers_0/fc1/kernel'
     """
-    if model.qformer.config.qformer_text_input:
-        raise ConfigError("blip2_key_maps got an InstructBLIP-layout Q-Former (qformer_text_input=True); use "
-                          "instructblip_key_maps")
-    return _qformer_vlm_key_maps(model)
+    if config.model_type != "blip-2":
+        raise ConfigError(f"blip2_key_maps got a {config.model_type!r} config; use instructblip_key_maps")
+    return qformer_vlm_key_maps(config)
 
 
-def instructblip_key_maps(model: QFormerVLM) -> list[KeyMap]:
+def instructblip_key_maps(config: Blip2Config) -> list[KeyMap]:
     """``InstructBlipForConditionalGeneration`` keys -> our paths (the Q-Former embeds the instruction:
     ``qformer.embeddings.{word_embeddings, position_embeddings, layernorm}`` and text FFNs)."""
-    if not model.qformer.config.qformer_text_input:
-        raise ConfigError("instructblip_key_maps got a BLIP-2-layout Q-Former (qformer_text_input=False); use "
-                          "blip2_key_maps")
-    return _qformer_vlm_key_maps(model)
+    if config.model_type != "instructblip":
+        raise ConfigError(f"instructblip_key_maps got a {config.model_type!r} config; use blip2_key_maps")
+    return qformer_vlm_key_maps(config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,18 +377,21 @@ def _load(model_dir: str | os.PathLike, model_type: str, dtype: Any) -> tuple[QF
         hint = f" (use {loader})" if loader else ""
         raise CheckpointError(f"{d}/config.json has model_type {hf_config.get('model_type')!r}; expected "
                               f"{model_type!r}{hint}")
-    build_qformer_vlm(hf_config, dtype=dtype, source=f"{d}/config.json")  # config errors before reading weights
+    source = f"{d}/config.json"
+    Blip2Config.from_hf(hf_config, dtype=dtype, source=source)  # configuration errors before reading any weight
     state = _normalise_state(io.load_state_dict(d), hf_config)
-    model = build_qformer_vlm(hf_config, dtype=dtype, source=f"{d}/config.json", state=state)
-    maps = _qformer_vlm_key_maps(model)
+    config = Blip2Config.from_hf(hf_config, dtype=dtype, state=state, source=source)
+    maps = qformer_vlm_key_maps(config)
     _check_present(state, maps, str(d))
+    model = config.module()
     return model, io.convert(state, maps, abstract_params(model), source=str(d))
 
 
 def load_blip2(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> tuple[QFormerVLM, Params]:
     """Loads a local ``Blip2ForConditionalGeneration`` checkpoint directory (OPT, LLaMA or Flan-T5 LM).
 
-    Returns the :class:`QFormerVLM` (compute ``dtype``) and its parameters as host (numpy, float32) arrays.
+    Returns the :class:`QFormerVLM` (compute ``dtype``) and its parameters as host (numpy, float32) arrays;
+    ``Blip2Config.from_module(model)`` gives the architecture the key maps and the export take.
     """
     return _load(model_dir, "blip-2", dtype)
 
@@ -346,27 +421,34 @@ def patch_kernel_to_conv(kernel: np.ndarray, patch_size: tuple[int, int], num_ch
     return np.ascontiguousarray(kernel.reshape(ph, pw, num_channels, -1).transpose(3, 2, 0, 1))
 
 
-def _to_hf(params: Mapping[str, Any], maps: list[KeyMap], model: QFormerVLM) -> dict[str, np.ndarray]:
+def qformer_vlm_to_hf_state_dict(params: Mapping[str, Any], config: Blip2Config) -> dict[str, np.ndarray]:
+    """Our parameters -> the state dict transformers saves for the architecture (float32 numpy; a tied head
+    left out, as ``save_pretrained`` writes it)."""
     flat = io.flatten_tree(params)
-    vision = model.vision_model.config
     out = {}
-    for m in maps:
+    for m in qformer_vlm_key_maps(config):
         if m.path not in flat:
             raise CheckpointError(f"parameter {m.path} is missing from the tree being exported")
         value = np.asarray(jax.device_get(flat[m.path]), dtype=np.float32)
         if m.transform is conv_to_patch_kernel:
-            value = patch_kernel_to_conv(value, vision.patch_size, vision.num_channels)
+            value = patch_kernel_to_conv(value, config.vision.patch_size, config.vision.num_channels)
         else:  # identity and transpose are their own inverse
             value = m.transform(value)
         out[m.hf_key] = np.ascontiguousarray(value)
     return out
 
 
-def blip2_to_hf_state_dict(params: Mapping[str, Any], model: QFormerVLM) -> dict[str, np.ndarray]:
+def blip2_to_hf_state_dict(params: Mapping[str, Any], config: Blip2Config) -> dict[str, np.ndarray]:
     """Our parameters -> a ``Blip2ForConditionalGeneration`` state dict (float32 numpy; tied heads left out)."""
-    return _to_hf(params, blip2_key_maps(model), model)
+    if config.model_type != "blip-2":
+        raise ConfigError(f"blip2_to_hf_state_dict got a {config.model_type!r} config; use "
+                          "instructblip_to_hf_state_dict")
+    return qformer_vlm_to_hf_state_dict(params, config)
 
 
-def instructblip_to_hf_state_dict(params: Mapping[str, Any], model: QFormerVLM) -> dict[str, np.ndarray]:
+def instructblip_to_hf_state_dict(params: Mapping[str, Any], config: Blip2Config) -> dict[str, np.ndarray]:
     """Our parameters -> an ``InstructBlipForConditionalGeneration`` state dict (float32 numpy)."""
-    return _to_hf(params, instructblip_key_maps(model), model)
+    if config.model_type != "instructblip":
+        raise ConfigError(f"instructblip_to_hf_state_dict got a {config.model_type!r} config; use "
+                          "blip2_to_hf_state_dict")
+    return qformer_vlm_to_hf_state_dict(params, config)
