@@ -109,3 +109,47 @@ def shrink_for_smoke(c: ml_collections.ConfigDict) -> None:
     c.train.batch_size = 8
     c.train.progress = False
     c.eval.update(max_examples=8, batch_size=8, max_new_tokens=8)
+
+
+# Data layouts under ``data.root`` (override any path with --config.data.splits.<split>.<key>=...).
+COCO_SPLITS = {"train": {"annotations": "annotations/captions_train2017.json", "images": "train2017"},
+               "val": {"annotations": "annotations/captions_val2017.json", "images": "val2017"}}
+VQAV2_SPLITS = {"train": {"questions": "v2_OpenEnded_mscoco_train2014_questions.json",
+                          "annotations": "v2_mscoco_train2014_annotations.json", "images": "train2014"},
+                "val": {"questions": "v2_OpenEnded_mscoco_val2014_questions.json",
+                        "annotations": "v2_mscoco_val2014_annotations.json", "images": "val2014"}}
+
+
+def checkpoint_config(name: str, task: str, *, peft: Mapping[str, Any], prompt: Mapping[str, Any],
+                      learning_rate: float, steps: int) -> ml_collections.ConfigDict:
+    """A run adapting a Hugging Face vision-language checkpoint (``model.hf_dir``) on COCO captions or VQAv2
+    under ``data.root``: one stage training every method of ``peft``; caption metrics or VQA accuracy."""
+    if task not in ("captioning", "vqa"):
+        raise ConfigError(f"task={task!r}; valid: captioning, vqa")
+    c = ml_collections.ConfigDict()
+    c.task, c.name, c.seed, c.run_dir = task, name, 0, ""
+    c.model = dict(hf_dir="", dtype="float32")
+    splits = COCO_SPLITS if task == "captioning" else VQAV2_SPLITS
+    c.data = dict(kind="coco" if task == "captioning" else "vqa", root="", on_error="skip", images="lazy",
+                  max_examples=0, splits={k: dict(v) for k, v in splits.items()})
+    c.prompt = dict(prompt)
+    c.peft = {k: dict(v) for k, v in peft.items()}
+    trainable = [[f"peft/{k}/.*", k] for k in peft]
+    c.stages = [dict(name="adapt", steps=steps, trainable=trainable, optimizer=adamw(learning_rate, warmup_steps=50),
+                     methods=list(peft))]
+    c.train = dict(batch_size=8, max_length=48, max_target_length=0, checkpoint_every=500, progress=True)
+    c.eval = dict(split="val", max_examples=500, batch_size=8, method="beam", num_beams=3, length_penalty=1.0,
+                  max_new_tokens=30 if task == "captioning" else 10,
+                  metrics=["BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D"], zero_shot=False)
+    c.pretrain = dict(config="", cache_dir=".cache/pretrained")
+    return c
+
+
+def shrink_checkpoint_run(c: ml_collections.ConfigDict) -> None:
+    """A seconds-long variant of a checkpoint run (tests): a few steps, few examples, greedy decoding."""
+    for s in c.stages:
+        s["steps"] = 3
+        s["optimizer"]["warmup_steps"] = 0
+    c.train.update(batch_size=2, checkpoint_every=0, progress=False)
+    c.data.max_examples = 4
+    c.eval.update(max_examples=4, batch_size=2, method="greedy", num_beams=1, max_new_tokens=4)

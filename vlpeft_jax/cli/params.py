@@ -31,8 +31,12 @@ def abstract_setup(cfg: ml_collections.ConfigDict) -> tuple[runner.Setup, dict[s
 
         task = tasks.build(cfg)
         model_cfg = task.model_config()
-    module, inputs = registry.build_model(model_cfg)
-    base = runner.abstract_base(module, inputs)
+    if task is not None and hasattr(task, "abstract_model"):  # a Hugging Face checkpoint, from its config.json
+        module, base = task.abstract_model()
+        inputs: dict[str, Any] = {}
+    else:
+        module, inputs = registry.build_model(model_cfg)
+        base = runner.abstract_base(module, inputs)
     setup = runner.Setup(cfg, task, module, inputs, base, build_methods(cfg.get("peft")))
     peft = runner.prepare_methods(setup, jax.random.key(0), abstract=True)
     return setup, {"base": base, "peft": peft}

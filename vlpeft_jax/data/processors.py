@@ -400,11 +400,12 @@ class VLMProcessor:
         LLaVA (the chat template's preset ``"llava-chat"`` when the checkpoint has one), ``"blip2-vqa"`` for
         BLIP-2, ``"instructblip"``. ``encoder_decoder``: None reads it from the LM's config.
         """
-        from vlpeft_jax.hf import load_tokenizer
-        from vlpeft_jax.hf.io import load_config
+        from vlpeft_jax.data.tokenizer import load_pretrained_tokenizer as load_tokenizer
 
         d = Path(model_dir)
-        cfg = load_config(d)
+        if not (d / "config.json").is_file():
+            raise CheckpointError(f"{d} has no config.json (needed to know the architecture)")
+        cfg = _read_json(d / "config.json")
         model_type = cfg.get("model_type")
         if model_type in ANYRES_MODEL_TYPES or cfg.get("image_grid_pinpoints"):
             raise ConfigError(f"{d}: model_type {model_type!r} uses anyres image tiling (LLaVA-NeXT), which is out of "
@@ -536,6 +537,17 @@ class VLMProcessor:
                **self._qformer(texts, rendered, qformer_max_length or max_length)}
         out["pixel_values"] = self.image_preprocessor.batch(flat)
         return out
+
+    def prompt_length(self, text: str | None, num_images: int = 1, row: int = 0) -> int:
+        """Tokens the generation prompt of ``text`` takes (image tokens included): the ``max_length`` that
+        :meth:`generation_inputs` needs for it. Checks the prompt as :meth:`generation_inputs` does."""
+        prefix, ids, _ = self._prompt_ids(text, num_images, row)
+        return len(prefix) + len(ids)
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id that pads prompts and follows a finished generation (the EOS when there is no pad token)."""
+        return self._pad_id
 
     @property
     def _pad_id(self) -> int:

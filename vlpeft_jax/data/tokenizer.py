@@ -25,11 +25,12 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from vlpeft_jax import files
-from vlpeft_jax.errors import InputError
+from vlpeft_jax.errors import CheckpointError, InputError
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<bos>", "<eos>", "<unk>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)
@@ -173,3 +174,17 @@ class WordTokenizer:
 
     def __repr__(self) -> str:
         return f"WordTokenizer(vocab_size={self.vocab_size})"
+
+
+def load_pretrained_tokenizer(model_dir: str | os.PathLike) -> Any:
+    """The tokenizer saved in a local checkpoint folder (transformers ``AutoTokenizer``, offline; nothing is
+    downloaded). Raises :class:`~vlpeft_jax.errors.CheckpointError` when there is none."""
+    from transformers import AutoTokenizer
+
+    d = Path(model_dir).expanduser()
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(model_dir)!r} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{d}: no loadable tokenizer ({e})") from None

@@ -198,12 +198,22 @@ def active_names(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
 def build(cfg: ml_collections.ConfigDict) -> Setup:
     """Task, model, base parameters (from the pretrain cache, or initialised) and methods."""
     task = tasks.build(cfg)
+    if hasattr(task, "load_model"):  # a Hugging Face checkpoint: its weights are the base
+        check_no_pretrain(cfg)
+        module, base = task.load_model()
+        return Setup(cfg, task, module, {}, base, build_methods(cfg.get("peft")))
     module, inputs = registry.build_model(task.model_config())
     if cfg.get("pretrain") and cfg.pretrain.get("config"):
         base = pretrained_base(cfg, task, module, inputs)
     else:
         base = init_base(module, inputs, cfg.seed)
     return Setup(cfg, task, module, inputs, base, build_methods(cfg.get("peft")))
+
+
+def check_no_pretrain(cfg: ml_collections.ConfigDict) -> None:
+    if cfg.get("pretrain") and cfg.pretrain.get("config"):
+        raise ConfigError(f"pretrain.config={cfg.pretrain.config!r} with model.hf_dir: a checkpoint's weights are "
+                          "the base; leave pretrain.config empty")
 
 
 def abstract_base(module: Any, inputs: Mapping[str, Any], seed: int = 0) -> Any:
@@ -435,10 +445,18 @@ def load_final(run_dir: Path, cfg: ml_collections.ConfigDict) -> tuple[Setup, An
         raise ConfigError(f"{run_dir} has no final parameters ({final / 'peft'}); did the run finish?")
     tokenizer = WordTokenizer.load(Path(run_dir) / "tokenizer") if (Path(run_dir) / "tokenizer").exists() else None
     task = tasks.build(cfg, tokenizer=tokenizer)
-    module, inputs = registry.build_model(task.model_config())
-    abstract = abstract_base(module, inputs, cfg.seed)
-    if checkpoint.has_tree(final / "base"):
-        base = checkpoint.load_tree(final / "base", abstract)
+    if hasattr(task, "load_model"):  # a Hugging Face checkpoint; final/base only if training changed it
+        module, base = task.load_model()
+        inputs: Mapping[str, Any] = {}
+        if checkpoint.has_tree(final / "base"):
+            base = checkpoint.load_tree(final / "base", jax.eval_shape(lambda: base))
+    else:
+        module, inputs = registry.build_model(task.model_config())
+        base = None
+    if base is not None:
+        pass
+    elif checkpoint.has_tree(final / "base"):
+        base = checkpoint.load_tree(final / "base", abstract_base(module, inputs, cfg.seed))
     elif cfg.get("pretrain") and cfg.pretrain.get("config"):
         base = pretrained_base(cfg, task, module, inputs)
     else:

@@ -307,7 +307,7 @@ def _task_metrics(planned: Sequence[PlannedRun], metric: str | None) -> tuple[st
     metrics: list[str] = []
     groups: list[str] = []
     for p in planned:
-        task = tasks.task_class(p.cfg.get("task", "captioning"))
+        task = tasks.task_class(p.cfg.get("task", "captioning"), p.cfg)
         if metric is not None and metric not in task.report_metrics:
             raise ConfigError(f"--metric {metric!r} is not a report metric of the {p.cfg.get('task', 'captioning')} "
                               f"task ({p.variant}); valid: {', '.join(task.report_metrics)}")

@@ -54,16 +54,30 @@ def load_pretrained(model_dir: str | os.PathLike, **kwargs: Any) -> tuple[Any, d
     return loaders[model_type](model_dir, **kwargs)
 
 
+def abstract_pretrained(model_dir: str | os.PathLike, **kwargs: Any) -> tuple[Any, dict]:
+    """``(module, parameter shapes)`` of a vision-language checkpoint from its ``config.json`` alone (no weights
+    read, nothing allocated): what ``run.py params`` counts."""
+    from vlpeft_jax.hf import blip2, llava
+
+    config = load_config(model_dir)
+    model_type = config.get("model_type")
+    if model_type in ("blip-2", "instructblip"):
+        module = blip2.build_qformer_vlm(config, source=f"{model_dir}/config.json", **kwargs)
+        return module, blip2.abstract_params(module)
+    if model_type == "llava" or model_type in llava.ANYRES_MODEL_TYPES:
+        module = llava.LlavaConfig.from_hf(config, **kwargs).build()
+        return module, llava.abstract_params(module)
+    raise CheckpointError(f"{model_dir}: model_type {model_type!r} is not a vision-language checkpoint; supported: "
+                          f"{', '.join(VLM_MODEL_TYPES)}")
+
+
 def load_tokenizer(model_dir: str | os.PathLike) -> Any:
     """The tokenizer saved in a checkpoint directory (transformers ``AutoTokenizer``, offline)."""
-    from transformers import AutoTokenizer
+    from vlpeft_jax.data.tokenizer import load_pretrained_tokenizer
 
-    d = resolve_model_dir(model_dir)
-    try:
-        return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{d}: no loadable tokenizer ({e})") from None
+    return load_pretrained_tokenizer(resolve_model_dir(model_dir))
 
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "VLM_MODEL_TYPES", "load_config", "load_pretrained", "load_state_dict", "load_tokenizer",
+__all__ = ["SUPPORTED_MODEL_TYPES", "VLM_MODEL_TYPES", "abstract_pretrained",
+           "load_config", "load_pretrained", "load_state_dict", "load_tokenizer",
            "resolve_model_dir"]

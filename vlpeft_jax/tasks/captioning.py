@@ -45,8 +45,8 @@ def load_world(cfg: ml_collections.ConfigDict) -> shapes.ShapesWorld:
     """The shapes world of ``config.data`` (generated, or read from ``data.cache_dir``)."""
     data = cfg.data.to_dict()
     if data.pop("kind", "shapes") != "shapes":
-        raise ConfigError("data.kind: only 'shapes' is wired into the runner's tasks; real data loaders are in "
-                          "vlpeft_jax.data (coco, vqa, hf_datasets, tfds)")
+        raise ConfigError(f"data.kind={cfg.data.kind!r}: the shapes-world tasks read data.kind='shapes'; real data "
+                          "(coco, vqa, hf, tfds) goes with a Hugging Face checkpoint in model.hf_dir")
     cache = data.pop("cache_dir", None)
     fields = {f.name for f in dataclasses.fields(shapes.ShapesWorldConfig)}
     base.check_settings("data", data, {"kind", "cache_dir", *fields})

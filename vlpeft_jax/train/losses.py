@@ -25,7 +25,7 @@ import optax
 from vlpeft_jax.data.batching import IGNORE_INDEX
 from vlpeft_jax.peft import base as pb
 
-__all__ = ["IGNORE_INDEX", "causal_lm_loss", "lm_loss", "shift_labels"]
+__all__ = ["IGNORE_INDEX", "causal_lm_loss", "lm_loss", "seq2seq_lm_loss", "shift_labels", "token_cross_entropy"]
 
 
 def shift_labels(labels: jax.Array, ignore: int = IGNORE_INDEX) -> jax.Array:
@@ -44,7 +44,21 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array, ignore: int = IGNORE_IN
     Returns:
       ``(loss, {"token_accuracy": ...})``; both are 0 when nothing is labelled.
     """
-    targets = shift_labels(labels, ignore)
+    return token_cross_entropy(logits, shift_labels(labels, ignore), ignore)
+
+
+def seq2seq_lm_loss(logits: jax.Array, labels: jax.Array, ignore: int = IGNORE_INDEX
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """An encoder-decoder's loss: the decoder's logits at position ``i`` predict ``labels[:, i]`` (the decoder
+    inputs are the labels shifted right behind the start token, so nothing is shifted here); otherwise as
+    :func:`causal_lm_loss`."""
+    return token_cross_entropy(logits, labels, ignore)
+
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array, ignore: int = IGNORE_INDEX
+                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean cross-entropy (float32) of ``logits [b, t, vocab]`` against ``targets [b, t]`` where they are not
+    ``ignore``, and the token accuracy; both 0 when nothing is labelled."""
     valid = targets != ignore
     logits = logits.astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
