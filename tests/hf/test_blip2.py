@@ -364,7 +364,7 @@ def test_missing_qformer_weights_fail_before_tracing(compositions, tmp_path, mon
 def test_compute_dtypes_follow_keep_in_fp32_modules(compositions):
     """bfloat16: BLIP-2's Q-Former stays float32 (transformers' _keep_in_fp32_modules), InstructBLIP's does not."""
     for kind, lm in (("blip-2", "opt"), ("instructblip", "llama")):
-        model = blip2.Blip2Config.from_hf(io.load_config(compositions(kind, lm).dir), dtype=jnp.bfloat16).module()
+        model = blip2.Blip2Config.from_hf(io.load_config(compositions(kind, lm).dir), dtype=jnp.bfloat16).build()
         assert model.vision_model.config.dtype == model.language_model.config.dtype == jnp.bfloat16
         assert model.qformer.config.dtype == (jnp.float32 if kind == "blip-2" else jnp.bfloat16)
 

@@ -137,7 +137,7 @@ class Blip2Config:
         ...     "vision_config": {"hidden_size": 32, "num_attention_heads": 4, "image_size": 16, "patch_size": 8},
         ...     "qformer_config": {"hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 1},
         ...     "text_config": {"model_type": "opt", "hidden_size": 32, "num_attention_heads": 4}})
-        >>> m = cfg.module()
+        >>> m = cfg.build()
         >>> m.num_query_tokens, m.image_token_id, m.is_encoder_decoder, type(m.language_model).__name__
         (4, 50, False, 'OPTForCausalLM')
     """
@@ -224,7 +224,7 @@ class Blip2Config:
 
     @classmethod
     def from_module(cls, model: QFormerVLM) -> Blip2Config:
-        """The architecture of a :class:`QFormerVLM` built by :meth:`module` (e.g. by :func:`load_blip2`)."""
+        """The architecture of a :class:`QFormerVLM` built by :meth:`build` (e.g. by :func:`load_blip2`)."""
         text = model.language_model.config
         text_type = next((name for name, f in _lm_families().items() if isinstance(text, f.config_class)), None)
         if text_type is None:
@@ -235,12 +235,19 @@ class Blip2Config:
                    model_type="instructblip" if qformer.qformer_text_input else "blip-2", text_model_type=text_type,
                    image_token_id=model.image_token_id)
 
-    def module(self) -> QFormerVLM:
+    def build(self) -> QFormerVLM:
         """The :class:`QFormerVLM` of this architecture (no parameters)."""
         family = _lm_family(self.text_model_type, "text_config")
         return QFormerVLM(vision_model=BlipVisionModel(self.vision), qformer=QFormer(self.qformer),
                           language_model=family.module(self.text), lm_width=self.lm_width,
                           num_query_tokens=self.num_query_tokens, image_token_id=self.image_token_id)
+
+
+def build_qformer_vlm(hf_config: Mapping[str, Any], *, dtype: Any = jnp.float32, source: str = "config.json",
+                      state: Mapping[str, np.ndarray] | None = None) -> QFormerVLM:
+    """The :class:`QFormerVLM` a ``blip-2`` / ``instructblip`` ``config.json`` dict describes (no parameters):
+    ``Blip2Config.from_hf(...).build()``."""
+    return Blip2Config.from_hf(hf_config, dtype=dtype, state=state, source=source).build()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -383,7 +390,7 @@ def _load(model_dir: str | os.PathLike, model_type: str, dtype: Any) -> tuple[QF
     config = Blip2Config.from_hf(hf_config, dtype=dtype, state=state, source=source)
     maps = qformer_vlm_key_maps(config)
     _check_present(state, maps, str(d))
-    model = config.module()
+    model = config.build()
     return model, io.convert(state, maps, abstract_params(model), source=str(d))
 
 
