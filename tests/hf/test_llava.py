@@ -58,6 +58,9 @@ SPECS = {
     "llama_default": dict(text=transformers.LlamaConfig, strategy="default", layer=-2),
     # Qwen2 LM (q/k/v biases), keep CLS, two feature layers concatenated, tied head
     "qwen2_full": dict(text=transformers.Qwen2Config, strategy="full", layer=[-2, -1], tie=True),
+    # Mistral LM without a sliding window (LLaVA-NeXT's Mistral-7B-Instruct-v0.2 has none): runs as LLaMA
+    "mistral_default": dict(text=transformers.MistralConfig, strategy="default", layer=-1,
+                            text_kwargs=dict(sliding_window=None, head_dim=8)),
 }
 
 
@@ -67,7 +70,7 @@ class Family:
     def __init__(self, name: str, tmp_dir):
         spec = SPECS[name]
         torch.manual_seed(0)
-        text = spec["text"](**TEXT, tie_word_embeddings=spec.get("tie", False))
+        text = spec["text"](**TEXT, **spec.get("text_kwargs", {}), tie_word_embeddings=spec.get("tie", False))
         config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**VISION), text_config=text,
                                           image_token_index=IMG, vision_feature_layer=spec["layer"],
                                           vision_feature_select_strategy=spec["strategy"],
@@ -343,10 +346,13 @@ def test_cli_export_targets_the_whole_llava_and_writes_it_back(families, tmp_pat
     from types import SimpleNamespace
 
     from vlpeft_jax.cli.export import peft_base, write_vlm_checkpoint
+    from vlpeft_jax.hf import peft_io
 
     fam = families("llama_default")
     info, prefix = peft_base(SimpleNamespace(task=SimpleNamespace(model_dir=fam.dir), module=fam.model))
     assert (info.model_type, prefix, info.base_model_name_or_path) == ("llava", (), str(fam.dir))
+    with pytest.raises(peft_io.UnsupportedAdapterError, match="key map"):  # a bare model type cannot name modules
+        peft_io.base_model_info("llava")
     assert info.module_name(("multi_modal_projector", "linear_1")) == "model.multi_modal_projector.linear_1"
     leaves, treedef = jax.tree.flatten(fam.params)
     params = jax.tree.unflatten(treedef, [x + 0.01 * np.random.default_rng(i).standard_normal(x.shape, np.float32)

@@ -172,6 +172,10 @@ HF_CONFIG_READERS: dict[str, str] = {
 }
 
 
+# model types whose module names our tree does not mirror: only their key map (a config) names them
+KEY_MAP_NAMED_TYPES = ("llava",)
+
+
 def _resolve(spec: str) -> Any:
     """``"package.module:Name.attr"`` -> the object (imported on first use)."""
     module, attr = spec.split(":")
@@ -290,6 +294,9 @@ class BaseModelInfo:
         if model_type not in TASK_TYPES:
             raise UnsupportedAdapterError(f"model type {model_type!r} is not supported for peft export; "
                                           f"supported: {', '.join(TASK_TYPES)}")
+        if model_type in KEY_MAP_NAMED_TYPES:
+            raise UnsupportedAdapterError(f"model type {model_type!r}: its Hugging Face module names come from its key "
+                                          "map; pass the checkpoint directory or our architecture config instead")
         return cls(model_type=model_type, task_type=TASK_TYPES[model_type], base_model_name_or_path=name_or_path)
 
     @functools.cached_property
