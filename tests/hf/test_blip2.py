@@ -336,6 +336,42 @@ def test_tree_mirrors_hf_names_and_exports_back(compositions, kind, lm):
     assert set(comp.params) == {"vision_model", "qformer", "language_model", "language_projection"}
 
 
+def test_lora_export_loads_in_peft_onto_the_transformers_vlm(compositions, batch, tmp_path):
+    """LoRA on the vision tower's fused ``qkv``, the Q-Former's ``query``/``value`` and the LM's ``q_proj``/``v_proj``,
+    exported with the module names of our key map, loads with ``PeftModel.from_pretrained`` onto the transformers
+    BLIP-2 and gives our logits."""
+    import peft
+
+    from vlpeft_jax.hf import peft_io
+    from vlpeft_jax.peft import base as pb
+    from vlpeft_jax.peft.lora import LoRA
+
+    comp = compositions("blip-2", "opt")
+    config = blip2.Blip2Config.from_module(comp.model)
+    method = LoRA(targets=("qkv", "query", "value", "q_proj", "v_proj"), rank=2, alpha=4.0)
+    p = method.init(jax.random.key(0, impl="rbg"), comp.params)
+    rng = np.random.default_rng(3)
+    p = jax.tree_util.tree_map_with_path(  # trained-looking: B away from its zero init
+        lambda path, v: jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype) if path[-1].key == "lora_b" else v, p)
+    adapted = {"/".join(k.key for k in path[:-1]) for path, _ in jax.tree_util.tree_leaves_with_path(p)}
+    assert {"vision_model/encoder/layers_0/self_attn/qkv", "qformer/encoder/layer_0/crossattention/attention/query",
+            "language_model/model/decoder/layers_1/self_attn/v_proj"} <= adapted
+    mask = jnp.asarray(batch["attention_mask"])
+    ours = jax.jit(lambda q: pb.apply_with(comp.model.apply, [(method, q)], {"params": comp.params},
+                                           attention_mask=mask, **comp.our_inputs(batch)).logits)(p)
+    info = peft_io.BaseModelInfo.from_key_maps("blip-2", blip2.blip2_key_maps(config), config=config, task_type=None)
+    out_dir = peft_io.export_peft(method, p, info, tmp_path / "lora")
+    fresh = transformers.Blip2ForConditionalGeneration.from_pretrained(comp.dir).eval()
+    loaded = peft.PeftModel.from_pretrained(fresh, out_dir).eval()
+    with torch.no_grad():
+        theirs = loaded(**comp.hf_inputs(batch)).logits.numpy()
+    real = batch["attention_mask"].astype(bool)
+    base = np.asarray(comp.forward(comp.params, comp.our_inputs(batch), mask).logits)
+    assert np.abs(np.asarray(ours) - base)[real].max() > 1e-2  # the adapters matter
+    diff = record("blip-2+opt LoRA export -> peft logits", np.abs(np.asarray(ours) - theirs)[real].max())
+    assert diff <= TOL, diff
+
+
 def test_missing_qformer_weights_fail_before_tracing(compositions, tmp_path, monkeypatch):
     """A directory without the Q-Former, query tokens and projection: one CheckpointError naming them, raised
     before the model is traced (abstract_params would trace it)."""
