@@ -362,7 +362,9 @@ class QFormerVLM(nn.Module):
         return bool(getattr(self.language_model, "is_encoder_decoder", False))
 
     def setup(self) -> None:
-        self.language_projection = layers.Linear(self.lm_width, axes=(None, "embed"))
+        # computed in the LM's dtype, as transformers casts the (float32) Q-Former output to it first
+        lm_dtype = getattr(getattr(self.language_model, "config", None), "dtype", jnp.float32)
+        self.language_projection = layers.Linear(self.lm_width, axes=(None, "embed"), dtype=lm_dtype)
 
     def encode_image(self, pixel_values: Array, qformer_input_ids: Array | None = None,
                      qformer_attention_mask: Array | None = None) -> Array:
