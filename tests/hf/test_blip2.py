@@ -309,6 +309,39 @@ def test_greedy_and_beam_match_generate(compositions, batch, kind, lm):
     assert diff <= TOL, diff
 
 
+@pytest.mark.parametrize("kind,lm", [("blip-2", "opt"), ("instructblip", "llama")])
+def test_processor_layout_matches_transformers(compositions, batch, kind, lm):
+    """The layout the 5.x processors write with left padding: ``[image x NUM_QUERY] [pad..] [bos] text`` (the
+    placeholders are put before the padded text). Greedy tokens equal ``generate``; OPT's logits equal the forward.
+
+    LLaMA's logits are compared on the other layout only: transformers' LLaMA *forward* numbers positions
+    ``0..t-1`` whatever the mask, its ``generate`` from the mask (``cumsum - 1``), so with padding between the
+    placeholders and the text the two disagree; our decoders follow ``generate`` (see ``gpt2.attention_layout``).
+    """
+    comp = compositions(kind, lm)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    length = ids.shape[1]
+    layout_ids = np.full_like(ids, PAD)
+    layout_mask = np.zeros_like(mask)
+    for row in range(BATCH):
+        text = ids[row][(mask[row] == 1) & (ids[row] != IMAGE_TOKEN)]
+        layout_ids[row, :NUM_QUERY], layout_mask[row, :NUM_QUERY] = IMAGE_TOKEN, 1
+        layout_ids[row, length - len(text):], layout_mask[row, length - len(text):] = text, 1
+    assert (layout_mask == 0).any()  # padding sits between the placeholders and the text
+    layout = dict(batch, input_ids=layout_ids, attention_mask=layout_mask)
+    settings = dict(max_new_tokens=NEW_TOKENS, eos_token_id=GEN_EOS[kind, lm], pad_token_id=PAD)
+    with torch.no_grad():
+        ref = comp.hf.generate(**comp.hf_inputs(layout), do_sample=False, num_beams=1, **settings)
+        ref_logits = comp.hf(**comp.hf_inputs(layout)).logits.numpy()
+    greedy = decode.generate(comp.step, comp.params, comp.our_inputs(layout), jnp.asarray(layout_mask), **settings)
+    _assert_tokens_equal(np.asarray(greedy.sequences), ref[:, length:].numpy())
+    if lm == "opt":
+        out = comp.forward(comp.params, comp.our_inputs(layout), jnp.asarray(layout_mask))
+        real = layout_mask.astype(bool)
+        diff = record(f"{comp.name} logits, processor layout", np.abs(np.asarray(out.logits) - ref_logits)[real].max())
+        assert diff <= TOL, diff
+
+
 def _assert_tokens_equal(ours: np.ndarray, ref: np.ndarray) -> None:
     """transformers stops at the longest finished row; ours runs on with padding."""
     np.testing.assert_array_equal(ours[:, : ref.shape[1]], ref)
