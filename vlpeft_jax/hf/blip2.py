@@ -19,11 +19,16 @@ Because every entry is a rename (plus transposes and the patch convolution's res
 transformers' module names (``language_model/model/decoder/layers_0/self_attn/q_proj`` is
 ``language_model.model.decoder.layers.0.self_attn.q_proj``), which is what PEFT adapter export relies on.
 
+The architecture is a :class:`Blip2Config` (the vision, Q-Former and LM configs, ``model_type``, the placeholder
+id), read from ``config.json`` by :meth:`Blip2Config.from_hf` or recovered from a loaded module by
+:meth:`Blip2Config.from_module`; the key maps (:func:`blip2_key_maps`, :func:`instructblip_key_maps`) and the
+export (:func:`blip2_to_hf_state_dict`, :func:`instructblip_to_hf_state_dict`) take it.
+
 Visual tokens are placed as transformers 5.24 places them: over the ``image_token_index`` placeholders of
-``input_ids`` when the config has one (every checkpoint saved by a current processor), else prepended (see
-:class:`~vlpeft_jax.models.vlm.QFormerVLM`). Dtypes follow transformers' ``_keep_in_fp32_modules``: BLIP-2 keeps
-the whole Q-Former in float32, InstructBLIP only its query tokens (parameters are always float32 here; the
-``dtype`` argument is the compute dtype of the other parts).
+``input_ids`` when the config has one (every checkpoint saved by a current processor; transformers 5.24 cannot
+run without one), else prepended as transformers 4.x did (see :class:`~vlpeft_jax.models.vlm.QFormerVLM`).
+Dtypes follow transformers' ``_keep_in_fp32_modules``: BLIP-2 keeps the whole Q-Former in float32, InstructBLIP
+only its query tokens (parameters are always float32 here; ``dtype`` is the compute dtype of the other parts).
 
 A directory without the Q-Former, ``query_tokens`` or ``language_projection`` tensors (e.g. a language model
 saved alone) fails with :class:`~vlpeft_jax.errors.CheckpointError` naming the missing keys, before anything is
@@ -34,6 +39,7 @@ Example (with a checkpoint directory ``DIR``)::
 
     model, params = load_blip2(DIR)
     out = model.apply({"params": params}, input_ids, attention_mask, pixel_values_nhwc)
+    state_dict = blip2_to_hf_state_dict(params, Blip2Config.from_module(model))
 """
 
 from __future__ import annotations
