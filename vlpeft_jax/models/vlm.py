@@ -327,8 +327,9 @@ class QFormerVLM(nn.Module):
 
     - ``image_token_id`` set (the checkpoint's ``image_token_index``): each row of ``input_ids`` holds
       ``num_query_tokens`` placeholders, and the i-th placeholder's embedding is replaced by the i-th visual
-      token (``masked_scatter``); the attention mask and the LM positions are the caller's, unchanged, so the
-      placeholders are ordinary positions (OPT numbers them from the mask, as it numbers text).
+      token (``masked_scatter``); the attention mask is the caller's, unchanged, so the placeholders are
+      ordinary positions, numbered from the mask like text (as transformers' ``generate`` numbers them; its LLaMA
+      *forward* numbers ``0..t-1`` instead, which differs only where padding sits inside a row).
     - ``image_token_id`` None (checkpoints written before the processor inserted placeholders): the visual
       tokens are prepended with a mask of ones, as transformers 4.x did; the logits then cover them too.
 
@@ -347,6 +348,24 @@ class QFormerVLM(nn.Module):
       lm_width: width of the LM's input embeddings (``language_projection``'s output).
       num_query_tokens: visual tokens per image.
       image_token_id: the placeholder id, or None to prepend.
+
+    Example:
+        >>> from vlpeft_jax.models.bert import BertConfig, QFormer
+        >>> from vlpeft_jax.models.blip_vision import BlipVisionConfig, BlipVisionModel
+        >>> from vlpeft_jax.models.opt import OPTConfig, OPTForCausalLM
+        >>> vlm = QFormerVLM(
+        ...     BlipVisionModel(BlipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        ...                                      num_attention_heads=2, image_size=16, patch_size=8)),
+        ...     QFormer(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        ...                        intermediate_size=32, cross_attention_frequency=1, encoder_hidden_size=16,
+        ...                        num_query_tokens=2)),
+        ...     OPTForCausalLM(OPTConfig(vocab_size=20, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+        ...                              num_attention_heads=2)),
+        ...     lm_width=16, num_query_tokens=2, image_token_id=19)
+        >>> ids = jnp.array([[19, 19, 2, 5, 6]])  # two placeholders, then the text
+        >>> init = lambda: vlm.init_with_output(jax.random.key(0), ids, None, jnp.zeros((1, 16, 16, 3)))[0]
+        >>> jax.eval_shape(init).logits.shape, vlm.is_encoder_decoder
+        ((1, 5, 20), False)
     """
 
     vision_model: nn.Module
