@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "eval": "decode and score a run directory or checkpoint",
     "score": "score a COCO-format results file against caption annotations",
     "export": "export adapters (e.g. to Hugging Face PEFT format)",
+    "generate": "caption or answer about images with a checkpoint folder or a run directory",
     "params": "print total/trainable parameter counts (abstract shapes, no memory)",
     "bench": "benchmarks: decode, metrics, train, sparse",
 }

@@ -499,6 +499,15 @@ class VLMProcessor:
                              f"ids, expected {want}; the image token must be a special token of the tokenizer")
         return [], ids, rendered
 
+    def qformer_length(self, text: str | None, num_images: int = 1) -> int:
+        """Tokens of the Q-Former text of ``text`` (InstructBLIP; 0 without a Q-Former tokenizer): what
+        ``qformer_max_length`` must hold. transformers pads the Q-Former text of a batch to its longest row
+        only, and the Q-Former's positions see that padding, so decoding pads to the longest text decoded."""
+        if self.qformer_tokenizer is None:
+            return 0
+        rendered = self.render(text, num_images)
+        return len(self.qformer_tokenizer(self.prompt_format.render_qformer(text, rendered))["input_ids"])
+
     def _qformer(self, texts: Sequence[str | None], rendered: Sequence[str], length: int) -> dict[str, np.ndarray]:
         if self.qformer_tokenizer is None:
             return {}

@@ -436,15 +436,16 @@ def save_final(run_dir: Path, params: Any, base: Any) -> None:
         checkpoint.save_tree(final / "base", params["base"])
 
 
-def load_final(run_dir: Path, cfg: ml_collections.ConfigDict) -> tuple[Setup, Any]:
-    """``(setup, params)`` of a finished run directory (for ``run.py eval``, sweeps and export)."""
+def load_final(run_dir: Path, cfg: ml_collections.ConfigDict, task: Any = None) -> tuple[Setup, Any]:
+    """``(setup, params)`` of a finished run directory (for ``run.py eval``, sweeps, export and generate);
+    ``task``: the run's task when the caller built it (default: built from ``cfg``)."""
     from vlpeft_jax.data.tokenizer import WordTokenizer
 
     final = Path(run_dir) / "final"
     if not checkpoint.has_tree(final / "peft"):
         raise ConfigError(f"{run_dir} has no final parameters ({final / 'peft'}); did the run finish?")
     tokenizer = WordTokenizer.load(Path(run_dir) / "tokenizer") if (Path(run_dir) / "tokenizer").exists() else None
-    task = tasks.build(cfg, tokenizer=tokenizer)
+    task = task if task is not None else tasks.build(cfg, tokenizer=tokenizer)
     if hasattr(task, "load_model"):  # a Hugging Face checkpoint; final/base only if training changed it
         module, base = task.load_model()
         inputs: Mapping[str, Any] = {}

@@ -128,13 +128,14 @@ class HFVLMTask(abc.ABC):
     name = ""
     groups: tuple[str, ...] = ()
 
-    def __init__(self, cfg: ml_collections.ConfigDict, **_: Any) -> None:
+    def __init__(self, cfg: ml_collections.ConfigDict, *, check_data: bool = True, **_: Any) -> None:
         self.cfg = cfg
         self.model_dir = checkpoint_dir(cfg)
         prompt = (cfg.get("prompt") or ml_collections.ConfigDict()).to_dict()
         base.check_settings("prompt", prompt, PROMPT_KEYS)
         self.caption_prompt = prompt.get("caption") or None
-        sources.check_data(cfg.data.to_dict(), self.name, dict.fromkeys(["train", cfg.eval.split]))
+        if check_data:  # (not when a finished run is only read back to generate)
+            sources.check_data(cfg.data.to_dict(), self.name, dict.fromkeys(["train", cfg.eval.split]))
         self.processor = VLMProcessor.from_pretrained(self.model_dir, prompt_format=prompt.get("format") or None)
         self.preprocessor = self.processor.image_preprocessor
         self.tokenizer = self.processor.tokenizer
@@ -249,6 +250,13 @@ class HFVLMTask(abc.ABC):
         return [o["text"] for o in out]
 
 
+def task_for_inference(cfg: ml_collections.ConfigDict) -> HFVLMTask:
+    """The task of a run's config without checking its data (``run.py generate`` on a run directory)."""
+    from vlpeft_jax import tasks
+
+    return tasks.task_class(cfg.get("task", "captioning"), cfg)(cfg, check_data=False)
+
+
 def model_batch(batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
@@ -258,7 +266,11 @@ def generate_texts(processor: VLMProcessor, module: Any, params: Any, methods: b
                    ) -> list[dict[str, Any]]:
     """Decodes every prompt (with its image or images) in batches of ``settings["batch_size"]``.
 
-    Every batch is padded to the same rows and prompt length (the longest prompt), so decoding compiles once.
+    Every batch is padded to the same rows and prompt length (the longest prompt; InstructBLIP's Q-Former text
+    to the longest Q-Former text), so decoding compiles once. transformers pads each batch to its own longest
+    row instead; where the Q-Former's positions see that padding, outputs of a batch of prompts of different
+    lengths can differ from transformers' on the same batch (equal for prompts of one length, e.g.
+    ``run.py generate``).
     ``settings``: ``batch_size``, ``method``, ``num_beams``, ``length_penalty``, ``max_new_tokens``.
     Returns ``[{"text": ..., "token_ids": [...]}]`` (new tokens only, up to the first stop token).
     """
@@ -270,6 +282,8 @@ def generate_texts(processor: VLMProcessor, module: Any, params: Any, methods: b
     # every check (image-token counts, prompt lengths) runs here, before anything is compiled
     length = max(processor.prompt_length(t, len(im) if isinstance(im, (list, tuple)) else 1, i)
                  for i, (t, im) in enumerate(zip(texts, images, strict=True)))
+    counts = [len(im) if isinstance(im, (list, tuple)) else 1 for im in images]
+    qformer = max(processor.qformer_length(t, n) for t, n in zip(texts, counts, strict=True)) or None
     bs = min(int(settings.get("batch_size", 8)), len(texts))
     step = base.PeftApply(module, tuple(methods))
     pad = processor.pad_token_id
@@ -277,7 +291,8 @@ def generate_texts(processor: VLMProcessor, module: Any, params: Any, methods: b
     for start in range(0, len(texts), bs):
         rows = list(range(start, min(start + bs, len(texts))))
         rows += [rows[-1]] * (bs - len(rows))  # a short last batch repeats its last row (one compilation)
-        x = processor.generation_inputs([images[i] for i in rows], [texts[i] for i in rows], max_length=length)
+        x = processor.generation_inputs([images[i] for i in rows], [texts[i] for i in rows], max_length=length,
+                                        qformer_max_length=qformer)
         mask = jnp.asarray(x.pop("attention_mask"))
         gen = decode.generate(step, params, model_batch(x), mask, max_new_tokens=int(settings["max_new_tokens"]),
                               eos_token_id=list(stop_ids), pad_token_id=pad, method=settings.get("method", "greedy"),
