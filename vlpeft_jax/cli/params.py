@@ -29,7 +29,12 @@ def abstract_setup(cfg: ml_collections.ConfigDict) -> tuple[runner.Setup, dict[s
         # the task sizes what the data decide (the shapes world's vocabulary, the classification heads)
         from vlpeft_jax import tasks
 
-        task = tasks.build(cfg)
+        if tasks.uses_checkpoint(cfg):  # shapes from the checkpoint's config.json; the data are not read
+            from vlpeft_jax.tasks.hf_vlm import task_for_inference
+
+            task = task_for_inference(cfg)
+        else:
+            task = tasks.build(cfg)
         model_cfg = task.model_config()
     if task is not None and hasattr(task, "abstract_model"):  # a Hugging Face checkpoint, from its config.json
         module, base = task.abstract_model()
