@@ -133,13 +133,13 @@ def test_qformer_vlm_with_and_without_instruction(inputs):
                       cross_attention_frequency=1, encoder_hidden_size=16, num_query_tokens=3,
                       qformer_text_input=True, max_position_embeddings=32)
     m = QFormerVLM(vision_model=vision, qformer=QFormer(qcfg), language_model=decoder, lm_width=24, num_query_tokens=3)
-    p = layers.unbox(m.init(jax.random.key(0), ids, mask, pixels, instruction_ids=ids, instruction_mask=mask))
-    out = m.apply(p, ids, mask, pixels, instruction_ids=ids, instruction_mask=mask)
+    p = layers.unbox(m.init(jax.random.key(0), ids, mask, pixels, qformer_input_ids=ids, qformer_attention_mask=mask))
+    out = m.apply(p, ids, mask, pixels, qformer_input_ids=ids, qformer_attention_mask=mask)
     assert out.logits.shape == (2, 3 + 4, 30)
-    kept = jax.jit(lambda p: m.apply(p, ids, mask, pixels, instruction_ids=ids, instruction_mask=mask,
+    kept = jax.jit(lambda p: m.apply(p, ids, mask, pixels, qformer_input_ids=ids, qformer_attention_mask=mask,
                                      logits_to_keep=4))(p)
     np.testing.assert_allclose(kept.logits, out.logits[:, -4:], atol=1e-6)
-    other = m.apply(p, ids, mask, pixels, instruction_ids=ids[::-1], instruction_mask=mask[::-1])
+    other = m.apply(p, ids, mask, pixels, qformer_input_ids=ids[::-1], qformer_attention_mask=mask[::-1])
     assert not np.allclose(out.logits, other.logits)  # the instruction reaches the queries
     assert set(p["params"]) == {"vision_model", "qformer", "language_model", "language_projection"}
 

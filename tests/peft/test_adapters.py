@@ -289,7 +289,7 @@ def test_hook_point_discovery_and_methods_in_a_qformer_vlm():
                         language_model=registry.build_decoder(decoder_cfg), lm_width=16, num_query_tokens=3)
     ids, mask = jnp.array([[5, 6, 7], [0, 9, 10]]), jnp.array([[1, 1, 1], [0, 1, 1]])
     args = (ids, mask, jax.random.normal(jax.random.key(1), (2, 16, 16, 3)))
-    kwargs = {"instruction_ids": ids, "instruction_mask": mask}
+    kwargs = {"qformer_input_ids": ids, "qformer_attention_mask": mask}
     # random values on the abstract shapes: cheaper than compiling the initialisers
     abstract = layers.unbox(jax.eval_shape(module.init, jax.random.key(0), *args, **kwargs))["params"]
     rng = np.random.default_rng(0)
