@@ -105,23 +105,17 @@ def test_llava_eval_rescores_the_run(llava_run, capsys):
 def test_llava_export_loads_in_peft_with_equal_logits(world, llava_run, tmp_path, capsys):
     """The run's LoRA (LM and vision tower) exported in peft format, loaded with PeftModel onto the torch LLaVA:
     its logits equal ours for the run's adapted parameters."""
-    import jax.numpy as jnp
     import torch
     from peft import PeftModel
     from transformers import LlavaForConditionalGeneration
 
-    from vlpeft_jax.config import read_run_config
-    from vlpeft_jax.experiments import runner
-    from vlpeft_jax.peft import base as peft_base
-    from vlpeft_jax.tasks import base
-
     out = tmp_path / "adapter"
     rc, _, err = run_cli(["export", "--run", llava_run, "--format", "peft", "--out", out], capsys)
     assert rc == 0, err
-    config = json.loads((out / "adapter_config.json").read_text())
-    assert any("vision_tower" in t for t in config["target_modules"]) or "vision" in json.dumps(config)
-    cfg = read_run_config(llava_run)
-    setup, params = runner.load_final(llava_run, cfg)
+    from safetensors.numpy import load_file
+
+    keys = list(load_file(out / "adapter_model.safetensors"))
+    assert any(".vision_tower." in k for k in keys) and any(".language_model." in k for k in keys)
     proc = world["llava_proc"]
     images = [Image.open(world["root"] / "coco" / "val2017" / f"{i}.jpg").convert("RGB") for i in (0, 1)]
     texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}],
@@ -131,10 +125,7 @@ def test_llava_export_loads_in_peft_with_equal_logits(world, llava_run, tmp_path
                                             str(out)).eval()
     with torch.no_grad():
         ref = torch_model(**inputs).logits.numpy()
-    ours = peft_base.apply_with(setup.module.apply, base.active_methods(setup.active(), params),
-                                {"params": params["base"]}, jnp.asarray(inputs["input_ids"].numpy()),
-                                jnp.asarray(inputs["attention_mask"].numpy()),
-                                jnp.asarray(inputs["pixel_values"].numpy().transpose(0, 2, 3, 1))).logits
+    ours = adapted_logits(llava_run, inputs)
     mask = inputs["attention_mask"].numpy().astype(bool)
     diff = float(np.abs(np.asarray(ours) - ref)[mask].max())
     assert diff < 1e-4, diff
@@ -212,6 +203,42 @@ def test_instructblip_vqa_run_then_eval_and_generate_from_the_run(world, tmp_pat
     outs = generate_json(["--model", run_dir, "--image", file, "--prompt", "what color is the cat ?",
                           "--max-new-tokens", 4], capsys)
     assert len(outs) == 1 and len(outs[0]["token_ids"]) <= 4
+
+    # the LoRA of the LM and the Q-Former, exported, loads in peft onto the torch InstructBLIP with our logits
+    import torch
+    from peft import PeftModel
+    from transformers import InstructBlipForConditionalGeneration
+
+    out = tmp_path / "adapter"
+    rc, _, err = run_cli(["export", "--run", run_dir, "--format", "peft", "--out", out], capsys)
+    assert rc == 0, err
+    targets = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert any("query" in t for t in targets) and any("q_proj" in t for t in targets)
+    proc = world["iblip_proc"]
+    inputs = proc(images=[Image.open(file).convert("RGB")], text=["Question: what color is the cat ? Short answer:"],
+                  return_tensors="pt")
+    torch_model = PeftModel.from_pretrained(InstructBlipForConditionalGeneration.from_pretrained(world["iblip"]).eval(),
+                                            str(out)).eval()
+    with torch.no_grad():
+        ref = torch_model(**inputs).logits.numpy()
+    diff = float(np.abs(adapted_logits(run_dir, inputs) - ref).max())
+    assert diff < 1e-4, diff
+
+
+def adapted_logits(run_dir, inputs):
+    """Our logits of a finished run's adapted model on transformers processor outputs (NCHW -> NHWC)."""
+    import jax.numpy as jnp
+
+    from vlpeft_jax.config import read_run_config
+    from vlpeft_jax.experiments import runner
+    from vlpeft_jax.peft import base as peft_base
+    from vlpeft_jax.tasks import base
+
+    setup, params = runner.load_final(run_dir, read_run_config(run_dir))
+    x = {k: jnp.asarray(v.numpy()) for k, v in inputs.items()}
+    x["pixel_values"] = x["pixel_values"].transpose(0, 2, 3, 1)
+    return np.asarray(peft_base.apply_with(setup.module.apply, base.active_methods(setup.active(), params),
+                                           {"params": params["base"]}, **x).logits)
 
 
 def test_generate_missing_image_and_bad_option(world, tmp_path, capsys):

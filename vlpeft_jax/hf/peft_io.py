@@ -81,7 +81,8 @@ PEFT_TYPE_METHODS: dict[str, str] = {
 
 # peft's task type per base model family (it picks the PeftModel subclass peft wraps the model in).
 TASK_TYPES: dict[str, str] = {"gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "qwen2": "CAUSAL_LM", "opt": "CAUSAL_LM",
-                              "bert": "FEATURE_EXTRACTION", "llava": "CAUSAL_LM"}
+                              "bert": "FEATURE_EXTRACTION", "llava": "CAUSAL_LM", "blip-2": "CAUSAL_LM",
+                              "instructblip": "CAUSAL_LM"}
 
 # registered method name -> "module:FORMAT", its PeftFormat (imported on first use, as the methods are).
 PEFT_FORMATS: dict[str, str] = {
@@ -159,6 +160,7 @@ KEY_MAP_SOURCES: dict[str, tuple[str | None, str]] = {
     "vlpeft_jax.models.opt:OPTConfig": ("opt", "vlpeft_jax.hf.decoders:opt_key_maps"),
     "vlpeft_jax.models.bert:BertConfig": ("bert", "vlpeft_jax.hf.bert:bert_key_map"),
     "vlpeft_jax.hf.llava:LlavaConfig": ("llava", "vlpeft_jax.hf.llava:llava_key_maps"),
+    "vlpeft_jax.hf.blip2:Blip2Config": (None, "vlpeft_jax.hf.blip2:qformer_vlm_key_maps"),
 }
 
 # ``model_type`` of a config.json -> "module:callable" reading that dict into our architecture config.
@@ -169,6 +171,8 @@ HF_CONFIG_READERS: dict[str, str] = {
     "opt": "vlpeft_jax.models.opt:OPTConfig.from_hf",
     "bert": "vlpeft_jax.models.bert:BertConfig.from_hf",
     "llava": "vlpeft_jax.hf.llava:LlavaConfig.from_hf",
+    "blip-2": "vlpeft_jax.hf.blip2:Blip2Config.from_hf",
+    "instructblip": "vlpeft_jax.hf.blip2:Blip2Config.from_hf",
 }
 
 
