@@ -121,8 +121,10 @@ class HookContext:
     @property
     def layer(self) -> int | None:
         """Index of the enclosing transformer layer (:func:`vlpeft_jax.tree.layer_index`: ``layers_<i>``, ``layer_<i>``,
-        ``h_<i>``, ``blocks_<i>``), or None."""
-        for name in reversed(self.path):
+        ``h_<i>``, ``blocks_<i>``), or None. The outermost such segment counts, as in
+        :func:`vlpeft_jax.tree.layer_stacks`: T5's ``block_<i>/layer_<j>`` is block ``i`` (``j`` numbers its
+        sub-layers)."""
+        for name in self.path:
             index = layer_index(name)
             if index is not None:
                 return index
