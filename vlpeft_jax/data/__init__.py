@@ -49,6 +49,8 @@ from vlpeft_jax.data.images import (
     ImagePreprocessor,
     decode_image,
 )
+from vlpeft_jax.data.processors import VLMProcessor, image_preprocessor_from_pretrained
+from vlpeft_jax.data.prompts import PROMPT_FORMATS, PromptFormat
 from vlpeft_jax.data.shapes import (
     CAPTION_INSTRUCTIONS,
     CAPTION_TASK_PROMPT,
@@ -65,18 +67,20 @@ from vlpeft_jax.data.shapes import (
     render_scene,
     shapes_tokenizer,
 )
+from vlpeft_jax.data.sources import check_data, load_split
 from vlpeft_jax.data.tfds import load_tfds_captions, load_tfds_vqa, tfds_available
 from vlpeft_jax.data.tokenizer import WordTokenizer
 from vlpeft_jax.data.vqa import load_vqa_json, load_vqav2
 
 __all__ = [
     "CAPTION_INSTRUCTIONS", "CAPTION_TASK_PROMPT", "CLIP_MEAN", "CLIP_STD", "IGNORE_INDEX", "IMAGENET_MEAN",
-    "IMAGENET_STD", "LABEL_CLASSES", "VQA_INSTRUCTIONS", "VQA_PROMPT_TEMPLATE", "VQA_TASK_TEMPLATE",
+    "IMAGENET_STD", "LABEL_CLASSES", "PROMPT_FORMATS", "VQA_INSTRUCTIONS", "VQA_PROMPT_TEMPLATE", "VQA_TASK_TEMPLATE",
     "CaptionBatches", "CaptionExample", "DataSkipWarning", "EpochSampler", "EvalBatches", "ImagePreprocessor",
-    "LoadedDataset", "ShapesExample", "ShapesSplit", "ShapesWorld", "ShapesWorldConfig", "SkipReport",
-    "TextCodec", "VQABatches", "VQAExample", "WordTokenizer", "build_lm_sequences", "build_prompt_sequences",
-    "decode_image", "generate", "hf_caption_examples", "hf_vqa_examples", "load_coco_captions",
+    "LoadedDataset", "PromptFormat", "ShapesExample", "ShapesSplit", "ShapesWorld", "ShapesWorldConfig", "SkipReport",
+    "TextCodec", "VLMProcessor", "VQABatches", "VQAExample", "WordTokenizer", "build_lm_sequences",
+    "build_prompt_sequences", "check_data", "decode_image", "generate", "hf_caption_examples", "hf_vqa_examples",
+    "image_preprocessor_from_pretrained", "load_coco_captions",
     "load_flickr30k", "load_hf_captions", "load_hf_dataset", "load_hf_vqa", "load_karpathy", "load_or_generate",
-    "load_tfds_captions", "load_tfds_vqa", "load_vqa_json", "load_vqav2", "patch_masks", "render_scene",
+    "load_split", "load_tfds_captions", "load_tfds_vqa", "load_vqa_json", "load_vqav2", "patch_masks", "render_scene",
     "shapes_tokenizer", "text_codec", "tfds_available", "vqa_prompt",
 ]
