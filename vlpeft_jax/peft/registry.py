@@ -33,6 +33,7 @@ METHODS: dict[str, str] = {
     "bitfit": "vlpeft_jax.peft.bitfit:BitFit",
     "neuroada": "vlpeft_jax.peft.neuroada:NeuroAda",
     "gps": "vlpeft_jax.peft.gps:GPS",
+    "mam": "vlpeft_jax.peft.mam:MAM",
     "tcm": "vlpeft_jax.peft.tcm:TCM",
 }
 
