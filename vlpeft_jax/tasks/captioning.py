@@ -121,6 +121,22 @@ class ShapesLMTask:
         return out
 
 
+def training_subset(examples: list[Any], fraction: float, batch_size: int) -> list[Any]:
+    """``config.train.data_fraction`` of the training images (KLAFT's 0.1 % / 1 % / 100 % regimes, seed 000
+    Table 2 S1-S3): a fixed subset (the world's first images: the world is already a random draw, so the
+    subset does not depend on the run's seed and every seed of a fraction trains on the same images), at least
+    one batch.
+
+    Example:
+        >>> len(training_subset(list(range(100)), 0.1, 4)), len(training_subset(list(range(100)), 0.01, 4))
+        (10, 4)
+    """
+    if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ConfigError(f"train.data_fraction={fraction!r}; must be in (0, 1]")
+    n = max(batch_size, round(len(examples) * fraction))
+    return examples[:n]
+
+
 class CaptioningTask(ShapesLMTask):
     """Captioning (see the module docstring)."""
 
@@ -140,12 +156,13 @@ class CaptioningTask(ShapesLMTask):
         return "captions", [{"image_id": i, "caption": c} for i, c in outputs.items()]
 
     def train_batches(self, seed: int) -> base.Batches:
-        return self._batches(self.cfg.train.domain, self.cfg.train.batch_size, seed)
+        return self._batches(self.cfg.train.domain, self.cfg.train.batch_size, seed,
+                             self.cfg.train.get("data_fraction", 1.0))
 
-    def _batches(self, domain: str, batch_size: int, seed: int) -> CaptionBatches:
+    def _batches(self, domain: str, batch_size: int, seed: int, fraction: float = 1.0) -> CaptionBatches:
         if domain not in DOMAINS:
             raise ConfigError(f"caption domain {domain!r}; valid: {', '.join(DOMAINS)}")
-        examples = self.world["train"].caption_examples(domain)
+        examples = training_subset(self.world["train"].caption_examples(domain), fraction, batch_size)
         return CaptionBatches(examples, self.tokenizer, self.preprocessor, batch_size=batch_size,
                               max_length=self.cfg.train.max_length, seed=seed)
 
