@@ -73,21 +73,24 @@ def _layout(b=2, t=6, nv=3):
 
 
 def test_gate_below_mu_is_exactly_m_s_and_gate_one_is_m_c():
+    # jitted: one compilation each instead of one per operation (the file's time budget)
+    mam_attention_ = jax.jit(mam_attention)
+    gate_values_ = jax.jit(gate_values, static_argnums=5)
+    attention = jax.jit(lambda q, k, v, m: layers.attention_default(q, k, v, layers.mask_to_bias(m)[:, None]))
     q, k, v = _qkv()
     kind, pos = _layout()
     m_c, m_s = mask_tables(kind, pos, kind, pos, jnp.ones(pos.shape, bool))
-    ref_s = layers.attention_default(q, k, v, layers.mask_to_bias(m_s)[:, None])
-    ref_c = layers.attention_default(q, k, v, layers.mask_to_bias(m_c)[:, None])
+    ref_s, ref_c = attention(q, k, v, m_s), attention(q, k, v, m_c)
     assert float(jnp.abs(ref_s - ref_c).max()) > 1e-2  # the two masks really differ here
     x = jax.random.normal(jax.random.key(8), (2, 6, 5))
     w = jax.random.normal(jax.random.key(9), (5, 8))
     for mu, c_b in ((1.0, 0.0), (0.0, -1e4), (0.3, -1e4)):  # μ ≥ 1, or C_b -> -inf: every gate entry below μ
-        gate = gate_values(x, w, jnp.full((8, 8), c_b), pos, pos, mu)
+        gate = gate_values_(x, w, jnp.full((8, 8), c_b), pos, pos, mu)
         assert float(jnp.abs(gate).max()) == 0.0
-        np.testing.assert_allclose(mam_attention(q, k, v, m_c, m_s, gate), ref_s, atol=1e-6)
-    gate = gate_values(x, w, jnp.full((8, 8), 1e4), pos, pos, 0.0)  # C_b -> +inf: B_c ≡ 1
+        np.testing.assert_allclose(mam_attention_(q, k, v, m_c, m_s, gate), ref_s, atol=1e-6)
+    gate = gate_values_(x, w, jnp.full((8, 8), 1e4), pos, pos, 0.0)  # C_b -> +inf: B_c ≡ 1
     assert float(jnp.abs(gate - 1.0).max()) == 0.0
-    np.testing.assert_allclose(mam_attention(q, k, v, m_c, m_s, gate), ref_c, atol=1e-6)
+    np.testing.assert_allclose(mam_attention_(q, k, v, m_c, m_s, gate), ref_c, atol=1e-6)
 
 
 def test_gate_is_sparse_and_entries_below_mu_get_zero_gradient():
@@ -296,16 +299,18 @@ def test_mrm_through_the_model(vlm, mrm_pass):
 def test_mrm_refused_with_a_single_visual_token(vlm):
     with pytest.raises(ConfigError, match="single visual token"):
         MAM(num_visual=1, mrm=True)
-    # a model whose Mapping Layer reads one region (ClipCap: class token -> 4 visual tokens)
+    # a model whose Mapping Layer reads one region (ClipCap: class token -> 4 visual tokens); refused while
+    # tracing (shapes only here), before anything is compiled
     cfg = vlm_config()
     cfg["connector"] = dict(kind="mlp", feature="cls", num_prefix=I_PF)
     module, inputs = build_model(cfg)
-    params = layers.unbox(module.init(jax.random.key(0), **inputs))["params"]
+    params = layers.unbox(jax.eval_shape(module.init, jax.random.key(0), **inputs))["params"]
     m = method("top", mrm=True, mrm_pass="same")
     p = m.init(jax.random.key(2), params)
     with pytest.raises(ConfigError, match="1 visual token"):
-        pb.apply_with(module.apply, [(m, p)], {"params": params}, jnp.array([[1, 5]]), jnp.ones((1, 2), jnp.int32),
-                      vlm[2][:1], rng=jax.random.key(4), train=True, record=True)
+        jax.eval_shape(lambda base: pb.apply_with(module.apply, [(m, p)], {"params": base}, jnp.array([[1, 5]]),
+                                                  jnp.ones((1, 2), jnp.int32), vlm[2][:1], rng=jax.random.key(4),
+                                                  train=True, record=True), params)
 
 
 # ------------------------------------------------------------------------------------------------- bad input
@@ -329,4 +334,4 @@ def test_registry_and_too_long_sequences(vlm):
     m = method("top", max_length=I_PF + 2)
     p = m.init(jax.random.key(2), vlm[1])
     with pytest.raises(ConfigError, match="max_length"):
-        run(vlm, m, p, jnp.array([[1, 5, 6, 7]] * 2), jnp.ones((2, 4), jnp.int32))
+        jax.eval_shape(lambda: run(vlm, m, p, jnp.array([[1, 5, 6, 7]] * 2), jnp.ones((2, 4), jnp.int32)))
