@@ -11,12 +11,23 @@ import numpy as np
 import pytest
 
 from vlpeft_jax.errors import ConfigError
+from vlpeft_jax.eval import decode
 from vlpeft_jax.models import layers
 from vlpeft_jax.models.registry import build_model
 from vlpeft_jax.peft import base as pb
 from vlpeft_jax.peft import klaft_losses as kl
 from vlpeft_jax.peft import registry
-from vlpeft_jax.peft.mam import IMAGE_CLS, MAM, TEXT, TEXT_CLS, VISUAL, gate_values, mam_attention, mask_tables
+from vlpeft_jax.peft.mam import (
+    IMAGE_CLS,
+    MAM,
+    TEXT,
+    TEXT_CLS,
+    VISUAL,
+    DecodeStateApply,
+    gate_values,
+    mam_attention,
+    mask_tables,
+)
 
 I_PF = 4  # visual tokens of the tiny VLM
 VOCAB = 32
@@ -195,38 +206,48 @@ def test_visual_rows_independent_of_text_under_m_s_only(vlm):
         assert (diff > 1e-4) if changes else (diff == 0.0), (mu, diff)
 
 
-@pytest.mark.parametrize("placement", ["top", "all"])
-def test_cached_decoding_equals_full_forward(vlm, placement):
+def test_cached_decoding_equals_full_forward_all_layers(vlm):
+    """``mam_layers="all"`` with the model's own KV cache: prefill, then one token per step (the top block's
+    cached decoding goes through ``decode.generate`` in the next test)."""
     module, params, pixels = vlm
-    m = method(placement)
+    m = method("all")
     p = noisy(m.init(jax.random.key(2), params))
+    assert m.init_decode_state(p, 2, 8) is None
     prompt, pmask = jnp.array([[0, 1], [1, 5]]), jnp.array([[0, 1], [1, 1]])  # row 0 left-padded
     steps = jnp.array([[6, 7], [8, 9], [10, 11]])  # forced next tokens, one per row and step
     full_ids = jnp.concatenate([prompt, steps.T], axis=1)
     full_mask = jnp.concatenate([pmask, jnp.ones((2, 3), jnp.int32)], axis=1)
     full = run(vlm, m, p, full_ids, full_mask).logits[:, I_PF:]
-    max_len = I_PF + 2 + 3
-    cache = module.language_model.init_cache(2, max_len)
-    state = m.init_decode_state(p, 2, max_len)
-    side = None if state is None else {"mam_cache": state}
-    out, rec = run(vlm, m, p, prompt, pmask, cache=cache, side_inputs=side, record=True)
+    out = run(vlm, m, p, prompt, pmask, cache=module.language_model.init_cache(2, I_PF + 2 + 3))
     got = [out.logits[:, -1]]
     for s in range(3):
-        cache = out.cache
-        if state is not None:
-            side = {"mam_cache": m.read_decode_state(rec)}
-        out, rec = pb.apply_with(module.apply, [(m, p)], {"params": params}, steps[s][:, None],
-                                 jnp.ones((2, 1), jnp.int32), None, cache=cache, decode=True, side_inputs=side,
-                                 record=True)
+        out = pb.apply_with(module.apply, [(m, p)], {"params": params}, steps[s][:, None], jnp.ones((2, 1), jnp.int32),
+                            None, cache=out.cache, decode=True)
         got.append(out.logits[:, -1])
-    got = jnp.stack(got, axis=1)
-    err = float(jnp.abs(got - full[:, 1:]).max())
-    print(f"{placement}: cached vs full max abs diff {err:.2e}")
+    err = float(jnp.abs(jnp.stack(got, axis=1) - full[:, 1:]).max())
+    print(f"all layers: cached vs full max abs logit diff {err:.2e}")
     assert err <= 1e-5
-    if placement == "top":  # without its cache the top block refuses a cached call
-        with pytest.raises(ConfigError, match="mam_cache"):
-            pb.apply_with(module.apply, [(m, p)], {"params": params}, steps[0][:, None], jnp.ones((2, 1), jnp.int32),
-                          None, cache=cache, decode=True)
+
+
+def test_generate_with_the_top_block_cache_equals_the_full_forward(vlm):
+    """The wiring: greedy decoding through :class:`DecodeStateApply` (the block's cache beside the model's)."""
+    module, params, pixels = vlm
+    m = method("top")
+    p = noisy(m.init(jax.random.key(2), params))
+    prompt, pmask = jnp.array([[0, 1], [1, 5]]), jnp.array([[0, 1], [1, 1]])
+    gen = decode.generate(DecodeStateApply(module, (("mam", m),)), {"base": params, "peft": {"mam": p}},
+                          {"input_ids": prompt, "pixel_values": pixels}, pmask, max_new_tokens=3, eos_token_id=None,
+                          pad_token_id=0, output_logits=True)
+    ids = jnp.concatenate([prompt, gen.sequences], 1)
+    full = run(vlm, m, p, ids, jnp.concatenate([pmask, jnp.ones((2, 3), jnp.int32)], 1)).logits[:, I_PF + 1:-1]
+    err = float(jnp.abs(gen.logits - full).max())
+    print(f"generate (top block cache) vs full forward: max abs logit diff {err:.2e}")
+    assert err <= 1e-5
+    np.testing.assert_array_equal(gen.sequences, jnp.argmax(full, -1))
+    # a cached call without the block's cache is refused (while tracing)
+    cache = module.language_model.init_cache(2, 8)
+    with pytest.raises(ConfigError, match="mam_cache"):
+        jax.eval_shape(lambda: run(vlm, m, p, prompt, pmask, cache=cache))
 
 
 # ------------------------------------------------------------------------------------------- ITM and MRM (18, 19)

@@ -574,3 +574,72 @@ class MAM(pb.Method):
             if self.mrm:
                 out.append(hooks.Hook("final_hidden", all_hidden))
         return out
+
+
+# ------------------------------------------------------------------------------- decoding with the top block
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeStateApply:
+    """A decoding step function (:mod:`vlpeft_jax.eval.decode`'s ``StepFn``) over params ``{"base", "peft"}`` that
+    carries the MAM top block's own key/value cache beside the model's: the cache is ``(model cache, state)``.
+
+    It is ``tasks.base.PeftApply`` plus this: on a cached call it passes the state as side input ``mam_cache``
+    (created on the prefill by :meth:`MAM.init_decode_state`) and takes the updated one from the records
+    (:meth:`MAM.read_decode_state`). Without a top-placed MAM the state stays None and nothing is recorded.
+    Decoders and decoder VLMs (ids, embeddings or a dict of keyword arguments, as ``ModuleApply``); not
+    encoder-decoders. Every leaf of the state has the batch axis first (the write index is a scalar), so beam
+    search's row repeat and gather need nothing special.
+
+    Attributes:
+      module: the Flax module.
+      methods: ``(instance name, method)`` pairs; a method's parameters are ``params["peft"][name]``.
+
+    Example:
+        >>> step = DecodeStateApply(module=None, methods=(("mam", MAM(num_visual=2, width=8, num_heads=2)),))
+        >>> [n for n, _ in step.stateful()]
+        ['mam']
+    """
+
+    module: Any
+    methods: tuple[tuple[str, Any], ...] = ()
+
+    def stateful(self) -> list[tuple[str, MAM]]:
+        """The methods that keep a decode state (MAM with ``mam_layers="top"``)."""
+        return [(n, m) for n, m in self.methods if isinstance(m, MAM) and m.mam_layers == "top"]
+
+    def __call__(self, params: Any, inputs: Any, attention_mask: Array, cache: Any, decode: bool) -> Any:
+        active = [(m, params["peft"][n]) for n, m in self.methods]
+        if cache is None:  # a full forward (e.g. generate's shape inference)
+            return pb.apply_with(self._apply, active, params["base"], inputs, attention_mask, None, decode)
+        model_cache, state = cache
+        stateful = self.stateful()
+        if not stateful:
+            out = pb.apply_with(self._apply, active, params["base"], inputs, attention_mask, model_cache, decode)
+            return out.replace(cache=(out.cache, None))
+        if len(stateful) > 1:
+            raise ConfigError(f"{len(stateful)} top-placed MAM methods ({', '.join(n for n, _ in stateful)}) are "
+                              "active; one top block at a time can decode with a cache")
+        name, mam = stateful[0]
+        if state is None:
+            state = mam.init_decode_state(params["peft"][name], model_cache.mask.shape[0], model_cache.max_len)
+        out, records = pb.apply_with(self._apply, active, params["base"], inputs, attention_mask, model_cache, decode,
+                                     side_inputs={"mam_cache": state}, record=True)
+        return out.replace(cache=(out.cache, mam.read_decode_state(records)))
+
+    def _apply(self, base: Any, inputs: Any, attention_mask: Array, cache: Any, decode: bool, **kw: Any) -> Any:
+        variables = {"params": base}
+        if isinstance(inputs, dict):
+            return self.module.apply(variables, attention_mask=attention_mask, cache=cache, decode=decode, **inputs,
+                                     **kw)
+        if jnp.issubdtype(inputs.dtype, jnp.integer):
+            return self.module.apply(variables, inputs, attention_mask, cache=cache, decode=decode, **kw)
+        return self.module.apply(variables, None, attention_mask, inputs_embeds=inputs, cache=cache, decode=decode,
+                                 **kw)
+
+    def init_cache(self, batch: int, max_len: int) -> tuple[Any, None]:
+        """``(the module's, or its language model's, empty KV cache, None)``; the prefill creates the state."""
+        for owner in (self.module, getattr(self.module, "language_model", None)):
+            if owner is not None and hasattr(owner, "init_cache"):
+                return owner.init_cache(batch, max_len), None
+        raise ConfigError(f"{type(self.module).__name__} has no init_cache (nor a language_model with one)")
