@@ -381,6 +381,47 @@ def test_ttm_dropout_pass_by_hand():
         extra_pass_records(model.apply, [(tcm, p)], {"params": params}, IDS, rng=jax.random.key(3))
 
 
+def test_prefix_vlm_text_positions_and_dropout_pass():
+    """On the prefix VLM (visual tokens first, the head on the text positions only): the mixture and the TTM
+    pass by hand, with the dropout zeroing only text tokens that have a target (the image stays clean)."""
+    vision = dict(family="vit", image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                  num_attention_heads=2, intermediate_size=32, add_pooling_layer=False)
+    decoder = dict(family="llama", vocab_size=VOCAB, hidden_size=D, intermediate_size=16, num_hidden_layers=1,
+                   num_attention_heads=2, tie_word_embeddings=True)
+    model, inputs = build_model(dict(family="prefix_vlm", vision=vision, decoder=decoder,
+                                     connector=dict(kind="mlp", num_layers=2, feature="patches")))
+    params = layers.unbox(model.init(jax.random.key(0), **inputs))["params"]
+    pixels = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    tcm = TCM(num_topics=3, omega=0.5, ttm_dropout=1 - 1e-7)
+    p = tcm_params(tcm, params)
+    t = IDS.shape[1]
+    table = np.asarray(params["language_model"]["model"]["embed_tokens"]["embedding"], np.float64)
+    head = lambda x: np.asarray(x, np.float64) @ table.T  # noqa: E731
+
+    def text_states(keep):
+        vis = model.apply({"params": params}, pixels, method=lambda m, px: m.encode_image(px))
+        text = model.apply({"params": params}, IDS, method=lambda m, i: m.language_model.embed_tokens(i))
+        embeds = jnp.concatenate([vis, text * keep[..., None]], 1)
+        out = model.apply({"params": params}, embeds,
+                          method=lambda m, e: m.language_model(None, None, inputs_embeds=e, logits_to_keep=t))
+        return np.asarray(out.hidden_states[-1][:, -t:], np.float64)
+
+    out, rec = pb.apply_with(model.apply, [(tcm, p)], {"params": params}, IDS, None, pixels, logits_to_keep=t,
+                             side_inputs={"target_ids": TARGETS}, record=True)
+    y_ref, post_ref, _, _ = reference(tcm, p, text_states(jnp.ones(IDS.shape)), head, TARGETS)
+    np.testing.assert_allclose(out.logits, y_ref, atol=2e-5)
+    np.testing.assert_array_equal(rec["topic/posterior"][0], post_ref)
+    extra = extra_pass_records(model.apply, [(tcm, p)], {"params": params}, IDS, None, pixels, logits_to_keep=t,
+                               rng=jax.random.key(5), side_inputs={"target_ids": TARGETS})
+    dropped = np.asarray(TARGETS) != -100
+    h = text_states(jnp.asarray(~dropped, jnp.float32))
+    _, post, _, _ = reference(tcm, p, h, head, TARGETS)
+    g = np.asarray(p["topic_vectors"], np.float64)
+    dist = [tcm.omega ** 2 * np.sum((h[i, j] - g[post[i, j] - 1]) ** 2) if post[i, j] > 0 else 0.0
+            for i, j in zip(*np.nonzero(dropped), strict=True)]
+    np.testing.assert_allclose(extra["loss/ttm"][0], np.mean(dist), rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------
 # §9.17: r_TCM by hand; decoding with TCM
 
@@ -493,6 +534,10 @@ def test_bad_settings_fail_before_compilation():
             registry.build_method("tcm", settings)
     with pytest.raises(ConfigError, match="no LM head"):  # an encoder (BERT-like tree): no lm_head hook point
         TCM().init(jax.random.key(0), {"bert": {"embeddings": {"word_embeddings": {"embedding": jnp.zeros((5, 4))}}}})
+    t5_like = {"shared": {"embedding": jnp.zeros((5, 4))}, "encoder": {"block_0": {"w": jnp.zeros(4)}}}
+    with pytest.raises(ConfigError, match="ttm='dropout'.*encoder-decoder"):
+        TCM().init(jax.random.key(0), t5_like)
+    assert TCM(ttm="clean").num_params(TCM(ttm="clean").init(jax.random.key(0), t5_like)) == 4 * 10 + 8 + 9 * 4
     model, params = tiny()
     with pytest.raises(ConfigError, match="cannot be merged"):
         TCM().merge(params, TCM().init(jax.random.key(0), params))

@@ -17,6 +17,7 @@ from vlpeft_jax.errors import ConfigError
 
 BENCHMARKS = {
     "decode": "vlpeft_jax.benchmarks.decode",
+    "klaft": "vlpeft_jax.benchmarks.klaft",
     "metrics": "vlpeft_jax.benchmarks.metrics",
     "train": "vlpeft_jax.benchmarks.train",
     "sparse": "vlpeft_jax.benchmarks.sparse",

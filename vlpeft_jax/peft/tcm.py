@@ -34,9 +34,13 @@ Choices where the paper is silent (the spec's A-numbers):
   corrupted pass**: the method lists that pass in :meth:`TCM.extra_passes`; run with the side input
   ``pass_name="tcm_ttm"``, TCM's ``embed`` hook zeroes the token embeddings (position embeddings kept) of a
   random ``ttm_dropout`` (0.15) fraction of the positions that have a target, and its ``lm_head`` hook records
-  ``loss/ttm`` over exactly those dropped positions, from the corrupted states. :func:`extra_pass_records` runs
-  the extra passes of any methods (a task loss adds their loss terms). ``ttm="clean"`` is the one-pass
-  approximation (every target position of the main pass, uncorrupted); ``ttm="off"`` records none.
+  ``loss/ttm`` over exactly those dropped positions, from the corrupted states. The drop mask is drawn over
+  ``target_ids`` and right-aligned with the sequence, so a prefix VLM's visual tokens stay clean; the hook acts
+  on the decoder's token embeddings only (paths ending ``wte``/``embed_tokens``, not a vision tower's patches).
+  An encoder-decoder (T5) has its embed hook on the encoder input only: there ``ttm="dropout"`` is refused.
+  :func:`extra_pass_records` runs the extra passes of any methods (a task loss adds their loss terms).
+  ``ttm="clean"`` is the one-pass approximation (every target position of the main pass, uncorrupted);
+  ``ttm="off"`` records none.
 - **§5 inits**: W_TZ ~ N(0, 0.02²); LN γ = 1, β = 0; g_z ~ N(0, 0.02²) (the spec's data-dependent init from
   hidden states is not done here: a method's ``init`` sees no data); multiplication g_z = 1 + N(0, 0.02²);
   affine W_z = I + N(0, 0.02²), b_z = 0.
@@ -96,6 +100,8 @@ TTM_PASS = "tcm_ttm"
 IGNORE = -100
 _HEAD_KERNEL = re.compile(r"(?:^|/)lm_head/kernel(?:/|$)")
 _TIED_EMBEDDING = re.compile(r"(?:^|/)(?:wte|embed_tokens|shared)/embedding(?:/|$)")
+_T5_ENCODER = re.compile(r"(?:^|/)encoder/block_\d+/")
+TOKEN_EMBEDDINGS = ("wte", "embed_tokens")  # the decoder LMs' embed hook paths end so (GPT-2; LLaMA/Qwen2, OPT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +151,9 @@ class TCM(pb.Method):
         """``topic_norm`` (LN γ, β), ``topic_logits`` (W_TZ ``[d, K]``) and the K-1 topics: ``topic_vectors``
         ``[K-1, d]`` (addition, multiplication) or ``topic_kernels`` ``[K-1, d, d]`` + ``topic_biases``."""
         d, k, std = head_width(base_params, self.name), int(self.num_topics), float(self.init_std)
+        if self.ttm == "dropout" and _has(base_params, _T5_ENCODER):
+            raise ConfigError(f"{self.name}.ttm='dropout' drops decoder tokens through the embed hook, which an "
+                              "encoder-decoder (T5) has only on the encoder input; use ttm='clean' (or 'off')")
         k_prior, k_topics = jax.random.split(rng)
         p: pb.Params = {
             "topic_norm": {"scale": jnp.ones((d,), jnp.float32), "bias": jnp.zeros((d,), jnp.float32)},
@@ -308,8 +317,8 @@ class TCM(pb.Method):
             return y
 
         out = [hooks.Hook("lm_head", head_hook)]
-        if self.ttm == "dropout" and train:
-            out.append(hooks.Hook("embed", embed_hook))
+        if self.ttm == "dropout" and train:  # the decoder's token embeddings only (not a vision tower's patches)
+            out.append(hooks.Hook("embed", embed_hook, where=lambda path: bool(path) and path[-1] in TOKEN_EMBEDDINGS))
         return out
 
 
@@ -384,13 +393,21 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(mask, values, 0.0).sum() / jnp.maximum(mask.sum(), 1)
 
 
+def _paths(tree: Any) -> list[tuple[str, Any]]:
+    return [("/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path), leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _has(tree: Any, pattern: re.Pattern[str]) -> bool:
+    return any(pattern.search(name) for name, _ in _paths(tree))
+
+
 def head_width(base_params: pb.Params, who: str = "tcm") -> int:
     """The width of the LM head's input: ``lm_head/kernel`` ``[d, V]``, else a tied ``wte``/``embed_tokens``/
     ``shared`` embedding ``[V, d]``; :class:`ConfigError` when the model has none (no ``lm_head`` hook point)
     or several heads of different widths. Works on ``ShapeDtypeStruct`` leaves."""
     heads, tied = set(), set()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(base_params)[0]:
-        name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    for name, leaf in _paths(base_params):
         if _HEAD_KERNEL.search(name):
             heads.add(int(leaf.shape[0]))
         elif _TIED_EMBEDDING.search(name):
