@@ -14,6 +14,7 @@ from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.eval import decode
 from vlpeft_jax.models import layers
 from vlpeft_jax.models.registry import build_model
+from vlpeft_jax.models.vlm import select_vision_features
 from vlpeft_jax.peft import base as pb
 from vlpeft_jax.peft import klaft_losses as kl
 from vlpeft_jax.peft import registry
@@ -310,10 +311,20 @@ def test_mrm_through_the_model(vlm, mrm_pass):
         masked = main
     mask_regions = np.asarray(rec["mrm/mask"][0])
     assert mask_regions.shape == (2, I_PF) and mask_regions.any(-1).all()
-    loss = rec.total("loss/mrm")
-    assert np.isfinite(float(loss)) and float(loss) > 0
-    _, _, pixels = vlm
-    clean = vlm[0].apply({"params": vlm[1]}, ids, mask, pixels).logits
+    module, params, pixels = vlm
+    # by hand: targets = the vision features entering the Mapping Layer (pre-MaL), predictions = f_θ (a GELU MLP)
+    # of the block output at the visual positions (= the final hidden state: the block is the identity at init),
+    # squared error summed over the features, averaged over the masked regions only
+    feats = np.asarray(module.apply({"params": params}, pixels,
+                                    method=lambda mdl, px: select_vision_features(mdl.vision_tower(px), "patches", -1)))
+    head = jax.tree_util.tree_map(np.asarray, p["mrm_head"])
+    h = np.asarray(masked.hidden_states[-1][:, :I_PF])
+    pred = np.asarray(jax.nn.gelu(h @ head["fc1"]["kernel"] + head["fc1"]["bias"], approximate=False))
+    pred = pred @ head["fc2"]["kernel"] + head["fc2"]["bias"]
+    want = ((pred - feats) ** 2).sum(-1)[mask_regions].mean()
+    got = float(rec.total("loss/mrm"))
+    assert want > 0 and abs(got - want) <= 1e-5 * want, (got, want)
+    clean = module.apply({"params": params}, ids, mask, pixels).logits
     assert float(jnp.abs(masked.logits - clean).max()) > 0  # the masked pass did see masked regions
 
 

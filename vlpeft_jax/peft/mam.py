@@ -42,9 +42,11 @@ same-modality ``M_s``, and the two probability tables are blended per (query, ke
   a hook cannot return through the model's :class:`~vlpeft_jax.models.layers.KVCache`: the step function
   passes it as the side input ``mam_cache`` (:meth:`MAM.init_decode_state`) and reads the updated one back
   from the records (:meth:`MAM.read_decode_state`); calling the model with a KV cache but without it raises.
-- **ITM** (``itm=True``; Eq. 8, A17, top placement only): one learned image-[CLS] (after the visual tokens,
-  kept at inference so text positions index the gate as in training) and one text-[CLS] (after the last real
-  text token, training only) are appended at the block input; their outputs are v_a and v_x, and the triplet
+- **ITM** (``itm=True``; Eq. 8, A17, top placement only): one learned [CLS] vector (``cls``) is appended at the
+  block input twice, as the image-[CLS] (after the visual tokens, kept at inference so text positions index
+  the gate as in training) and as the text-[CLS] (after the last real text token, training only); the two
+  differ only in what their rows may see (M_s rows: the visual tokens / the text). Their outputs are v_a and
+  v_x, and the triplet
   loss (:func:`vlpeft_jax.peft.klaft_losses.itm_loss`, ε = ``itm_margin``, negatives = the other rows'
   texts except those whose side input ``image_ids`` equals the anchor's) is recorded as ``loss/itm`` in
   training. The [CLS] slots are appended at the *end* of the array and given their logical positions; the
@@ -346,8 +348,7 @@ class MAM(pb.Method):
                 raise ConfigError(f"{self.name}: width {width} is not divisible by num_heads={self.num_heads}")
             out["block"] = init_block(k_block, width, n)
             if self.itm:
-                out["cls"] = {"image": _normal(jax.random.fold_in(k_cls, 0), (width,)),
-                              "text": _normal(jax.random.fold_in(k_cls, 1), (width,))}
+                out["cls"] = _normal(k_cls, (width,))
         else:
             for i, (path, w) in enumerate(sorted(self.adapted_widths(base_params).items())):
                 pb.set_path(out, path, {"gate_weight": _normal(jax.random.fold_in(k_all, i), (w, n)),
@@ -508,14 +509,14 @@ class MAM(pb.Method):
             kinds, poss, valids = [kind], [pos], [valid]
             with_text_cls = self.itm and train and main_pass(ctx)
             if self.itm:
-                slots.append(jnp.broadcast_to(peft_params["cls"]["image"], (b, 1, d)))
+                slots.append(jnp.broadcast_to(peft_params["cls"], (b, 1, d)))
                 kinds.append(jnp.full((b, 1), IMAGE_CLS, jnp.int32))
                 poss.append(jnp.full((b, 1), num_visual, jnp.int32))
                 valids.append(jnp.ones((b, 1), bool))
             if with_text_cls:
                 is_text = valid & (kind == TEXT)
                 last = jnp.max(jnp.where(is_text, pos, num_visual), axis=1, keepdims=True)
-                slots.append(jnp.broadcast_to(peft_params["cls"]["text"], (b, 1, d)))
+                slots.append(jnp.broadcast_to(peft_params["cls"], (b, 1, d)))
                 kinds.append(jnp.full((b, 1), TEXT_CLS, jnp.int32))
                 poss.append(last + 1)
                 valids.append(is_text.any(axis=1, keepdims=True))
@@ -546,7 +547,7 @@ class MAM(pb.Method):
             values = jax.lax.dynamic_update_slice(state["values"], v_new.astype(state["values"].dtype),
                                                   (0, index, 0, 0))
             if self.itm and not decode:  # the prefill writes the image-[CLS] once
-                k_cls, v_cls = keys_values(jnp.broadcast_to(peft_params["cls"]["image"], (b, 1, d)))
+                k_cls, v_cls = keys_values(jnp.broadcast_to(peft_params["cls"], (b, 1, d)))
                 keys = keys.at[:, slots].set(k_cls[:, 0].astype(keys.dtype))
                 values = values.at[:, slots].set(v_cls[:, 0].astype(values.dtype))
             model_pos = positions_of(valid)
