@@ -307,6 +307,40 @@ def test_variant_identities(function):
     np.testing.assert_allclose(tcm.ttm_distance(p, h, jnp.full(h.shape[:2], 2)), 0.0, atol=1e-10)
 
 
+@pytest.mark.parametrize("naive", [False, True])
+def test_hard_decoding_emits_from_the_prior_argmax_topic(naive):
+    model, params = tiny()
+    tcm = TCM(num_topics=4, omega=0.5, decoding="hard", naive=naive)
+    p = tcm_params(tcm, params)
+    base = base_out(model, params)
+    _, _, prior, comp = reference(tcm, p, base.hidden_states[-1], head_of(params, True))
+    z = prior.argmax(-1)
+    assert len(np.unique(z)) > 1  # several topics are chosen at these positions
+    expected = np.log(np.take_along_axis(np.moveaxis(comp, 0, -2), z[..., None, None], -2)[..., 0, :])
+    out = pb.apply_with(model.apply, [(tcm, p)], {"params": params}, IDS)  # not training: hard
+    np.testing.assert_allclose(out.logits, expected, atol=1e-5)
+    trained = pb.apply_with(model.apply, [(tcm, p)], {"params": params}, IDS, train=True)  # training: marginal
+    np.testing.assert_allclose(trained.logits, reference(tcm, p, base.hidden_states[-1], head_of(params, True))[0],
+                               atol=2e-5)
+
+
+def test_topic_vectors_from_hidden():
+    from vlpeft_jax.peft.tcm import topic_vectors_from_hidden
+
+    model, params = tiny()
+    tcm = TCM(num_topics=5)
+    p = tcm.init(jax.random.key(0), params)
+    h = np.asarray(base_out(model, params).hidden_states[-1])
+    mask = np.asarray(LABELS) != -100
+    new = topic_vectors_from_hidden(tcm, p, h, mask, seed=3)
+    pool = h[mask]
+    for g in np.asarray(new["topic_vectors"]):  # every topic vector is the state of a selected position
+        assert np.abs(pool - g).sum(-1).min() == 0.0
+    assert new["topic_logits"] is p["topic_logits"] and new["topic_vectors"].shape == p["topic_vectors"].shape
+    with pytest.raises(ConfigError, match="addition"):
+        topic_vectors_from_hidden(TCM(function="affine"), p, h)
+
+
 # --------------------------------------------------------------------------------------------------
 # §9.9: TTM, in the main pass and in the token-dropout pass
 
@@ -529,7 +563,8 @@ def test_bad_settings_fail_before_compilation():
     for settings, match in [({"num_topics": 0}, "num_topics"), ({"num_topics": 2.5}, "num_topics"),
                             ({"omega": 1.5}, "omega"), ({"omega": -0.1}, "omega"),
                             ({"function": "gate"}, "function.*addition, multiplication, affine"),
-                            ({"ttm": "soft"}, "ttm"), ({"ttm_dropout": 0.0}, "ttm_dropout")]:
+                            ({"ttm": "soft"}, "ttm"), ({"ttm_dropout": 0.0}, "ttm_dropout"),
+                            ({"decoding": "sample"}, "decoding.*marginal, hard")]:
         with pytest.raises(ConfigError, match=match):
             registry.build_method("tcm", settings)
     with pytest.raises(ConfigError, match="no LM head"):  # an encoder (BERT-like tree): no lm_head hook point

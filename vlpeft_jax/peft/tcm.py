@@ -22,7 +22,7 @@ Choices where the paper is silent (the spec's A-numbers):
 - **A13**: the hook returns the log of the marginal mixture ``log Σ_z π_z p_z`` as the "logits". These are
   log-probabilities (``logsumexp = 0``), so a task's unchanged cross-entropy on them *is* the mixture NLL of
   Eq. 3, and greedy/beam decoding (:mod:`vlpeft_jax.eval.decode`) decodes from the marginal, with the KV cache,
-  unchanged.
+  unchanged. ``decoding="hard"`` (the spec's option) emits outside training from the prior-argmax topic alone.
 - **A14**: per position the hook records ``topic/prior`` (argmax of π) and, when the side input
   ``target_ids`` is given, ``topic/posterior`` (argmax of ``r_z ∝ π_z p_z(x_t)``, -1 where there is no
   target). The posterior of an emitted token depends only on its prefix and itself, so r_TCM (Eq. 10) of
@@ -41,8 +41,9 @@ Choices where the paper is silent (the spec's A-numbers):
   :func:`extra_pass_records` runs the extra passes of any methods (a task loss adds their loss terms).
   ``ttm="clean"`` is the one-pass approximation (every target position of the main pass, uncorrupted);
   ``ttm="off"`` records none.
-- **§5 inits**: W_TZ ~ N(0, 0.02²); LN γ = 1, β = 0; g_z ~ N(0, 0.02²) (the spec's data-dependent init from
-  hidden states is not done here: a method's ``init`` sees no data); multiplication g_z = 1 + N(0, 0.02²);
+- **§5 inits**: W_TZ ~ N(0, 0.02²); LN γ = 1, β = 0; g_z ~ N(0, 0.02²) (a method's ``init`` sees no data; the
+  spec's data-dependent init, g_z = hidden states of K-1 random target tokens, is
+  :func:`topic_vectors_from_hidden`, for a caller that has them); multiplication g_z = 1 + N(0, 0.02²);
   affine W_z = I + N(0, 0.02²), b_z = 0.
 
 **Computation.** Everything after the head runs in float32 in log space:
@@ -96,6 +97,7 @@ from vlpeft_jax.peft import base as pb
 
 FUNCTIONS = ("addition", "multiplication", "affine")
 TTM_MODES = ("dropout", "clean", "off")
+DECODINGS = ("marginal", "hard")
 TTM_PASS = "tcm_ttm"
 IGNORE = -100
 _HEAD_KERNEL = re.compile(r"(?:^|/)lm_head/kernel(?:/|$)")
@@ -116,6 +118,8 @@ class TCM(pb.Method):
       ttm_dropout: the fraction of target positions whose token embedding the TTM pass zeroes (A15: 0.15).
       init_std: standard deviation of the random inits (§5: 0.02).
       naive: apply the head to every topic's hidden state (the O(K·b·t·V) reference path).
+      decoding: ``marginal`` (A13: the mixture, in training and evaluation alike) or ``hard`` (outside training,
+        i.e. when decoding or evaluating, the output is the prior-argmax topic's distribution alone).
       layer_norm_eps: ε of the prior's LayerNorm.
     """
 
@@ -126,6 +130,7 @@ class TCM(pb.Method):
     ttm_dropout: float = 0.15
     init_std: float = 0.02
     naive: bool = False
+    decoding: str = "marginal"
     layer_norm_eps: float = 1e-5
     name: str = "tcm"
 
@@ -137,6 +142,8 @@ class TCM(pb.Method):
             raise ConfigError(f"{self.name}.omega={self.omega!r}; must be in [0, 1]")
         if self.function not in FUNCTIONS:
             raise ConfigError(f"{self.name}.function={self.function!r}; valid: {', '.join(FUNCTIONS)}")
+        if self.decoding not in DECODINGS:
+            raise ConfigError(f"{self.name}.decoding={self.decoding!r}; valid: {', '.join(DECODINGS)}")
         if self.ttm not in TTM_MODES:
             raise ConfigError(f"{self.name}.ttm={self.ttm!r}; valid: {', '.join(TTM_MODES)}")
         if self.ttm == "dropout" and not 0.0 < float(self.ttm_dropout) < 1.0:
@@ -220,6 +227,20 @@ class TCM(pb.Method):
         dist = self.omega ** 2 * jnp.sum(jnp.square(h32 - phi), axis=-1)
         return jnp.where(z > 0, dist, 0.0)
 
+    def hard_logprobs(self, p: pb.Params, head: Callable[[jax.Array], jax.Array], h: jax.Array,
+                      log_prior: jax.Array) -> jax.Array:
+        """``log softmax(LMH(h̃_{z*}))`` with ``z* = argmax π`` per position (``decoding="hard"``, A13)."""
+        z = jnp.argmax(log_prior, axis=-1)
+        base = head(h).astype(jnp.float32)
+        if self.function == "addition" and not self.naive:
+            topic = head(p["topic_vectors"].astype(h.dtype)).astype(jnp.float32)
+            picked = jnp.take(topic, jnp.maximum(z - 1, 0), axis=0, mode="clip")  # [..., V]
+            chosen = (1.0 - self.omega) * base + self.omega * picked
+        else:
+            shifted = head(self.shifted(p, h).astype(h.dtype)).astype(jnp.float32)  # [K-1, ..., V]
+            chosen = jnp.take_along_axis(shifted, jnp.maximum(z - 1, 0)[None, ..., None], axis=0)[0]
+        return jax.nn.log_softmax(jnp.where((z > 0)[..., None], chosen, base), axis=-1)
+
     def mixture(self, p: pb.Params, head: Callable[[jax.Array], jax.Array], h: jax.Array,
                 log_prior: jax.Array | None = None) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
         """The log mixture ``log Σ_z π_z p_z`` ``[..., V]`` (float32; Eq. 3) and ``topic_logp``.
@@ -267,6 +288,7 @@ class TCM(pb.Method):
               ) -> list[hooks.Hook]:
         p = peft_params
         trivial = int(self.num_topics) == 1 or float(self.omega) == 0.0
+        hard = self.decoding == "hard" and not train and not trivial
 
         def dropped(ctx: hooks.HookContext, length: int) -> jax.Array:
             """The TTM pass's dropped positions ``[b, length]``, right-aligned (the same draw in both hooks)."""
@@ -304,6 +326,8 @@ class TCM(pb.Method):
                 y, topic_logp = self.mixture(p, nxt, h, log_prior)
             if pass_name is not None:  # another method's extra pass: the mixture, nothing recorded
                 return y
+            if hard:  # A13's option: emit from the prior's argmax topic alone
+                y = self.hard_logprobs(p, nxt, h, log_prior)
             ctx.record("topic/prior", jnp.argmax(log_prior, axis=-1).astype(jnp.int32))
             if targets is not None:
                 if topic_logp is None:  # all components are the base head: the posterior is the prior
@@ -379,6 +403,34 @@ def _addition_bwd(omega: float, res: Any, cts: Any) -> tuple[jax.Array, jax.Arra
 
 
 _addition_mixture.defvjp(_addition_fwd, _addition_bwd)
+
+
+def topic_vectors_from_hidden(tcm: TCM, peft_params: pb.Params, hidden: Any, mask: Any = None, seed: int = 0
+                              ) -> pb.Params:
+    """The spec's data-dependent init (§5) for ``addition``: ``g_z`` := the hidden states ``h_t`` of K-1 random
+    positions (e.g. the LM-head inputs over a batch of target-domain captions, ``mask`` marking caption tokens),
+    so each topic starts as a real context rather than near zero. Returns new parameters (the rest unchanged).
+
+    Example:
+        >>> tcm = TCM(num_topics=3)
+        >>> p = tcm.init(jax.random.key(0), {"lm_head": {"kernel": jnp.zeros((4, 7))}})
+        >>> h = jnp.arange(12.0).reshape(1, 3, 4)
+        >>> new = topic_vectors_from_hidden(tcm, p, h, mask=jnp.array([[0, 1, 1]]))
+        >>> sorted(new["topic_vectors"][:, 0].tolist())  # the states of positions 1 and 2
+        [4.0, 8.0]
+    """
+    if tcm.function != "addition":
+        raise ConfigError(f"{tcm.name}: topic vectors from hidden states are for function='addition' "
+                          f"(got {tcm.function!r})")
+    h = np.asarray(hidden, np.float32).reshape(-1, np.shape(hidden)[-1])
+    keep = np.ones(len(h), bool) if mask is None else np.asarray(mask, bool).reshape(-1)
+    pool = h[keep]
+    k = int(tcm.num_topics) - 1
+    if len(pool) == 0 or pool.shape[1] != peft_params["topic_vectors"].shape[1]:
+        raise InputError(f"{tcm.name}: need hidden states [..., {peft_params['topic_vectors'].shape[1]}] with at "
+                         f"least one selected position; got shape {np.shape(hidden)} and {len(pool)} selected")
+    rows = np.random.default_rng(seed).choice(len(pool), size=k, replace=len(pool) < k)
+    return {**peft_params, "topic_vectors": jnp.asarray(pool[rows])}
 
 
 def _right_align(x: jax.Array, length: int, fill: Any) -> jax.Array:
