@@ -345,6 +345,29 @@ def test_mrm_refused_with_a_single_visual_token(vlm):
                                                   train=True, record=True), params)
 
 
+def test_independent_inference_drops_the_gate_only_at_inference(vlm):
+    ids, mask = jnp.array([[1, 5, 6, 7]] * 2), jnp.ones((2, 4), jnp.int32)
+    m = method("top")
+    p = noisy(m.init(jax.random.key(2), vlm[1]))
+    independent = method("top", mam_inference="independent")
+    gate_off = method("top", mu=1.0)  # B_c ≡ 0
+    np.testing.assert_array_equal(run(vlm, independent, p, ids, mask).logits, run(vlm, gate_off, p, ids, mask).logits)
+    train = [run(vlm, x, p, ids, mask, train=True, record=True)[0].logits for x in (independent, m)]
+    np.testing.assert_array_equal(*train)
+
+
+def test_parameter_counts_at_gpt2_small_width():
+    """Spec §8 at d = 768: attention 2,362,368 + ReLU FFN 4,722,432 + 2 LN 3,072; gate d·N + N²; [CLS] d;
+    f_θ d² + d + d·d_pf + d_pf (abstract shapes only)."""
+    d, n, d_pf = 768, 50, 2048
+    base = {"multi_modal_projector": {"linear_1": {"kernel": jax.ShapeDtypeStruct((d_pf, d), jnp.float32)}}}
+    f_theta = d * d + d + d * d_pf + d_pf
+    for settings, extra in ((dict(), 0), (dict(itm=True), d), (dict(itm=True, mrm=True), d + f_theta)):
+        m = MAM(num_visual=16, width=d, num_heads=12, max_length=n, **settings)
+        shapes = jax.eval_shape(lambda m=m: m.init(jax.random.key(0), base))
+        assert m.num_params(shapes) == 7_087_872 + d * n + n * n + extra
+
+
 # ------------------------------------------------------------------------------------------------- bad input
 
 

@@ -101,8 +101,6 @@ hooks.register_side_input("image_ids", "int32 [b]: an id per example's image; IT
                                        "text from a row with the same image id")
 hooks.register_side_input("mam_cache", "dict of arrays (MAM.init_decode_state): the MAM top block's own "
                                        "key/value cache in cached decoding; absent otherwise")
-hooks.register_side_input("pass_name", "str (static): the extra forward pass being run, one of the active methods' "
-                                       "extra_passes(); absent in the main pass")
 
 
 # ------------------------------------------------------------------------------------ masks, gate, attention
