@@ -19,11 +19,13 @@ import pytest
 
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.eval import decode, rtcm
+from vlpeft_jax.eval.rtcm import caption_r_tcm, caption_topics
 from vlpeft_jax.models import layers
 from vlpeft_jax.models.registry import build_model
 from vlpeft_jax.peft import base as pb
 from vlpeft_jax.peft import registry
-from vlpeft_jax.peft.tcm import TCM, TTM_PASS, caption_r_tcm, caption_topics, extra_pass_records
+from vlpeft_jax.peft.base import extra_pass_records
+from vlpeft_jax.peft.tcm import TCM, TTM_PASS
 from vlpeft_jax.tasks.base import PeftApply
 from vlpeft_jax.train import labels as labels_lib
 from vlpeft_jax.train.losses import causal_lm_loss, shift_labels

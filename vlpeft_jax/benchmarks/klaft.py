@@ -10,7 +10,7 @@ process with
 - ``tcm_naive``: the same parameters through the naive path (the head applied to each topic's hidden state,
   K stacked distributions: O(K·b·t·V));
 - ``tcm_ttm_pass``: ``tcm`` with the spec's TTM recipe (``ttm="dropout"``): an extra token-dropout forward
-  pass per step (:func:`vlpeft_jax.peft.tcm.extra_pass_records`);
+  pass per step (:func:`vlpeft_jax.peft.base.extra_pass_records`);
 - ``lora``: LoRA on ``c_attn`` with the rank that gives the trainable count closest to TCM's (the "similar
   trainable budget"; the ratio of the counts is printed).
 
@@ -45,8 +45,9 @@ import optax
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.models import layers, registry
 from vlpeft_jax.peft import base as pb
+from vlpeft_jax.peft.base import extra_pass_records
 from vlpeft_jax.peft.lora import LoRA
-from vlpeft_jax.peft.tcm import TCM, extra_pass_records
+from vlpeft_jax.peft.tcm import TCM
 from vlpeft_jax.train import labels as labels_lib
 from vlpeft_jax.train.losses import causal_lm_loss, shift_labels
 from vlpeft_jax.train.state import TrainState

@@ -13,11 +13,18 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from vlpeft_jax.errors import InputError
+from vlpeft_jax.errors import ConfigError, InputError
+from vlpeft_jax.peft.base import apply_with
+
+IGNORE = -100  # no target (the LM labels' ignore index)
 
 
 def r_tcm_per_caption(
@@ -85,3 +92,82 @@ def topics_from_probs(topic_probs: np.ndarray) -> np.ndarray:
         [[0, 1]]
     """
     return np.argmax(np.asarray(topic_probs), axis=-1)
+
+
+# ------------------------------------------------------------------------- topics of generated captions
+
+
+def caption_topics(module: Any, params: Mapping[str, Any], methods: Sequence[tuple[str, Any]], prompt: Any,
+                   prompt_mask: jax.Array, sequences: jax.Array, lengths: jax.Array,
+                   eos_token_id: int | Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """Prior- and posterior-argmax topic of every generated token, by one teacher-forced forward (A14).
+
+    Args:
+      module: the decoder or VLM (its ``apply`` takes ``(ids, mask)`` or the keyword arguments of ``prompt``,
+        and ``logits_to_keep``); encoder-decoders are not supported.
+      params: ``{"base": ..., "peft": {name: ...}}``.
+      methods: ``(name, method)`` pairs as the tasks keep them; one of them a :class:`TCM`.
+      prompt: the prompt ids ``[b, t_p]`` (left-padded) or a dict of keyword arguments holding ``input_ids``
+        (e.g. with ``pixel_values``), as given to :func:`vlpeft_jax.eval.decode.generate`.
+      prompt_mask: ``[b, t_p]``.
+      sequences, lengths: :class:`~vlpeft_jax.eval.decode.GenerateOutput` ``sequences`` ``[b, n]`` and
+        ``lengths`` ``[b]`` (EOS included).
+      eos_token_id: EOS id(s), not counted as caption tokens.
+
+    Returns:
+      ``{"prior": [b, n], "posterior": [b, n], "mask": [b, n]}`` (numpy); ``mask`` marks the caption tokens
+      (before ``lengths``, not EOS).
+    """
+    if getattr(module, "is_encoder_decoder", False):
+        raise ConfigError("caption_topics: encoder-decoder models are not supported (decoder LMs and VLMs only)")
+    from vlpeft_jax.peft.tcm import TCM
+
+    if not any(isinstance(m, TCM) for _, m in methods):
+        raise ConfigError("caption_topics: no TCM method is active, so there are no topics to read")
+    kwargs = dict(prompt) if isinstance(prompt, Mapping) else {"input_ids": prompt}
+    ids = jnp.concatenate([jnp.asarray(kwargs.pop("input_ids")), jnp.asarray(sequences, jnp.int32)], axis=1)
+    n = sequences.shape[1]
+    caption = jnp.arange(n)[None] < jnp.asarray(lengths)[:, None]
+    eos = () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+    counted = caption & ~jnp.isin(jnp.asarray(sequences), jnp.asarray(eos or (-1,), jnp.int32))
+    mask = jnp.concatenate([jnp.asarray(prompt_mask), caption.astype(jnp.asarray(prompt_mask).dtype)], axis=1)
+    prior, posterior = _topics_jit(module, tuple(methods))(params, ids, mask, counted, kwargs)
+    return {"prior": np.asarray(prior), "posterior": np.asarray(posterior), "mask": np.asarray(counted)}
+
+
+@functools.lru_cache(maxsize=16)
+def _topics_jit(module: Any, methods: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
+    def topics(params: Any, ids: jax.Array, mask: jax.Array, counted: jax.Array, kwargs: dict[str, Any]) -> Any:
+        n = counted.shape[1]
+        t = ids.shape[1]
+        # position t - n - 1 + j predicts generated token j
+        targets = jnp.full(ids.shape, IGNORE, jnp.int32).at[:, t - n - 1:t - 1].set(
+            jnp.where(counted, ids[:, t - n:], IGNORE))
+        active = [(m, params["peft"][name]) for name, m in methods]
+        _, records = apply_with(module.apply, active, {"params": params["base"]}, ids, mask, **kwargs,
+                                   side_inputs={"target_ids": targets}, record=True, logits_to_keep=t)
+        prior, posterior = records["topic/prior"][0], records["topic/posterior"][0]
+        return prior[:, t - n - 1:t - 1], posterior[:, t - n - 1:t - 1]
+
+    return jax.jit(topics)
+
+
+def caption_r_tcm(module: Any, params: Mapping[str, Any], methods: Sequence[tuple[str, Any]], prompt: Any,
+                  prompt_mask: jax.Array, sequences: jax.Array, lengths: jax.Array,
+                  eos_token_id: int | Sequence[int] | None = None) -> dict[str, float]:
+    """r_TCM (Eq. 10) of generated captions: ``{"r_tcm": posterior-argmax version (A14), "r_tcm_prior": ...,
+    "captions": number counted}``; captions with no token (an immediate EOS) are left out. Arguments as
+    :func:`caption_topics`.
+
+    Example (after ``gen = decode.generate(step, params, ids, mask, ...)``):
+        >>> caption_r_tcm(model, params, methods, ids, mask, gen.sequences, gen.lengths, eos)  # doctest: +SKIP
+        {'r_tcm': 0.21, 'r_tcm_prior': 0.18, 'captions': 64}
+    """
+    topics = caption_topics(module, params, methods, prompt, prompt_mask, sequences, lengths, eos_token_id)
+    keep = topics["mask"].any(axis=1)
+    if not keep.any():
+        return {"r_tcm": float("nan"), "r_tcm_prior": float("nan"), "captions": 0}
+    m = topics["mask"][keep]
+    return {"r_tcm": r_tcm(np.where(m, topics["posterior"][keep], 0), mask=m),
+            "r_tcm_prior": r_tcm(np.where(m, topics["prior"][keep], 0), mask=m),
+            "captions": int(keep.sum())}

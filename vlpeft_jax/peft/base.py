@@ -138,6 +138,11 @@ class Method:
         """The optimizer of a stage where the method is active (default: ``tx`` unchanged)."""
         return tx
 
+    def extra_passes(self) -> tuple[str, ...]:
+        """Names of extra forward passes a task loss runs while the method is active (each with the side input
+        ``pass_name``; their recorded loss terms are added, :func:`extra_pass_records`). Default: none."""
+        return ()
+
 
 class Records(dict):
     """What hooks recorded during one :func:`apply_with` call: name -> tuple of values, in call order."""
@@ -191,3 +196,26 @@ def apply_with(apply_fn: Callable[..., Any], methods: Sequence[tuple[PeftMethod,
             return apply_fn(*args, **kwargs)
         out, state = apply_fn(*args, mutable=[hooks.RECORDS], **kwargs)
     return out, _records(state.get(hooks.RECORDS, {}))
+
+
+def extra_pass_records(apply_fn: Callable[..., Any], methods: Sequence[tuple[Any, Params]], *args: Any,
+                       rng: jax.Array, side_inputs: Mapping[str, Any] | None = None, **kwargs: Any) -> Records:
+    """Runs every extra pass the ``(method, params)`` pairs ask for (``method.extra_passes()``, default none)
+    and returns what those passes recorded, loss terms only (the caller adds them to the main pass' records).
+
+    Each pass is ``apply_with(apply_fn, methods, *args, train=True, record=True, **kwargs)`` with the side
+    input ``pass_name`` set, its own key ``fold_in(rng, i + 1)``, and the main pass' ``side_inputs``.
+
+    Example (a task loss; ``t`` the text length):
+        >>> records = extra_pass_records(model.apply, active, ids, mask, rng=rng, logits_to_keep=t,
+        ...     side_inputs={"target_ids": shift_labels(labels)})  # doctest: +SKIP
+    """
+    names = list(dict.fromkeys(n for m, _ in methods for n in getattr(m, "extra_passes", lambda: ())()))
+    out: dict[str, tuple[Any, ...]] = {}
+    for i, name in enumerate(names):
+        _, records = apply_with(apply_fn, methods, *args, rng=jax.random.fold_in(rng, i + 1), train=True,
+                                   side_inputs={**dict(side_inputs or {}), "pass_name": name}, record=True, **kwargs)
+        for key, values in records.items():
+            if key.startswith(LOSS_PREFIX):
+                out[key] = out.get(key, ()) + tuple(values)
+    return Records(out)

@@ -26,7 +26,8 @@ Choices where the paper is silent (the spec's A-numbers):
 - **A14**: per position the hook records ``topic/prior`` (argmax of π) and, when the side input
   ``target_ids`` is given, ``topic/posterior`` (argmax of ``r_z ∝ π_z p_z(x_t)``, -1 where there is no
   target). The posterior of an emitted token depends only on its prefix and itself, so r_TCM (Eq. 10) of
-  generated captions is one teacher-forced forward (:func:`caption_topics`, :func:`caption_r_tcm`).
+  generated captions is one teacher-forced forward (:func:`~vlpeft_jax.eval.rtcm.caption_topics`,
+  :func:`~vlpeft_jax.eval.rtcm.caption_r_tcm`).
 - **A15 (TTM, Eq. 6)**: ``L_TTM = mean ||h - h̃_{z*}||² = ω² ||h - φ_{z*}(h)||²`` with ``z*`` the **hard
   posterior argmax, stop-gradient** (the prior-expected form would be minimised by all mass on the residual
   topic, spec §3.1), recorded as ``loss/ttm`` (the runner multiplies by ``config.loss_weights["ttm"]``;
@@ -38,7 +39,8 @@ Choices where the paper is silent (the spec's A-numbers):
   ``target_ids`` and right-aligned with the sequence, so a prefix VLM's visual tokens stay clean; the hook acts
   on the decoder's token embeddings only (paths ending ``wte``/``embed_tokens``, not a vision tower's patches).
   An encoder-decoder (T5) has its embed hook on the encoder input only: there ``ttm="dropout"`` is refused.
-  :func:`extra_pass_records` runs the extra passes of any methods (a task loss adds their loss terms).
+  :func:`~vlpeft_jax.peft.base.extra_pass_records` runs the extra passes of any methods (a task loss adds
+  their loss terms).
   ``ttm="clean"`` is the one-pass approximation (every target position of the main pass, uncorrupted);
   ``ttm="off"`` records none.
 - **§5 inits**: W_TZ ~ N(0, 0.02²); LN γ = 1, β = 0; g_z ~ N(0, 0.02²) (a method's ``init`` sees no data; the
@@ -83,7 +85,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -91,7 +93,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlpeft_jax.errors import ConfigError, InputError
-from vlpeft_jax.eval import rtcm
 from vlpeft_jax.models import hooks
 from vlpeft_jax.peft import base as pb
 
@@ -185,7 +186,7 @@ class TCM(pb.Method):
 
     def extra_passes(self) -> tuple[str, ...]:
         """Names of the extra forward passes a task loss should run (``pass_name`` side input): TTM's
-        token-dropout pass with ``ttm="dropout"``. See :func:`extra_pass_records`."""
+        token-dropout pass with ``ttm="dropout"``. See :func:`vlpeft_jax.peft.base.extra_pass_records`."""
         return (TTM_PASS,) if self.ttm == "dropout" else ()
 
     # ----------------------------------------------------------------------------------------------
@@ -473,103 +474,3 @@ def head_width(base_params: pb.Params, who: str = "tcm") -> int:
         raise ConfigError(f"{who}: the base model has LM heads of several widths {sorted(widths)}; TCM needs one")
     return widths.pop()
 
-
-# --------------------------------------------------------------------------------------------------
-# extra passes (TTM's token dropout) and r_TCM of generated captions
-
-
-def extra_pass_records(apply_fn: Callable[..., Any], methods: Sequence[tuple[Any, pb.Params]], *args: Any,
-                       rng: jax.Array, side_inputs: Mapping[str, Any] | None = None, **kwargs: Any) -> pb.Records:
-    """Runs every extra pass the ``(method, params)`` pairs ask for (``method.extra_passes()``, default none)
-    and returns what those passes recorded, loss terms only (the caller adds them to the main pass' records).
-
-    Each pass is ``apply_with(apply_fn, methods, *args, train=True, record=True, **kwargs)`` with the side
-    input ``pass_name`` set, its own key ``fold_in(rng, i + 1)``, and the main pass' ``side_inputs``.
-
-    Example (a task loss; ``t`` the text length):
-        >>> records = extra_pass_records(model.apply, active, ids, mask, rng=rng, logits_to_keep=t,
-        ...     side_inputs={"target_ids": shift_labels(labels)})  # doctest: +SKIP
-    """
-    names = list(dict.fromkeys(n for m, _ in methods for n in getattr(m, "extra_passes", lambda: ())()))
-    out: dict[str, tuple[Any, ...]] = {}
-    for i, name in enumerate(names):
-        _, records = pb.apply_with(apply_fn, methods, *args, rng=jax.random.fold_in(rng, i + 1), train=True,
-                                   side_inputs={**dict(side_inputs or {}), "pass_name": name}, record=True, **kwargs)
-        for key, values in records.items():
-            if key.startswith(pb.LOSS_PREFIX):
-                out[key] = out.get(key, ()) + tuple(values)
-    return pb.Records(out)
-
-
-def caption_topics(module: Any, params: Mapping[str, Any], methods: Sequence[tuple[str, Any]], prompt: Any,
-                   prompt_mask: jax.Array, sequences: jax.Array, lengths: jax.Array,
-                   eos_token_id: int | Sequence[int] | None = None) -> dict[str, np.ndarray]:
-    """Prior- and posterior-argmax topic of every generated token, by one teacher-forced forward (A14).
-
-    Args:
-      module: the decoder or VLM (its ``apply`` takes ``(ids, mask)`` or the keyword arguments of ``prompt``,
-        and ``logits_to_keep``); encoder-decoders are not supported.
-      params: ``{"base": ..., "peft": {name: ...}}``.
-      methods: ``(name, method)`` pairs as the tasks keep them; one of them a :class:`TCM`.
-      prompt: the prompt ids ``[b, t_p]`` (left-padded) or a dict of keyword arguments holding ``input_ids``
-        (e.g. with ``pixel_values``), as given to :func:`vlpeft_jax.eval.decode.generate`.
-      prompt_mask: ``[b, t_p]``.
-      sequences, lengths: :class:`~vlpeft_jax.eval.decode.GenerateOutput` ``sequences`` ``[b, n]`` and
-        ``lengths`` ``[b]`` (EOS included).
-      eos_token_id: EOS id(s), not counted as caption tokens.
-
-    Returns:
-      ``{"prior": [b, n], "posterior": [b, n], "mask": [b, n]}`` (numpy); ``mask`` marks the caption tokens
-      (before ``lengths``, not EOS).
-    """
-    if getattr(module, "is_encoder_decoder", False):
-        raise ConfigError("caption_topics: encoder-decoder models are not supported (decoder LMs and VLMs only)")
-    if not any(isinstance(m, TCM) for _, m in methods):
-        raise ConfigError("caption_topics: no TCM method is active, so there are no topics to read")
-    kwargs = dict(prompt) if isinstance(prompt, Mapping) else {"input_ids": prompt}
-    ids = jnp.concatenate([jnp.asarray(kwargs.pop("input_ids")), jnp.asarray(sequences, jnp.int32)], axis=1)
-    n = sequences.shape[1]
-    caption = jnp.arange(n)[None] < jnp.asarray(lengths)[:, None]
-    eos = () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
-    counted = caption & ~jnp.isin(jnp.asarray(sequences), jnp.asarray(eos or (-1,), jnp.int32))
-    mask = jnp.concatenate([jnp.asarray(prompt_mask), caption.astype(jnp.asarray(prompt_mask).dtype)], axis=1)
-    prior, posterior = _topics_jit(module, tuple(methods))(params, ids, mask, counted, kwargs)
-    return {"prior": np.asarray(prior), "posterior": np.asarray(posterior), "mask": np.asarray(counted)}
-
-
-@functools.lru_cache(maxsize=16)
-def _topics_jit(module: Any, methods: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
-    def topics(params: Any, ids: jax.Array, mask: jax.Array, counted: jax.Array, kwargs: dict[str, Any]) -> Any:
-        n = counted.shape[1]
-        t = ids.shape[1]
-        # position t - n - 1 + j predicts generated token j
-        targets = jnp.full(ids.shape, IGNORE, jnp.int32).at[:, t - n - 1:t - 1].set(
-            jnp.where(counted, ids[:, t - n:], IGNORE))
-        active = [(m, params["peft"][name]) for name, m in methods]
-        _, records = pb.apply_with(module.apply, active, {"params": params["base"]}, ids, mask, **kwargs,
-                                   side_inputs={"target_ids": targets}, record=True, logits_to_keep=t)
-        prior, posterior = records["topic/prior"][0], records["topic/posterior"][0]
-        return prior[:, t - n - 1:t - 1], posterior[:, t - n - 1:t - 1]
-
-    return jax.jit(topics)
-
-
-def caption_r_tcm(module: Any, params: Mapping[str, Any], methods: Sequence[tuple[str, Any]], prompt: Any,
-                  prompt_mask: jax.Array, sequences: jax.Array, lengths: jax.Array,
-                  eos_token_id: int | Sequence[int] | None = None) -> dict[str, float]:
-    """r_TCM (Eq. 10) of generated captions: ``{"r_tcm": posterior-argmax version (A14), "r_tcm_prior": ...,
-    "captions": number counted}``; captions with no token (an immediate EOS) are left out. Arguments as
-    :func:`caption_topics`.
-
-    Example (after ``gen = decode.generate(step, params, ids, mask, ...)``):
-        >>> caption_r_tcm(model, params, methods, ids, mask, gen.sequences, gen.lengths, eos)  # doctest: +SKIP
-        {'r_tcm': 0.21, 'r_tcm_prior': 0.18, 'captions': 64}
-    """
-    topics = caption_topics(module, params, methods, prompt, prompt_mask, sequences, lengths, eos_token_id)
-    keep = topics["mask"].any(axis=1)
-    if not keep.any():
-        return {"r_tcm": float("nan"), "r_tcm_prior": float("nan"), "captions": 0}
-    m = topics["mask"][keep]
-    return {"r_tcm": rtcm.r_tcm(np.where(m, topics["posterior"][keep], 0), mask=m),
-            "r_tcm_prior": rtcm.r_tcm(np.where(m, topics["prior"][keep], 0), mask=m),
-            "captions": int(keep.sum())}
