@@ -245,6 +245,15 @@ def test_generate_with_the_top_block_cache_equals_the_full_forward(vlm):
     print(f"generate (top block cache) vs full forward: max abs logit diff {err:.2e}")
     assert err <= 1e-5
     np.testing.assert_array_equal(gen.sequences, jnp.argmax(full, -1))
+    # beam search reorders the block's cache rows with the model's: each returned beam's score is its log-probability
+    # under the full forward
+    beam = decode.generate(DecodeStateApply(module, (("mam", m),)), {"base": params, "peft": {"mam": p}},
+                           {"input_ids": prompt, "pixel_values": pixels}, pmask, max_new_tokens=3, eos_token_id=None,
+                           pad_token_id=0, method="beam", num_beams=3)
+    ids = jnp.concatenate([prompt, beam.sequences], 1)
+    full = run(vlm, m, p, ids, jnp.concatenate([pmask, jnp.ones((2, 3), jnp.int32)], 1)).logits[:, I_PF + 1:-1]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(full, -1), beam.sequences[..., None], -1)[..., 0].mean(-1)
+    np.testing.assert_allclose(beam.scores, logp, atol=1e-5)
     # a cached call without the block's cache is refused (while tracing)
     cache = module.language_model.init_cache(2, 8)
     with pytest.raises(ConfigError, match="mam_cache"):

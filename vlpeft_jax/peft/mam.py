@@ -55,6 +55,7 @@ same-modality ``M_s``, and the two probability tables are blended per (query, ke
   zeroes 15 % of the regions of ``F_vis`` (at least one per image) and keeps the originals as targets; the
   regressor f_θ (d → d → d_pf, GELU) reads the block output (``"top"``) or the final hidden state
   (``"all"``) at the masked visual positions; ``loss/mrm`` is the mean squared L2 error over masked regions.
+  The targets carry no gradient (a trainable vision tower could otherwise make them trivial to predict).
   ``mrm_pass="separate"`` (A16's clean caption pass): masking happens only in the extra forward pass named
   ``"mrm"`` (:meth:`MAM.extra_passes`; the task runs it with the side input ``pass_name="mrm"`` and adds only
   ``loss/mrm`` from it); ``"same"``: the (only) training forward is region-masked, so the caption NLL sees
@@ -425,6 +426,7 @@ class MAM(pb.Method):
             if "mrm" not in stash:
                 return
             feats, mask = stash.pop("mrm")
+            feats = jax.lax.stop_gradient(feats)  # fixed regression targets (UNITER's are detector features)
             if feats.shape[1] != num_visual:
                 raise ConfigError(f"{self.name}: the Mapping Layer input has {feats.shape[1]} regions but "
                                   f"num_visual={num_visual}; MRM needs one visual token per region")
