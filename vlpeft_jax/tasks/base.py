@@ -127,6 +127,37 @@ def add_loss_terms(loss: jax.Array, metrics: Mapping[str, Any], records: peft_ba
     return loss, out
 
 
+def lm_loss(module: Any, methods: Methods, params: Any, inputs: Mapping[str, Any], labels: jax.Array,
+            rng: jax.Array, loss_weights: Mapping[str, float], *, encoder_decoder: bool = False,
+            side_inputs: Mapping[str, Any] | None = None) -> tuple[jax.Array, dict[str, Any]]:
+    """The LM tasks' training loss under ``methods``: cross-entropy on the labelled tokens plus every recorded
+    ``loss/<term>`` (weighted by ``loss_weights``), the terms of the methods' extra passes included.
+
+    ``inputs`` are the model's keyword arguments; a decoder-only model's head runs on the last
+    ``labels.shape[1]`` positions (visual tokens a model prepends get no logits) and predicts the next token
+    (:func:`~vlpeft_jax.train.losses.causal_lm_loss`); an encoder-decoder's decoder logits predict ``labels`` as
+    they are (:func:`~vlpeft_jax.train.losses.seq2seq_lm_loss`). Hooks see the side input ``target_ids``: the
+    token each head position is trained to predict (-100 where none), so methods that need the targets
+    (KLAFT's TCM posterior) read them without any task code of their own.
+    """
+    from vlpeft_jax.train.losses import causal_lm_loss, seq2seq_lm_loss, shift_labels
+
+    kwargs = dict(inputs)
+    if not encoder_decoder:
+        kwargs["logits_to_keep"] = labels.shape[1]
+    side = {**dict(side_inputs or {}), "target_ids": labels if encoder_decoder else shift_labels(labels)}
+    active = active_methods(methods, params)
+    variables = {"params": params["base"]}
+    out, records = peft_base.apply_with(module.apply, active, variables, rng=rng, train=True, side_inputs=side,
+                                        record=True, **kwargs)
+    extra = peft_base.extra_pass_records(module.apply, active, variables, rng=rng, side_inputs=side, **kwargs)
+    if extra:
+        records = peft_base.Records({k: tuple(records.get(k, ())) + tuple(extra.get(k, ()))
+                                     for k in {*records, *extra}})
+    loss, metrics = (seq2seq_lm_loss if encoder_decoder else causal_lm_loss)(out.logits, labels)
+    return add_loss_terms(loss, metrics, records, loss_weights)
+
+
 def active_methods(methods: Methods, params: Mapping[str, Any]) -> list[tuple[Any, Any]]:
     """``(method, its parameters)`` pairs for :func:`vlpeft_jax.peft.base.apply_with`."""
     return [(m, params["peft"][n]) for n, m in methods]

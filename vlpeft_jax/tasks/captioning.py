@@ -31,9 +31,7 @@ from vlpeft_jax.data.images import ImagePreprocessor
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.eval import decode
 from vlpeft_jax.eval.captions import evaluate_captions
-from vlpeft_jax.peft import base as peft_base
 from vlpeft_jax.tasks import base
-from vlpeft_jax.train.losses import causal_lm_loss
 
 DOMAINS = ("source", "target")
 REPORT_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
@@ -90,13 +88,9 @@ class ShapesLMTask:
         """Mean next-token cross-entropy on the target tokens, plus the methods' recorded loss terms."""
 
         def loss_fn(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
-            t = batch["input_ids"].shape[1]  # the head runs on the text positions only (visual tokens come first)
-            out, records = peft_base.apply_with(
-                module.apply, base.active_methods(methods, params), {"params": params["base"]}, batch["input_ids"],
-                batch["attention_mask"], batch["pixel_values"], rng=rng, train=True, logits_to_keep=t,
-                side_inputs=batch.get("side_inputs"), record=True)
-            loss, metrics = causal_lm_loss(out.logits, batch["labels"])
-            return base.add_loss_terms(loss, metrics, records, loss_weights)
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+            return base.lm_loss(module, methods, params, inputs, batch["labels"], rng, loss_weights,
+                                side_inputs=batch.get("side_inputs"))
 
         return loss_fn
 

@@ -51,10 +51,8 @@ from vlpeft_jax.data.processors import VLMProcessor
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.eval import decode
 from vlpeft_jax.eval.captions import evaluate_captions
-from vlpeft_jax.peft import base as peft_base
 from vlpeft_jax.tasks import base
 from vlpeft_jax.tasks.vqa import score_answers
-from vlpeft_jax.train.losses import causal_lm_loss, seq2seq_lm_loss
 
 MODEL_KEYS = ("hf_dir", "dtype")
 PROMPT_KEYS = ("format", "caption")
@@ -226,14 +224,8 @@ class HFVLMTask(abc.ABC):
 
         def loss_fn(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
             inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
-            if not encoder_decoder:  # logits of the text positions (a model may prepend its visual tokens)
-                inputs["logits_to_keep"] = batch["input_ids"].shape[1]
-            out, records = peft_base.apply_with(
-                module.apply, base.active_methods(methods, params), {"params": params["base"]}, rng=rng, train=True,
-                side_inputs=batch.get("side_inputs"), record=True, **inputs)
-            lm = seq2seq_lm_loss if encoder_decoder else causal_lm_loss
-            loss, metrics = lm(out.logits, batch["labels"])
-            return base.add_loss_terms(loss, metrics, records, loss_weights)
+            return base.lm_loss(module, methods, params, inputs, batch["labels"], rng, loss_weights,
+                                encoder_decoder=encoder_decoder, side_inputs=batch.get("side_inputs"))
 
         return loss_fn
 
