@@ -462,11 +462,11 @@ class MAM(pb.Method):
             out = mam_attention(q, k, v, m_c, m_s, gate).astype(base.dtype)
             return base + p["mix"].astype(base.dtype) * (out - base)
 
-        def block(x: Array, q_rows: slice, kind: Array, pos: Array, k: Array, v: Array, k_kind: Array,
-                  k_pos: Array, k_valid: Array) -> Array:
-            """The top block on the rows ``q_rows`` of ``x`` against keys/values ``k``/``v``."""
+        def block(xq: Array, kind: Array, pos: Array, k: Array, v: Array, k_kind: Array, k_pos: Array,
+                  k_valid: Array) -> Array:
+            """The top block on the query rows ``xq`` (types ``kind``, positions ``pos``) against the keys/values
+            ``k``/``v`` (all slots, the queries' own included)."""
             p = peft_params["block"]
-            xq = x[:, q_rows]
             xn = _apply_norm(p["ln_1"], xq)
             q = _heads(_apply_dense(p["q_proj"], xn), int(self.num_heads))
             m_c, m_s = mask_tables(kind, pos, k_kind, k_pos, k_valid, self.mam_masks)
@@ -524,7 +524,7 @@ class MAM(pb.Method):
             kind_a, pos_a, valid_a = (jnp.concatenate(a, axis=1) for a in (kinds, poss, valids))
             check_length(xa.shape[1], "the top block's sequence ([CLS] slots included)")
             k, v = keys_values(xa)
-            out = block(xa, slice(None), kind_a, pos_a, k, v, kind_a, pos_a, valid_a)
+            out = block(xa, kind_a, pos_a, k, v, kind_a, pos_a, valid_a)
             if with_text_cls:
                 ctx.record("loss/itm", kl.itm_loss(out[:, t], out[:, t + 1], ctx.side_input("image_ids"),
                                                    float(self.itm_margin)))
@@ -554,8 +554,8 @@ class MAM(pb.Method):
             k_kind = jnp.concatenate([token_kinds(model_pos, num_visual), jnp.full((b, 1), IMAGE_CLS, jnp.int32)], 1)
             k_pos = jnp.concatenate([logical(model_pos), jnp.full((b, 1), num_visual, jnp.int32)], 1)
             k_valid = jnp.concatenate([valid, jnp.full((b, 1), bool(self.itm))], 1)
-            out = block(x, slice(None), token_kinds(positions, num_visual), logical(positions), keys, values,
-                        k_kind, k_pos, k_valid)
+            out = block(x, token_kinds(positions, num_visual), logical(positions), keys, values, k_kind, k_pos,
+                        k_valid)
             for name, value in (("keys", keys), ("values", values), ("index", index + t)):
                 ctx.record(f"state/{self.name}/{name}", value)
             return out
