@@ -282,12 +282,14 @@ def test_itm_recorded_in_training_only_with_same_image_rows_excluded(vlm):
     m = method("top")
     p = noisy(m.init(jax.random.key(2), vlm[1]))
     ids, mask = jnp.array([[1, 5, 6], [1, 9, 10]]), jnp.array([[1, 1, 1], [1, 1, 0]])
-    _, rec = run(vlm, m, p, ids, mask, train=True, record=True, side_inputs={"image_ids": jnp.array([0, 1])})
+    trained, rec = run(vlm, m, p, ids, mask, train=True, record=True, side_inputs={"image_ids": jnp.array([0, 1])})
     assert float(rec.total("loss/itm")) > 0.0
     _, rec = run(vlm, m, p, ids, mask, train=True, record=True, side_inputs={"image_ids": jnp.array([3, 3])})
     assert float(rec.total("loss/itm")) == 0.0
-    _, rec = run(vlm, m, p, ids, mask, train=False, record=True)
+    evaluated, rec = run(vlm, m, p, ids, mask, train=False, record=True)
     assert "loss/itm" not in rec
+    # the text-[CLS] (training only) comes after every text token: the text rows are the same without it
+    np.testing.assert_allclose(trained.logits[:, I_PF:], evaluated.logits[:, I_PF:], atol=1e-6)
 
 
 def test_region_mask_fraction_and_mrm_loss_by_hand():
