@@ -308,11 +308,12 @@ def _task_metrics(planned: Sequence[PlannedRun], metric: str | None) -> tuple[st
     groups: list[str] = []
     for p in planned:
         task = tasks.task_class(p.cfg.get("task", "captioning"), p.cfg)
-        if metric is not None and metric not in task.report_metrics:
+        report_metrics = task.metrics_for(p.cfg) if hasattr(task, "metrics_for") else task.report_metrics
+        if metric is not None and metric not in report_metrics:
             raise ConfigError(f"--metric {metric!r} is not a report metric of the {p.cfg.get('task', 'captioning')} "
-                              f"task ({p.variant}); valid: {', '.join(task.report_metrics)}")
+                              f"task ({p.variant}); valid: {', '.join(report_metrics)}")
         metric = metric or task.primary_metric
-        metrics, groups = list(task.report_metrics), list(task.groups_for(p.cfg))
+        metrics, groups = list(report_metrics), list(task.groups_for(p.cfg))
     assert metric is not None
     return metric, metrics, groups
 

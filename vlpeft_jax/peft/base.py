@@ -124,6 +124,10 @@ class Method:
     """Do-nothing defaults of the optional capabilities (DESIGN §2.1); registered methods subclass it."""
 
     name: str
+    records_topics = False
+    """The method records ``topic/prior`` and, given the side input ``target_ids``, ``topic/posterior`` per head
+    position (KLAFT's TCM): tasks that generate text then report r_TCM of their outputs
+    (:func:`vlpeft_jax.eval.rtcm.caption_topics`)."""
 
     def prepare(self, rng: jax.Array, base_params: Params, context: PrepareContext) -> Params:
         """Data-dependent initialisation; the default is :meth:`init` (no data needed)."""

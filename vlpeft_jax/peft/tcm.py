@@ -124,6 +124,8 @@ class TCM(pb.Method):
       layer_norm_eps: ε of the prior's LayerNorm.
     """
 
+    records_topics = True
+
     num_topics: int = 10
     omega: float = 0.2
     function: str = "addition"

@@ -95,8 +95,14 @@ class ShapesLMTask:
         return loss_fn
 
     def generate(self, module: Any, params: Any, methods: base.Methods, examples: list[Any],
-                 prompts: Any = None, max_prompt_length: int = 2) -> list[str]:
-        """Greedy/beam outputs (``config.eval``) for ``examples``, in order."""
+                 prompts: Any = None, max_prompt_length: int = 2, topics: list[np.ndarray] | None = None
+                 ) -> list[str]:
+        """Greedy/beam outputs (``config.eval``) for ``examples``, in order. ``topics``: a list that receives,
+        when a method records topics (KLAFT's TCM), each output's posterior-argmax topic per emitted token
+        (EOS excluded), for r_TCM."""
+        from vlpeft_jax.eval import rtcm
+
+        track = topics is not None and any(getattr(m, "records_topics", False) for _, m in methods)
         ev = self.cfg.eval
         step = base.PeftApply(module, tuple(methods))
         batches = EvalBatches(examples, self.tokenizer, self.preprocessor, batch_size=ev.batch_size,
@@ -109,10 +115,27 @@ class ShapesLMTask:
                                   max_new_tokens=ev.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
                                   method=ev.method, num_beams=ev.num_beams, length_penalty=ev.length_penalty)
             seqs = np.asarray(gen.sequences)
+            z = rtcm.caption_topics(module, params, methods, inputs, jnp.asarray(b["attention_mask"]),
+                                    gen.sequences, gen.lengths, eos) if track else None
             for row, idx in enumerate(b["example_index"]):
                 if idx >= 0:
                     out[idx] = self.tokenizer.decode(seqs[row].tolist(), skip_special_tokens=True).strip()
+                    if z is not None:
+                        topics.append(z["posterior"][row][z["mask"][row]])
         return out
+
+
+def r_tcm_of(topics: list[np.ndarray]) -> float:
+    """r_TCM (seed 000 Eq. 10): the mean over captions with at least one token of the fraction of tokens whose
+    topic is not the residual one (0)."""
+    from vlpeft_jax.eval.rtcm import r_tcm
+
+    kept = [z for z in topics if len(z)]
+    width = max(len(z) for z in kept)
+    ids = np.zeros((len(kept), width), np.int64)
+    for i, z in enumerate(kept):
+        ids[i, :len(z)] = z
+    return float(r_tcm(ids, lengths=np.array([len(z) for z in kept])))
 
 
 def training_subset(examples: list[Any], fraction: float, batch_size: int) -> list[Any]:
@@ -141,9 +164,23 @@ class CaptioningTask(ShapesLMTask):
     report_metrics = REPORT_METRICS
     primary_metric = "CIDEr-D"
 
+    def __init__(self, cfg: ml_collections.ConfigDict, world: shapes.ShapesWorld | None = None,
+                 tokenizer: Any = None) -> None:
+        super().__init__(cfg, world, tokenizer)
+        self.report_metrics = self.metrics_for(cfg)
+
     @classmethod
     def groups_for(cls, cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
         return cls.groups
+
+    @classmethod
+    def metrics_for(cls, cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+        """The report's metrics: with a method that records topics (KLAFT's TCM), r_TCM beside the caption
+        metrics."""
+        from vlpeft_jax.peft.registry import build_methods
+
+        methods = build_methods(cfg.get("peft"))
+        return cls.report_metrics + (("r_TCM",) if any(m.records_topics for m in methods.values()) else ())
 
     def outputs_file(self, outputs: Mapping[str, str]) -> tuple[str, list[dict[str, str]]]:
         """``captions_<model>.json`` in COCO results format."""
@@ -174,13 +211,16 @@ class CaptioningTask(ShapesLMTask):
         split = self.world[self.cfg.eval.split]
         n = base.eval_count(self.cfg, len(split.scenes))
         examples = split.caption_examples("source")[:n]
-        texts = self.generate(module, params, methods, examples)
+        topics: list[np.ndarray] = []
+        texts = self.generate(module, params, methods, examples, topics=topics)
         captions = {ex.image_id: text or "<empty>" for ex, text in zip(examples, texts, strict=True)}
         results: dict[str, Any] = {}
         for domain in DOMAINS:
             refs = {ex.image_id: list(ex.captions) for ex in split.caption_examples(domain)[:n]}
             ev = evaluate_captions(refs, captions, metrics=list(self.cfg.eval.metrics))
             results[domain] = {"metrics": ev.scores, "unavailable": ev.unavailable}
+            if any(len(z) for z in topics):  # KLAFT's r_TCM (seed 000 Eq. 10) of the generated captions
+                results[domain]["metrics"]["r_TCM"] = r_tcm_of(topics)
         results["samples"] = [{"id": k, "output": v} for k, v in list(captions.items())[:8]]
         results["outputs"] = captions
         return results
