@@ -163,6 +163,21 @@ def active_methods(methods: Methods, params: Mapping[str, Any]) -> list[tuple[An
     return [(m, params["peft"][n]) for n, m in methods]
 
 
+@dataclasses.dataclass
+class WithImageIds:
+    """Training batches with the side input ``image_ids`` (each row's example index, -1 on padding rows): the
+    image a caption belongs to, so that in-batch contrastive terms (KLAFT's ITM) do not take another caption of
+    the same image as a negative."""
+
+    batches: Batches
+
+    def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        for b in self.batches.iterate(start_step, num_steps):
+            side = dict(b.get("side_inputs") or {})
+            side["image_ids"] = np.asarray(b["example_index"], np.int32)
+            yield {**b, "side_inputs": side}
+
+
 @dataclasses.dataclass(frozen=True)
 class PeftApply:
     """A decoding step function (:mod:`vlpeft_jax.eval.decode`): the model under the given PEFT methods,

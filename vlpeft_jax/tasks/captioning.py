@@ -103,8 +103,10 @@ class ShapesLMTask:
         from vlpeft_jax.eval import rtcm
 
         track = topics is not None and any(getattr(m, "records_topics", False) for _, m in methods)
+        from vlpeft_jax.peft.mam import DecodeStateApply
+
         ev = self.cfg.eval
-        step = base.PeftApply(module, tuple(methods))
+        step = DecodeStateApply(module, tuple(methods))  # PeftApply that also carries a MAM top block's cache
         batches = EvalBatches(examples, self.tokenizer, self.preprocessor, batch_size=ev.batch_size,
                               max_prompt_length=max_prompt_length, prompt=prompts)
         eos, pad = self.tokenizer.token_to_id("<eos>"), self.tokenizer.token_to_id("<pad>")
@@ -187,8 +189,8 @@ class CaptioningTask(ShapesLMTask):
         return "captions", [{"image_id": i, "caption": c} for i, c in outputs.items()]
 
     def train_batches(self, seed: int) -> base.Batches:
-        return self._batches(self.cfg.train.domain, self.cfg.train.batch_size, seed,
-                             self.cfg.train.get("data_fraction", 1.0))
+        return base.WithImageIds(self._batches(self.cfg.train.domain, self.cfg.train.batch_size, seed,
+                                               self.cfg.train.get("data_fraction", 1.0)))
 
     def _batches(self, domain: str, batch_size: int, seed: int, fraction: float = 1.0) -> CaptionBatches:
         if domain not in DOMAINS:
