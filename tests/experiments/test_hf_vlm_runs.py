@@ -279,3 +279,23 @@ def test_a_checkpoint_run_with_missing_data_files_is_refused_before_loading(worl
                           f"--config.data.root={tmp_path}", f"--config.run_dir={tmp_path / 'r'}"], capsys)
     assert rc == 2 and "captions_train2017.json" in err and "no such file" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_tcm_on_a_llava_checkpoint_reports_r_tcm(world, tmp_path):
+    """KLAFT's TCM as PEFT on a frozen LLaVA (seed 000 Table 6's setting): trains with TTM logged and the
+    caption report gets r_TCM."""
+    import ml_collections
+
+    from vlpeft_jax.config import load_config_file
+    from vlpeft_jax.experiments import runner
+
+    cfg = load_config_file("configs/llava_lora.py", "smoke")
+    cfg.model.hf_dir, cfg.data.root = str(world["llava"]), str(world["root"] / "coco")
+    cfg.run_dir = str(tmp_path / "tcm")
+    cfg.peft = ml_collections.ConfigDict({"tcm": {"method": "tcm", "num_topics": 3, "omega": 0.5}})
+    cfg.loss_weights = ml_collections.ConfigDict({"ttm": 0.1})
+    cfg.stages[0].update(trainable=[["peft/tcm/.*", "tcm"]], methods=["tcm"])
+    results = runner.run(cfg)
+    assert 0.0 <= results["adapted"]["val"]["metrics"]["r_TCM"] <= 1.0
+    rows = [json.loads(line) for line in (tmp_path / "tcm" / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss/ttm" in r for r in rows if "loss" in r)

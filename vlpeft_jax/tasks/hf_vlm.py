@@ -236,9 +236,10 @@ class HFVLMTask(abc.ABC):
         return generate_texts(self.processor, module, params, methods, images, texts, self.cfg.eval.to_dict(),
                               self.stop_ids)
 
-    def outputs_of(self, module: Any, params: Any, methods: base.Methods, examples: Sequence[Any]) -> list[str]:
-        out = self.generate(module, params, methods, [self.image_of(e) for e in examples],
-                            [self.prompt_text(e) for e in examples])
+    def outputs_of(self, module: Any, params: Any, methods: base.Methods, examples: Sequence[Any],
+                   topics: list[np.ndarray] | None = None) -> list[str]:
+        out = generate_texts(self.processor, module, params, methods, [self.image_of(e) for e in examples],
+                             [self.prompt_text(e) for e in examples], self.cfg.eval.to_dict(), self.stop_ids, topics)
         return [o["text"] for o in out]
 
 
@@ -254,8 +255,8 @@ def model_batch(batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
 
 
 def generate_texts(processor: VLMProcessor, module: Any, params: Any, methods: base.Methods, images: Sequence[Any],
-                   texts: Sequence[str | None], settings: Mapping[str, Any], stop_ids: Sequence[int]
-                   ) -> list[dict[str, Any]]:
+                   texts: Sequence[str | None], settings: Mapping[str, Any], stop_ids: Sequence[int],
+                   topics: list[np.ndarray] | None = None) -> list[dict[str, Any]]:
     """Decodes every prompt (with its image or images) in batches of ``settings["batch_size"]``.
 
     Every batch is padded to the same rows and prompt length (the longest prompt; InstructBLIP's Q-Former text
@@ -264,8 +265,14 @@ def generate_texts(processor: VLMProcessor, module: Any, params: Any, methods: b
     lengths can differ from transformers' on the same batch (equal for prompts of one length, e.g.
     ``run.py generate``).
     ``settings``: ``batch_size``, ``method``, ``num_beams``, ``length_penalty``, ``max_new_tokens``.
-    Returns ``[{"text": ..., "token_ids": [...]}]`` (new tokens only, up to the first stop token).
+    Returns ``[{"text": ..., "token_ids": [...]}]`` (new tokens only, up to the first stop token). ``topics``: a
+    list that receives, when a method records topics (KLAFT's TCM) on a decoder-only LM, each output's
+    posterior-argmax topic per emitted token (stop tokens excluded), for r_TCM.
     """
+    from vlpeft_jax.eval import rtcm
+
+    track = (topics is not None and not getattr(module, "is_encoder_decoder", False)
+             and any(getattr(m, "records_topics", False) for _, m in methods))
     if len(images) != len(texts):
         raise ConfigError(f"got {len(images)} images for {len(texts)} prompts")
     if not texts:
@@ -291,7 +298,11 @@ def generate_texts(processor: VLMProcessor, module: Any, params: Any, methods: b
                               num_beams=int(settings.get("num_beams", 1)),
                               length_penalty=float(settings.get("length_penalty", 1.0)))
         seqs, lengths = np.asarray(gen.sequences), np.asarray(gen.lengths)
+        z = rtcm.caption_topics(module, params, methods, model_batch(x), mask, gen.sequences, gen.lengths,
+                                list(stop_ids)) if track else None
         for r in range(min(bs, len(texts) - start)):
+            if z is not None:
+                topics.append(z["posterior"][r][z["mask"][r]])
             ids = [int(t) for t in seqs[r, :lengths[r]]]
             while ids and ids[-1] in stop_ids:
                 ids.pop()
@@ -311,10 +322,19 @@ class HFCaptioningTask(HFVLMTask):
     def __init__(self, cfg: ml_collections.ConfigDict, **shared: Any) -> None:
         super().__init__(cfg, **shared)
         self.groups = self.groups_for(cfg)
+        self.report_metrics = self.metrics_for(cfg)
 
     @classmethod
     def groups_for(cls, cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
         return (str(cfg.eval.split),)
+
+    @classmethod
+    def metrics_for(cls, cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+        """The caption metrics, and r_TCM with a method that records topics (KLAFT's TCM)."""
+        from vlpeft_jax.peft.registry import build_methods
+
+        methods = build_methods(cfg.get("peft"))
+        return cls.report_metrics + (("r_TCM",) if any(m.records_topics for m in methods.values()) else ())
 
     def prompt_text(self, example: Any) -> str | None:
         return self.caption_prompt
@@ -324,14 +344,20 @@ class HFCaptioningTask(HFVLMTask):
         return caps[step % len(caps)]
 
     def evaluate(self, module: Any, params: Any, methods: base.Methods) -> dict[str, Any]:
+        from vlpeft_jax.tasks.captioning import r_tcm_of
+
         examples = self.eval_examples()
-        texts = self.outputs_of(module, params, methods, examples)
+        topics: list[np.ndarray] = []
+        texts = self.outputs_of(module, params, methods, examples, topics)
         captions = {ex.image_id: text or "<empty>" for ex, text in zip(examples, texts, strict=True)}
         refs = {ex.image_id: list(ex.captions) for ex in examples}
         metrics = list(self.cfg.eval.get("metrics") or CAPTION_METRICS)
         ev = evaluate_captions(refs, captions, metrics=metrics)
+        scores = dict(ev.scores)
+        if any(len(z) for z in topics):  # KLAFT's r_TCM (seed 000 Eq. 10) of the generated captions
+            scores["r_TCM"] = r_tcm_of(topics)
         split = self.groups[0]
-        return {split: {"metrics": ev.scores, "unavailable": ev.unavailable},
+        return {split: {"metrics": scores, "unavailable": ev.unavailable},
                 "samples": [{"id": k, "output": v} for k, v in list(captions.items())[:8]], "outputs": captions}
 
     def outputs_file(self, outputs: Mapping[str, str]) -> tuple[str, list[dict[str, Any]]]:
