@@ -59,7 +59,7 @@ from vlpeft_jax.hf.bert import qformer_key_map
 from vlpeft_jax.hf.decoders import llama_key_maps, opt_key_maps
 from vlpeft_jax.hf.io import KeyMap
 from vlpeft_jax.hf.t5 import resolve_tied_head, t5_key_maps, with_shared_alias
-from vlpeft_jax.hf.vision import conv_to_patch_kernel
+from vlpeft_jax.hf.vision import conv_to_patch_kernel, patch_kernel_to_conv
 from vlpeft_jax.models import layers
 from vlpeft_jax.models.bert import BertConfig, QFormer
 from vlpeft_jax.models.blip_vision import BlipVisionConfig, BlipVisionModel
@@ -420,18 +420,6 @@ def load_instructblip(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32)
 
 # --------------------------------------------------------------------------------------------------
 # Export
-
-
-def patch_kernel_to_conv(kernel: np.ndarray, patch_size: tuple[int, int], num_channels: int) -> np.ndarray:
-    """The inverse of :func:`~vlpeft_jax.hf.vision.conv_to_patch_kernel`: ``[p*p*c, d]`` -> ``[d, c, p, p]``.
-
-    Example:
-        >>> w = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
-        >>> bool((patch_kernel_to_conv(conv_to_patch_kernel(w), (4, 4), 3) == w).all())
-        True
-    """
-    ph, pw = patch_size
-    return np.ascontiguousarray(kernel.reshape(ph, pw, num_channels, -1).transpose(3, 2, 0, 1))
 
 
 def qformer_vlm_to_hf_state_dict(params: Mapping[str, Any], config: Blip2Config) -> dict[str, np.ndarray]:

@@ -58,7 +58,7 @@ import numpy as np
 from vlpeft_jax.errors import CheckpointError, ConfigError
 from vlpeft_jax.hf import io
 from vlpeft_jax.hf.decoders import llama_key_maps
-from vlpeft_jax.hf.vision import clip_vision_key_maps, conv_to_patch_kernel
+from vlpeft_jax.hf.vision import clip_vision_key_maps, conv_to_patch_kernel, patch_kernel_to_conv
 from vlpeft_jax.models import layers
 from vlpeft_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
 from vlpeft_jax.models.llama import LlamaConfig, LlamaForCausalLM
@@ -292,18 +292,6 @@ def load_llava(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> tup
     module = config.build()
     params = io.convert(state, llava_key_maps(config), abstract_params(module), source=str(d))
     return module, params
-
-
-def patch_kernel_to_conv(kernel: np.ndarray, patch_size: tuple[int, int], num_channels: int) -> np.ndarray:
-    """The inverse of :func:`~vlpeft_jax.hf.vision.conv_to_patch_kernel`: ``[p*p*c, d]`` -> ``[d, c, p, p]``.
-
-    Example:
-        >>> w = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
-        >>> bool((patch_kernel_to_conv(conv_to_patch_kernel(w), (4, 4), 3) == w).all())
-        True
-    """
-    ph, pw = patch_size
-    return np.ascontiguousarray(kernel.reshape(ph, pw, num_channels, -1).transpose(3, 2, 0, 1))
 
 
 def llava_to_hf_state_dict(params: Mapping[str, Any], config: LlavaConfig) -> dict[str, np.ndarray]:

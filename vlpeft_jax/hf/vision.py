@@ -85,6 +85,18 @@ def conv_to_patch_kernel(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(weight.transpose(2, 3, 1, 0).reshape(-1, d))
 
 
+def patch_kernel_to_conv(kernel: np.ndarray, patch_size: tuple[int, int], num_channels: int) -> np.ndarray:
+    """The inverse of :func:`conv_to_patch_kernel`: ``[p*p*c, d]`` -> ``[d, c, p, p]``.
+
+    Example:
+        >>> w = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+        >>> bool((patch_kernel_to_conv(conv_to_patch_kernel(w), (4, 4), 3) == w).all())
+        True
+    """
+    ph, pw = patch_size
+    return np.ascontiguousarray(kernel.reshape(ph, pw, num_channels, -1).transpose(3, 2, 0, 1))
+
+
 def _abstract_params(module: nn.Module, *example_inputs: jax.ShapeDtypeStruct) -> dict[str, Any]:
     variables = jax.eval_shape(lambda *xs: module.init(jax.random.key(0), *xs), *example_inputs)
     return layers.unbox(variables)["params"]
