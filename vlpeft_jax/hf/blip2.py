@@ -45,6 +45,7 @@ Example (with a checkpoint directory ``DIR``)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -425,18 +426,9 @@ def load_instructblip(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32)
 def qformer_vlm_to_hf_state_dict(params: Mapping[str, Any], config: Blip2Config) -> dict[str, np.ndarray]:
     """Our parameters -> the state dict transformers saves for the architecture (float32 numpy; a tied head
     left out, as ``save_pretrained`` writes it)."""
-    flat = io.flatten_tree(params)
-    out = {}
-    for m in qformer_vlm_key_maps(config):
-        if m.path not in flat:
-            raise CheckpointError(f"parameter {m.path} is missing from the tree being exported")
-        value = np.asarray(jax.device_get(flat[m.path]), dtype=np.float32)
-        if m.transform is conv_to_patch_kernel:
-            value = patch_kernel_to_conv(value, config.vision.patch_size, config.vision.num_channels)
-        else:  # identity and transpose are their own inverse
-            value = m.transform(value)
-        out[m.hf_key] = np.ascontiguousarray(value)
-    return out
+    patch = functools.partial(patch_kernel_to_conv, patch_size=config.vision.patch_size,
+                              num_channels=config.vision.num_channels)
+    return io.export_state(params, qformer_vlm_key_maps(config), {conv_to_patch_kernel: patch}, what="BLIP-2")
 
 
 def blip2_to_hf_state_dict(params: Mapping[str, Any], config: Blip2Config) -> dict[str, np.ndarray]:

@@ -188,31 +188,19 @@ DECODER_LOADERS: dict[str, Callable[..., tuple[Any, dict]]] = {
 # Export
 
 
-def _invert(params: Mapping[str, Any], key_maps: list[io.KeyMap]) -> dict[str, np.ndarray]:
-    flat = io.flatten_tree(params)
-    out = {}
-    for m in key_maps:
-        if m.path not in flat:
-            raise CheckpointError(f"parameter {m.path} is missing from the tree being exported")
-        value = np.asarray(jax.device_get(flat[m.path]), dtype=np.float32)
-        # Both transforms the decoder maps use (identity, transpose) are their own inverse.
-        out[m.hf_key] = np.ascontiguousarray(m.transform(value))
-    return out
-
-
 def gpt2_to_hf_state_dict(params: Mapping[str, Any], config: GPT2Config) -> dict[str, np.ndarray]:
     """Our GPT-2 parameters -> a HF ``GPT2LMHeadModel`` state dict (float32; no ``lm_head`` when tied)."""
-    return _invert(params, gpt2_key_maps(config))
+    return io.export_state(params, gpt2_key_maps(config))
 
 
 def llama_to_hf_state_dict(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np.ndarray]:
     """Our LLaMA/Qwen2 parameters -> a HF ``LlamaForCausalLM``/``Qwen2ForCausalLM`` state dict."""
-    return _invert(params, llama_key_maps(config))
+    return io.export_state(params, llama_key_maps(config))
 
 
 def opt_to_hf_state_dict(params: Mapping[str, Any], config: OPTConfig) -> dict[str, np.ndarray]:
     """Our OPT parameters -> a HF ``OPTForCausalLM`` state dict (no ``lm_head.weight`` when tied)."""
-    return _invert(params, opt_key_maps(config))
+    return io.export_state(params, opt_key_maps(config))
 
 
 def to_hf_state_dict(params: Mapping[str, Any], config: GPT2Config | LlamaConfig | OPTConfig

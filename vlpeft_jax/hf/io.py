@@ -249,6 +249,40 @@ def convert(state: Mapping[str, np.ndarray], key_maps: Iterable[KeyMap], abstrac
     return unflatten_tree(out)
 
 
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def export_state(params: Mapping[str, Any], key_maps: Iterable[KeyMap],
+                 inverses: Mapping[Transform, Transform] | None = None, *, what: str = "model"
+                 ) -> dict[str, np.ndarray]:
+    """The inverse of :func:`convert`: our parameter tree -> Hugging Face tensors (float32 numpy) by key.
+
+    ``identity`` and ``transpose`` are their own inverses; any other transform of the maps needs its inverse in
+    ``inverses`` (e.g. a patch convolution's, which needs the patch size).
+
+    Example:
+        >>> export_state({"proj": {"kernel": np.ones((2, 3))}}, linear("fc", "proj", bias=False))["fc.weight"].shape
+        (3, 2)
+    """
+    import jax
+
+    flat = flatten_tree(params)
+    inverses = dict(inverses or {})
+    out = {}
+    for m in key_maps:
+        if m.path not in flat:
+            raise CheckpointError(f"parameter {m.path} is missing from the {what} tree being exported")
+        value = np.asarray(jax.device_get(flat[m.path]), dtype=np.float32)
+        if m.transform in inverses:
+            value = inverses[m.transform](value)
+        elif m.transform in (identity, transpose):
+            value = m.transform(value)
+        else:
+            raise CheckpointError(f"internal key map error: no inverse for the transform of {m.path}")
+        out[m.hf_key] = np.ascontiguousarray(value)
+    return out
+
+
 def _is_abstract(leaf: Any) -> bool:
     import jax
 

@@ -47,6 +47,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -296,15 +297,6 @@ def load_llava(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> tup
 
 def llava_to_hf_state_dict(params: Mapping[str, Any], config: LlavaConfig) -> dict[str, np.ndarray]:
     """Our LLaVA parameters -> a transformers 5 ``LlavaForConditionalGeneration`` state dict (float32)."""
-    flat = io.flatten_tree(params)
-    out = {}
-    for m in llava_key_maps(config):
-        if m.path not in flat:
-            raise CheckpointError(f"parameter {m.path} is missing from the tree being exported")
-        value = np.asarray(jax.device_get(flat[m.path]), dtype=np.float32)
-        if m.transform is conv_to_patch_kernel:
-            value = patch_kernel_to_conv(value, config.vision.patch_size, config.vision.num_channels)
-        else:  # identity and transpose are their own inverse
-            value = m.transform(value)
-        out[m.hf_key] = np.ascontiguousarray(value)
-    return out
+    patch = functools.partial(patch_kernel_to_conv, patch_size=config.vision.patch_size,
+                              num_channels=config.vision.num_channels)
+    return io.export_state(params, llava_key_maps(config), {conv_to_patch_kernel: patch}, what="LLaVA")

@@ -141,11 +141,4 @@ def t5_to_hf_state_dict(params: Mapping[str, Any], config: T5Config) -> dict[str
         >>> t5_to_hf_state_dict(zeros, cfg)["decoder.block.0.layer.1.EncDecAttention.q.weight"].shape
         (4, 4)
     """
-    flat = io.flatten_tree(params)
-    out = {}
-    for m in t5_key_maps(config):
-        if m.path not in flat:
-            raise CheckpointError(f"parameter {m.path} is missing from the T5 tree being exported")
-        value = np.asarray(jax.device_get(flat[m.path]), dtype=np.float32)
-        out[m.hf_key] = np.ascontiguousarray(m.transform(value))  # identity or transpose: their own inverses
-    return out
+    return io.export_state(params, t5_key_maps(config), what="T5")
