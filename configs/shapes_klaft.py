@@ -84,8 +84,8 @@ def get_config(variant: str = "klaft") -> ml_collections.ConfigDict:
             dict(method="bitfit") if name == "bitfit" else baseline_method(name, dec))
         c.peft = {name: method}
         c.loss_weights = dict(ttm=0.1)
-        # BitFit trains base biases through its stage rules; the other methods their own parameters
-        trainable = [] if name == "bitfit" else [[f"peft/{name}/.*", name]]
+        # BitFit trains the base's own biases in place; the other methods their own parameters
+        trainable = [["base/.*/bias", name]] if name == "bitfit" else [[f"peft/{name}/.*", name]]
         c.stages = [dict(name=name, steps=STEPS, trainable=trainable, optimizer=common.adamw(opts["lr"] or PEFT_LR),
                          methods=[name])]
     else:  # finetune, klaft and its ablations: every base weight trains, KLAFT's modules beside it
