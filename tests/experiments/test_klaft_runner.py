@@ -43,6 +43,7 @@ def test_every_sweep_variant_configures_and_counts(sweep, shapes_caches):
     for variant in shapes_klaft.SWEEPS[sweep]:
         cfg = load_config_file("configs/shapes_klaft.py", f"{variant},smoke")
         cfg = apply_overrides(cfg, [f"--config.data.cache_dir={shapes_caches['data']}"])
+        runner.stages_from_config(cfg)  # the stages validate (e.g. a non-empty trainable list)
         counts[variant] = count(cfg)
     if sweep == "table4":
         # K topics: W_TZ (d x K) + the topic vectors ((K - 1) x d); no TCM / ω = 0 change the counts as expected
