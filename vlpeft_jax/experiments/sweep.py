@@ -313,7 +313,8 @@ def _task_metrics(planned: Sequence[PlannedRun], metric: str | None) -> tuple[st
             raise ConfigError(f"--metric {metric!r} is not a report metric of the {p.cfg.get('task', 'captioning')} "
                               f"task ({p.variant}); valid: {', '.join(report_metrics)}")
         metric = metric or task.primary_metric
-        metrics, groups = list(report_metrics), list(task.groups_for(p.cfg))
+        metrics += [m for m in report_metrics if m not in metrics]  # every variant's (r_TCM only with TCM)
+        groups = list(task.groups_for(p.cfg))
     assert metric is not None
     return metric, metrics, groups
 
