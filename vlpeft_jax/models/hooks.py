@@ -41,8 +41,8 @@ called without a module raises a clear error on ``record``. **Side inputs** are 
 ``apply_with(..., side_inputs={...})`` that every hook kind reads with ``ctx.side_input(name)``; the names,
 dtypes and shapes are registered in :data:`SIDE_INPUTS` (which hooks read which: ``attention`` hooks the
 ``knockout`` pattern and ``modality``; ``linear``/``mlp``/``embed`` hooks of instruction-aware methods the
-``instruction_ids``/``instruction_mask``; ``final_hidden``/``lm_head`` hooks the ``topic_targets``; TCM's
-``lm_head``/``embed`` hooks the ``target_ids`` and ``pass_name``).
+``instruction_ids``/``instruction_mask``; TCM's ``lm_head``/``embed`` hooks the ``target_ids`` and
+``pass_name``; MAM's hooks the ``image_ids``, ``mam_cache`` and ``pass_name``).
 
 Hooks run inside the traced (jitted) function, so the PEFT parameters they close over are traced
 values; nothing here is global state at run time beyond the context stack, which is only read while
@@ -167,12 +167,15 @@ SIDE_INPUTS: dict[str, str] = {
     "instruction_mask": "int32 [b, t_i]: 1 at real instruction tokens, 0 at padding",
     "modality": "int32 [b, t]: per-token modality of the sequence a layer sees (0 text, 1 image)",
     "knockout": "bool [b, t_q, t_k] or [layers, b, t_q, t_k]: attention edges to block (attention knockout)",
-    "topic_targets": "int32 [b, t]: target topic per token (KLAFT's topic control)",
     "target_ids": "int32 [b, t]: the token id each position of the LM head is scored against (the loss's targets: "
                   "a causal LM's labels shifted left by one, losses.shift_labels), -100 where there is none; "
                   "right-aligned with the positions the head sees (KLAFT's TCM posterior topics and TTM)",
     "pass_name": "str (static): the extra forward pass being run, one of the active methods' extra_passes() "
                  "(KLAFT's TTM token-dropout pass); absent in the main pass",
+    "image_ids": "int32 [b]: an id per example's image (the tasks pass each row's example index, -1 on padding "
+                 "rows); in-batch contrastive terms (KLAFT's ITM, Eq. 8) take no negative from a row with the same id",
+    "mam_cache": "dict of arrays (MAM.init_decode_state): the MAM top block's own key/value cache in cached "
+                 "decoding; absent otherwise",
 }
 """Side inputs a hook may read (``ctx.side_input(name)``): name -> dtype, shape and meaning. A method that
 needs a new one registers it with :func:`register_side_input`."""

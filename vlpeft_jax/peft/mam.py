@@ -98,10 +98,7 @@ LM_ATTENTION = r"(?:.*/)?(?:model|transformer|model/decoder)/(?:layers|h)_\d+/(?
 MAL_FIRST = r"(?:.*/)?multi_modal_projector/(?:linear_1|linear_in)"
 FINAL_NORMS = r"(?:.*/)?(?:model/norm|transformer/ln_f|decoder/final_layer_norm)/scale"
 
-hooks.register_side_input("image_ids", "int32 [b]: an id per example's image; ITM (KLAFT Eq. 8) takes no negative "
-                                       "text from a row with the same image id")
-hooks.register_side_input("mam_cache", "dict of arrays (MAM.init_decode_state): the MAM top block's own "
-                                       "key/value cache in cached decoding; absent otherwise")
+# side inputs read here: image_ids, mam_cache, pass_name (registered in vlpeft_jax.models.hooks.SIDE_INPUTS)
 
 
 # ------------------------------------------------------------------------------------ masks, gate, attention
