@@ -153,3 +153,22 @@ def shrink_checkpoint_run(c: ml_collections.ConfigDict) -> None:
     c.train.update(batch_size=2, checkpoint_every=0, progress=False)
     c.data.max_examples = 4
     c.eval.update(max_examples=4, batch_size=2, method="greedy", num_beams=1, max_new_tokens=4)
+
+
+SHAPES_LM_LAYERS = "language_model/model/layers_\\d+"
+CAPTION_INSTRUCTION = "a short description of the image"
+
+
+def baseline_method(kind: str, dec: Mapping[str, Any]) -> dict[str, Any]:
+    """The PEFT baselines of the shapes comparisons (seed 003's set-up) on the prefix VLM's decoder ``dec``:
+    ``prompt`` (initialised from the caption instruction's tokens), ``prefix``, ``lora`` / ``dora`` (rank 8)."""
+    from vlpeft_jax.data.shapes import shapes_tokenizer
+
+    if kind == "prompt":
+        ids = tuple(shapes_tokenizer().encode(CAPTION_INSTRUCTION, add_special_tokens=False))
+        return dict(method="prompt", num_virtual_tokens=len(ids), init_from="text", init_token_ids=ids,
+                    targets=["language_model/model/embed_tokens"])
+    if kind == "prefix":
+        return dict(method="prefix", num_virtual_tokens=8, num_kv_heads=dec["num_key_value_heads"],
+                    targets=[f"{SHAPES_LM_LAYERS}/self_attn"], projection=True, type_embedding=True)
+    return dict(method=kind, targets=[f"{SHAPES_LM_LAYERS}/.*_proj"], rank=8, alpha=16.0, dropout=0.0)  # lora, dora

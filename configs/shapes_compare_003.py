@@ -18,23 +18,9 @@ Example:
 import ml_collections
 
 from configs import common
-from vlpeft_jax.data.shapes import shapes_tokenizer
 
 SWEEPS = {"table": ["prompt", "prefix", "lora", "dora", "full"]}
-LM = "language_model/model/layers_\\d+"
-INSTRUCTION = "a short description of the image"
 LEARNING_RATES = {"full": 5e-4}  # every other method: 3e-3; a variant's ',lr=X' overrides
-
-
-def _method(kind: str, dec: ml_collections.ConfigDict) -> dict:
-    if kind == "prompt":
-        ids = tuple(shapes_tokenizer().encode(INSTRUCTION, add_special_tokens=False))
-        return dict(method="prompt", num_virtual_tokens=len(ids), init_from="text", init_token_ids=ids,
-                    targets=["language_model/model/embed_tokens"])
-    if kind == "prefix":
-        return dict(method="prefix", num_virtual_tokens=8, num_kv_heads=dec.num_key_value_heads,
-                    targets=[f"{LM}/self_attn"], projection=True, type_embedding=True)
-    return dict(method=kind, targets=[f"{LM}/.*_proj"], rank=8, alpha=16.0, dropout=0.0)  # lora, dora
 
 
 def get_config(variant: str = "lora") -> ml_collections.ConfigDict:
@@ -49,7 +35,7 @@ def get_config(variant: str = "lora") -> ml_collections.ConfigDict:
         c.peft = {}
         stage = dict(name="full", steps=400, trainable=[["base/.*", "full"]], optimizer=opt, methods=[])
     else:
-        c.peft = {kind: _method(kind, c.model.decoder)}
+        c.peft = {kind: common.baseline_method(kind, c.model.decoder)}
         stage = dict(name=kind, steps=400, trainable=[[f"peft/{kind}/.*", kind]], optimizer=opt, methods=[kind])
     c.stages = [stage]
     c.train.domain = "target"

@@ -34,7 +34,6 @@ Example:
 import ml_collections
 
 from configs import common
-from configs.shapes_compare_003 import _method as baseline_method
 
 BASELINES = ("lora", "prefix", "prompt", "bitfit")
 ABLATIONS = ("no_tcm", "no_mam", "no_ttm", "no_mrm", "no_itm", "mult", "affine", "k2", "k5", "k20", "omega0")
@@ -47,7 +46,6 @@ SWEEPS = {
 }
 FULL_LR, PEFT_LR, NEW_LR = 5e-4, 3e-3, 3e-3  # fine-tuned base, PEFT methods, KLAFT's new modules
 STEPS = 400
-LM = "language_model/model/layers_\\d+"
 
 
 def tcm_settings(variant: str) -> dict:
@@ -81,7 +79,7 @@ def get_config(variant: str = "klaft") -> ml_collections.ConfigDict:
     dec = c.model.decoder
     if name in BASELINES or name == "tcm":
         method = tcm_settings(name) if name == "tcm" else (
-            dict(method="bitfit") if name == "bitfit" else baseline_method(name, dec))
+            dict(method="bitfit") if name == "bitfit" else common.baseline_method(name, dec))
         c.peft = {name: method}
         c.loss_weights = dict(ttm=0.1)
         # BitFit trains the base's own biases in place; the other methods their own parameters
