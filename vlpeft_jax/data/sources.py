@@ -7,7 +7,7 @@ for a split. The section::
 
     data = {
         "kind": "coco",            # coco (captions) | vqa (questions) | hf | tfds (either task)
-        "root": "/data/coco",      # relative paths of the splits resolve against it (optional)
+        "root": "~/data/coco",     # relative paths of the splits resolve against it (optional)
         "on_error": "skip",        # a bad image/caption/question: "raise" at once, or "skip" and count it
         "images": "lazy",          # "lazy": check files now, decode per batch; "eager": decode at load time
         "max_examples": 0,         # keep at most this many examples per split (0 = all)
