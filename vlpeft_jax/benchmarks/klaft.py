@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -42,16 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vlpeft_jax.benchmarks.sparse import Setup, mb, prepare_step, time_round_robin
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.models import layers, registry
 from vlpeft_jax.peft import base as pb
 from vlpeft_jax.peft.base import extra_pass_records
 from vlpeft_jax.peft.lora import LoRA
 from vlpeft_jax.peft.tcm import TCM
-from vlpeft_jax.train import labels as labels_lib
 from vlpeft_jax.train.losses import causal_lm_loss, shift_labels
-from vlpeft_jax.train.state import TrainState
-from vlpeft_jax.train.step import make_train_step
 
 MEMORY_NOTE = "compiled.memory_analysis(): argument + output - alias + temp bytes of one train step"
 
@@ -100,52 +96,11 @@ def _loss(module: Any, name: str, method: Any) -> Callable[..., Any]:
     return loss_fn
 
 
-@dataclasses.dataclass
-class _Setup:
-    name: str
-    compiled: Any
-    state: Any
-    record: dict[str, Any]
-    times: list[float] = dataclasses.field(default_factory=list)
-
-
 def _prepare(name: str, module: Any, base: Any, method: Any, peft_params: Any, batch: dict[str, jax.Array]
-             ) -> _Setup:
+             ) -> Setup:
     params = {"base": base, "peft": {name: peft_params}}
-    labels = labels_lib.make_labels(params, [(f"peft/{name}/.*", name)])
-    tx = optax.adam(1e-3)
-    state = jax.jit(lambda p: TrainState.create(p, labels, tx, jax.random.PRNGKey(0)))(params)
-    compiled = jax.jit(make_train_step(_loss(module, name, method), tx), donate_argnums=0).lower(state, batch).compile()
-    mem = compiled.memory_analysis()
-    peak = temp = None
-    if mem is not None:
-        temp = int(mem.temp_size_in_bytes)
-        peak = int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + temp)
-    record = {"name": name, "trainable": labels_lib.count_params(params, labels)["trainable"], "peak_bytes": peak,
-              "temp_bytes": temp}
-    return _Setup(name, compiled, state, record)
-
-
-def _time_round_robin(setups: list[_Setup], batch: dict[str, jax.Array], steps: int, warmup: int) -> None:
-    for _ in range(warmup):
-        for s in setups:
-            s.state, _ = s.compiled(s.state, batch)
-            jax.block_until_ready(s.state)
-    for _ in range(steps):
-        for s in setups:
-            t0 = time.perf_counter()
-            s.state, metrics = s.compiled(s.state, batch)
-            jax.block_until_ready((s.state, metrics))
-            s.times.append(time.perf_counter() - t0)
-            s.record["final_loss"] = float(metrics["loss"])
-    for s in setups:
-        s.record["step_s"] = min(s.times)
-        s.record["step_median_s"] = statistics.median(s.times)
-        s.state = None
-
-
-def _mb(x: int | None) -> str:
-    return "n/a" if x is None else f"{x / 2**20:.1f}"
+    return prepare_step(name, params, [(f"peft/{name}/.*", name)], optax.adam(1e-3), _loss(module, name, method),
+                        batch)
 
 
 def run(argv: list[str]) -> dict[str, Any]:
@@ -176,7 +131,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         _prepare("tcm_ttm_pass", module, base, dataclasses.replace(tcm, ttm="dropout"), tcm_params, batch),
         _prepare("lora", module, base, lora, lora.init(key, base), batch),
     ]
-    _time_round_robin(setups, batch, args.steps, args.warmup)
+    time_round_robin(setups, batch, args.steps, args.warmup)
     results = {s.name: s.record for s in setups}
     results["lora"]["rank"] = rank
     del setups
@@ -189,7 +144,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     for r in results.values():
         label = f"{r['name']} (r={r['rank']})" if r["name"] == "lora" else r["name"]
         print(f"| {label} | {r['trainable']:,} | {100 * r['trainable'] / base_total:.4f} | {1000 * r['step_s']:.1f} | "
-              f"{_mb(r['peak_bytes'])} | {_mb(r['temp_bytes'])} |")
+              f"{mb(r['peak_bytes'])} | {mb(r['temp_bytes'])} |")
 
     def ratio(a: str, b: str, key: str) -> float | None:
         x, y = results[a].get(key), results[b].get(key)

@@ -90,7 +90,7 @@ def _nbytes(tree: Any) -> int:
 
 
 @dataclasses.dataclass
-class _Setup:
+class Setup:
     """One compiled train step with its state, and the numbers that do not need running it."""
 
     name: str
@@ -100,8 +100,10 @@ class _Setup:
     times: list[float] = dataclasses.field(default_factory=list)
 
 
-def _prepare(name: str, params: Any, rules: list[tuple[str, str]], tx: optax.GradientTransformation,
-             loss_fn: Callable[..., Any], batch: dict[str, jax.Array]) -> _Setup:
+def prepare_step(name: str, params: Any, rules: list[tuple[str, str]], tx: optax.GradientTransformation,
+                 loss_fn: Callable[..., Any], batch: dict[str, jax.Array]) -> Setup:
+    """A compiled, donated train step of ``loss_fn`` training the leaves ``rules`` label, its initial state, and
+    what needs no run: trainable count, XLA's peak and temporary bytes, optimizer-state (and GPS mask) bytes."""
     labels = labels_lib.make_labels(params, rules)
     counts = labels_lib.count_params(params, labels)
     state = jax.jit(lambda p: TrainState.create(p, labels, tx, jax.random.PRNGKey(0)))(params)
@@ -114,10 +116,10 @@ def _prepare(name: str, params: Any, rules: list[tuple[str, str]], tx: optax.Gra
     mask_bytes = _nbytes(state.opt_state.mask) if isinstance(state.opt_state, gps_lib.MaskedState) else 0
     record = {"name": name, "trainable": counts["trainable"], "peak_bytes": peak, "temp_bytes": temp,
               "opt_state_bytes": _nbytes(state.opt_state), "mask_bytes": mask_bytes}
-    return _Setup(name, compiled, state, record)
+    return Setup(name, compiled, state, record)
 
 
-def _time_round_robin(setups: list[_Setup], batch: dict[str, jax.Array], steps: int, warmup: int) -> None:
+def time_round_robin(setups: list[Setup], batch: dict[str, jax.Array], steps: int, warmup: int) -> None:
     """Times the setups in turn, one step each per round, so that load changes on a shared machine hit all
     of them alike; records the fastest step (the least disturbed) and the median."""
     for _ in range(warmup):
@@ -137,7 +139,8 @@ def _time_round_robin(setups: list[_Setup], batch: dict[str, jax.Array], steps: 
         s.state = None  # free the buffers
 
 
-def _mb(x: int | None) -> str:
+def mb(x: int | None) -> str:
+    """Bytes as MiB text (``n/a`` when XLA gave no memory analysis)."""
     return "n/a" if x is None else f"{x / 2**20:.1f}"
 
 
@@ -153,29 +156,29 @@ def run(argv: list[str]) -> dict[str, Any]:
 
     adamw = optax.adamw(1e-3, weight_decay=0.0)
 
-    def neuroada_setup(name: str, ada: NeuroAda) -> _Setup:
+    def neuroada_setup(name: str, ada: NeuroAda) -> Setup:
         params = {"base": base, "peft": {"neuroada": ada.init(jax.random.key(1), base)}}
-        return _prepare(name, params, ada.trainable_rules(), adamw, lm_loss(module, [("neuroada", ada)]), batch)
+        return prepare_step(name, params, ada.trainable_rules(), adamw, lm_loss(module, [("neuroada", ada)]), batch)
 
     setups = []
     gps = gps_lib.GPS(targets=TARGETS, k=args.k, selection="magnitude")  # selection does not change the cost
     masks = gps.masks(jax.random.key(1), base)
-    setups.append(_prepare("gps", {"base": base, "peft": {}}, gps.trainable_rules(masks), gps.optimizer(adamw, masks),
-                           lm_loss(module, []), batch))
+    setups.append(prepare_step("gps", {"base": base, "peft": {}}, gps.trainable_rules(masks),
+                               gps.optimizer(adamw, masks), lm_loss(module, []), batch))
     del masks
     for mode in ("gather", "scatter"):
         setups.append(neuroada_setup(f"neuroada_{mode}", NeuroAda(targets=TARGETS, k=args.k, mode=mode)))
     lora = LoRA(targets=TARGETS, rank=args.lora_rank, alpha=2.0 * args.lora_rank)
     lora_params = lora.init(jax.random.key(1), base)
-    setups.append(_prepare("lora", {"base": base, "peft": {"lora": lora_params}}, [("peft/lora/.*", "lora")], adamw,
+    setups.append(prepare_step("lora", {"base": base, "peft": {"lora": lora_params}}, [("peft/lora/.*", "lora")], adamw,
                            lm_loss(module, [("lora", lora)]), batch))
     budget_ada = NeuroAda(targets=TARGETS, budget=float(lora.num_params(lora_params)), mode="auto")
     setups.append(neuroada_setup("neuroada_lora_budget", budget_ada))
     budget_k = int(jax.tree.leaves(setups[-1].state.trainable)[0].shape[1])
     if not args.no_full:
-        setups.append(_prepare("full", {"base": base, "peft": {}}, [("base/.*", "full")], adamw, lm_loss(module, []),
-                               batch))
-    _time_round_robin(setups, batch, args.steps, args.warmup)
+        setups.append(prepare_step("full", {"base": base, "peft": {}}, [("base/.*", "full")], adamw,
+                                   lm_loss(module, []), batch))
+    time_round_robin(setups, batch, args.steps, args.warmup)
     results: dict[str, dict[str, Any]] = {s.name: s.record for s in setups}
     results["neuroada_lora_budget"]["k"] = budget_k
     del setups
@@ -186,8 +189,8 @@ def run(argv: list[str]) -> dict[str, Any]:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results.values():
         print(f"| {r['name']} | {r['trainable']:,} | {100 * r['trainable'] / base_total:.3f} | "
-              f"{1000 * r['step_s']:.1f} | {_mb(r['peak_bytes'])} | {_mb(r['opt_state_bytes'])} | "
-              f"{_mb(r['mask_bytes'])} |")
+              f"{1000 * r['step_s']:.1f} | {mb(r['peak_bytes'])} | {mb(r['opt_state_bytes'])} | "
+              f"{mb(r['mask_bytes'])} |")
 
     def ratio(a: str, b: str, key: str) -> float | None:
         x, y = results[a][key], results[b][key]
@@ -225,7 +228,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         else:
             pair_setups = [neuroada_setup(f"neuroada_{mode}_k{k}", NeuroAda(targets=TARGETS, k=k, mode=mode))
                            for mode in ("gather", "scatter")]
-            _time_round_robin(pair_setups, batch, args.steps, args.warmup)
+            time_round_robin(pair_setups, batch, args.steps, args.warmup)
             pair = {mode: s.record for mode, s in zip(("gather", "scatter"), pair_setups, strict=True)}
         for mode, r in pair.items():
             row[f"{mode}_step_s"], row[f"{mode}_temp_bytes"] = r["step_s"], r["temp_bytes"]
@@ -242,7 +245,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         print("|---:|---:|---:|---:|---:|---:|---|---|---|")
         for m in modes:
             print(f"| {m['k']} | {m['tokens']} | {1000 * m['gather_step_s']:.0f} | {1000 * m['scatter_step_s']:.0f} | "
-                  f"{_mb(m['gather_temp_bytes'])} | {_mb(m['scatter_temp_bytes'])} | {m['faster']} | "
+                  f"{mb(m['gather_temp_bytes'])} | {mb(m['scatter_temp_bytes'])} | {m['faster']} | "
                   f"{m.get('less_memory', 'n/a')} | {'/'.join(m['auto'])} |")
     return {"backend": jax.default_backend(), "settings": vars(args), "base_params": base_total,
             "results": results, "ratios": ratios, "modes": modes,
