@@ -19,6 +19,7 @@ import pytest
 import torch
 import transformers
 
+from tests.max_diffs import MaxDiffs
 from vlpeft_jax.errors import CheckpointError, ConfigError, InputError
 from vlpeft_jax.eval import decode
 from vlpeft_jax.hf import blip2, io
@@ -55,20 +56,9 @@ TEXT = {
 }
 DECODER_LEN = 4  # decoder_input_ids of the encoder-decoder compositions' logits test
 
-MAX_DIFFS: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def report_max_diffs():
-    yield
-    print("\n\nBLIP-2 / InstructBLIP max abs diff vs transformers (fp32):")
-    for name, diff in sorted(MAX_DIFFS.items()):
-        print(f"  {name:<48s} {diff:.3e}")
-
-
-def record(name: str, diff: float) -> float:
-    MAX_DIFFS[name] = max(MAX_DIFFS.get(name, 0.0), float(diff))
-    return float(diff)
+MAX_DIFFS = MaxDiffs("BLIP-2 / InstructBLIP max abs diff vs transformers (fp32)")
+report_max_diffs = MAX_DIFFS.fixture()
+record = MAX_DIFFS.record
 
 
 class Composition:

@@ -19,6 +19,7 @@ import pytest
 import torch
 import transformers
 
+from tests.max_diffs import MaxDiffs
 from vlpeft_jax.errors import CheckpointError, ConfigError, InputError
 from vlpeft_jax.eval import decode
 from vlpeft_jax.hf import io
@@ -33,20 +34,9 @@ BOS, EOS, PAD = 1, 2, 0
 BATCH = 3
 IMAGE, PATCH = 16, 8
 
-MAX_DIFFS: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def report_max_diffs():
-    yield
-    print("\n\nLLaVA max abs diff vs transformers / peft (fp32):")
-    for name, diff in sorted(MAX_DIFFS.items()):
-        print(f"  {name:<52s} {diff:.3e}")
-
-
-def record(name: str, diff: float) -> float:
-    MAX_DIFFS[name] = max(MAX_DIFFS.get(name, 0.0), float(diff))
-    return float(diff)
+MAX_DIFFS = MaxDiffs("LLaVA max abs diff vs transformers / peft (fp32)")
+report_max_diffs = MAX_DIFFS.fixture()
+record = MAX_DIFFS.record
 
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE,

@@ -18,6 +18,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
+from tests.max_diffs import MaxDiffs
 from vlpeft_jax.errors import CheckpointError, ConfigError
 from vlpeft_jax.hf import decoders, io
 from vlpeft_jax.models import hooks, llama
@@ -28,19 +29,9 @@ TOL = 1e-4
 VOCAB = 211
 BATCH, LENGTH = 3, 10
 
-MAX_DIFFS: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def report_max_diffs():
-    yield
-    print("\n\nmax abs diff vs transformers (fp32):")
-    for name, diff in sorted(MAX_DIFFS.items()):
-        print(f"  {name:<48s} {diff:.3e}")
-
-
-def record(name: str, diff: float) -> None:
-    MAX_DIFFS[name] = max(MAX_DIFFS.get(name, 0.0), float(diff))
+MAX_DIFFS = MaxDiffs("max abs diff vs transformers (fp32)")
+report_max_diffs = MAX_DIFFS.fixture()
+record = MAX_DIFFS.record
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import pytest
 import torch
 import transformers
 
+from tests.max_diffs import MaxDiffs
 from tests.peft.test_peft_parity import copy_into_peft, key, perturb_ours
 from vlpeft_jax import hf
 from vlpeft_jax.errors import ConfigError
@@ -37,20 +38,9 @@ VOCAB = 97
 BATCH, LENGTH = 3, 9
 EOS, PAD = 2, 1
 
-MAX_DIFFS: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def report_max_diffs():
-    yield
-    print("\n\nOPT max abs diff vs transformers / peft (fp32):")
-    for name, diff in sorted(MAX_DIFFS.items()):
-        print(f"  {name:<52s} {diff:.3e}")
-
-
-def record(name: str, diff: float) -> float:
-    MAX_DIFFS[name] = max(MAX_DIFFS.get(name, 0.0), float(diff))
-    return float(diff)
+MAX_DIFFS = MaxDiffs("OPT max abs diff vs transformers / peft (fp32)")
+report_max_diffs = MAX_DIFFS.fixture()
+record = MAX_DIFFS.record
 
 
 BASE = dict(vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,

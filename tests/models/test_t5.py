@@ -20,6 +20,7 @@ import torch
 import transformers
 from transformers.models.t5.modeling_t5 import T5Attention as TorchT5Attention
 
+from tests.max_diffs import MaxDiffs
 from tests.peft.test_peft_parity import copy_into_peft, key, perturb_ours
 from vlpeft_jax.errors import ConfigError, InputError
 from vlpeft_jax.eval import decode
@@ -38,20 +39,9 @@ VOCAB = 64
 BATCH, LENGTH, DEC_LENGTH = 3, 9, 6
 PAD, EOS, START = 0, 1, 0
 
-MAX_DIFFS: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def report_max_diffs():
-    yield
-    print("\n\nT5 max abs diff vs transformers / peft (fp32):")
-    for name, diff in sorted(MAX_DIFFS.items()):
-        print(f"  {name:<52s} {diff:.3e}")
-
-
-def record(name: str, diff: float) -> float:
-    MAX_DIFFS[name] = max(MAX_DIFFS.get(name, 0.0), float(diff))
-    return float(diff)
+MAX_DIFFS = MaxDiffs("T5 max abs diff vs transformers / peft (fp32)")
+report_max_diffs = MAX_DIFFS.fixture()
+record = MAX_DIFFS.record
 
 
 # few buckets and a short max distance, so that the 9-token batches reach the logarithmic buckets

@@ -20,6 +20,7 @@ import pytest
 import torch
 import transformers
 
+from tests.max_diffs import MaxDiffs
 from tests.peft.dropout_masks import RecordedMasks
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.hf import bert as hf_bert
@@ -39,21 +40,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 TOL = 1e-4
 VOCAB = 97
-MAX_DIFFS: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def report_max_diffs():
-    yield
-    print("\n\nmax abs diff vs the PyTorch references (fp32):")
-    for name, diff in sorted(MAX_DIFFS.items()):
-        print(f"  {name:<56s} {diff:.3e}")
+MAX_DIFFS = MaxDiffs("max abs diff vs the PyTorch references (fp32)")
+report_max_diffs = MAX_DIFFS.fixture()
 
 
 def record(name: str, ours, ref) -> float:
     diff = float(np.max(np.abs(np.asarray(ours, np.float64) - np.asarray(ref, np.float64))))
-    MAX_DIFFS[name] = max(MAX_DIFFS.get(name, 0.0), diff)
-    return diff
+    return MAX_DIFFS.record(name, diff)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import pytest
 import torch
 import transformers
 
+from tests.max_diffs import MaxDiffs
 from vlpeft_jax.hf import bert as hf_bert
 from vlpeft_jax.hf import peft_io
 from vlpeft_jax.models import hooks
@@ -39,21 +40,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 TOL = 1e-5
 VOCAB, P, HEADS = 64, 3, 4
-MAX_DIFFS: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def report_max_diffs():
-    yield
-    print("\n\nBERT max abs diff vs peft 0.21 (fp32):")
-    for name, diff in sorted(MAX_DIFFS.items()):
-        print(f"  {name:<52s} {diff:.3e}")
+MAX_DIFFS = MaxDiffs("BERT max abs diff vs peft 0.21 (fp32)")
+report_max_diffs = MAX_DIFFS.fixture()
 
 
 def record(name: str, ours, ref) -> float:
     diff = float(np.max(np.abs(np.asarray(ours, np.float64) - np.asarray(ref, np.float64))))
-    MAX_DIFFS[name] = max(MAX_DIFFS.get(name, 0.0), diff)
-    return diff
+    return MAX_DIFFS.record(name, diff)
 
 
 @pytest.fixture(scope="module")

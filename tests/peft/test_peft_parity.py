@@ -31,6 +31,7 @@ import pytest
 import torch
 import transformers
 
+from tests.max_diffs import MaxDiffs
 from tests.peft.dropout_masks import RecordedMasks
 from vlpeft_jax.errors import ConfigError, VLPeftError
 from vlpeft_jax.hf import bert as hf_bert
@@ -48,20 +49,9 @@ GRAD_TOL = 1e-4
 VOCAB = 64
 ROOT = Path(__file__).resolve().parents[2]
 
-MAX_DIFFS: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def report_max_diffs():
-    yield
-    print("\n\nmax abs diff vs peft 0.21 (fp32):")
-    for name, diff in sorted(MAX_DIFFS.items()):
-        print(f"  {name:<40s} {diff:.3e}")
-
-
-def record(name: str, diff: float) -> float:
-    MAX_DIFFS[name] = max(MAX_DIFFS.get(name, 0.0), float(diff))
-    return float(diff)
+MAX_DIFFS = MaxDiffs("max abs diff vs peft 0.21 (fp32)")
+report_max_diffs = MAX_DIFFS.fixture()
+record = MAX_DIFFS.record
 
 
 # --------------------------------------------------------------------------------------------------
