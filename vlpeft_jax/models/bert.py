@@ -26,7 +26,8 @@ cores call the ``attention`` hook at the inner attention module's path (cross-at
 from the image features); each feed-forward block calls the ``mlp`` hook with the path of its
 ``intermediate`` (or ``intermediate_query``) module, covering ``dense -> act -> dense`` before the
 residual LayerNorm; BERT's token embeddings call the ``embed`` hook (prompt tokens are prepended, and
-token type ids are padded with zeros for them, as peft does); :class:`BertModel`'s position ids (``0..t-1``
+token type ids are padded with zeros for them, as peft does); the Q-Former's instruction states (after its
+embedding LayerNorm) call the ``embed`` hook at ``<qformer>/embeddings/instructions``; :class:`BertModel`'s position ids (``0..t-1``
 as Hugging Face numbers them, or the caller's ``position_ids``) go through the ``positions`` hook at the
 ``BertModel``'s own path before they index ``position_embeddings``. Attention-probability dropout is not
 applied (the attention core is the shared hook default); hidden dropout is, when ``deterministic=False``.
@@ -416,6 +417,12 @@ class BertModel(nn.Module):
         return EncoderOutput(last_hidden_state=last, hidden_states=(x, *states), pooled=pooled)
 
 
+INSTRUCTIONS_HOOK = "instructions"
+"""Last path segment of the Q-Former's ``embed`` hook point on its instruction states
+(``<qformer path>/embeddings/instructions``): ``fn(ctx, next, input_ids, states, mask) -> (states, mask)`` with
+``states`` ``[b, t, hidden]`` after the embedding LayerNorm and dropout, ``mask`` ``[b, t]`` or None (all real)."""
+
+
 class QFormerEmbeddings(nn.Module):
     """HF ``InstructBlipQFormerEmbeddings``: ``layernorm([queries; word + position embeddings of text])``."""
 
@@ -487,11 +494,19 @@ class QFormer(nn.Module):
         query_length = query_embeds.shape[1]
         if cfg.qformer_text_input:
             x = QFormerEmbeddings(cfg, name="embeddings")(input_ids, query_embeds, deterministic)
+            if input_ids is not None:
+                # the instruction states after the embedding LayerNorm go through the ``embed`` hook at
+                # <qformer>/embeddings/instructions (PETAL's instruction experts, seed 001 Eq. 3-4); a hook may
+                # replace them and their mask with another length (PETAL's random-instruction ablation)
+                text, attention_mask = hooks.call(
+                    "embed", (*self.path, "embeddings", INSTRUCTIONS_HOOK), lambda i, e, m: (e, m), input_ids,
+                    x[:, query_length:], attention_mask, module=self)
+                x = jnp.concatenate([x[:, :query_length], text.astype(x.dtype)], axis=1)
         else:
             x = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="layernorm")(query_embeds)
             x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
         bias = None
-        if input_ids is not None and attention_mask is not None:
+        if input_ids is not None and attention_mask is not None:  # the mask the instruction hook returned
             full = jnp.concatenate([jnp.ones((b, query_length), attention_mask.dtype), attention_mask], axis=1)
             bias = layers.padding_bias(full)
         last, states = BertEncoder(cfg, name="encoder")(

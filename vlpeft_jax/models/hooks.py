@@ -17,7 +17,9 @@ kind               hook signature                                          used 
                    q ``[b,tq,h,d]``, k/v ``[b,tk,kvh,d]``, bias additive   gate), knockout, LLaMA-Adapter
                    ``[b,1|h,tq,tk]``; ``ctx.inputs`` = the layer input
 ``mlp``            ``fn(ctx, next, x) -> y`` (the whole feed-forward)      parallel adapters
-``embed``          ``fn(ctx, next, ids, embeds, mask) -> (embeds, mask)``  prompt tuning, deep prompts
+``embed``          ``fn(ctx, next, ids, embeds, mask) -> (embeds, mask)``  prompt tuning, deep prompts,
+                   (also the Q-Former's instruction states:                PETAL's instruction experts
+                   ``<qformer>/embeddings/instructions``)
 ``final_hidden``   ``fn(ctx, next, h) -> h`` (before the LM head)          topic control (TCM)
 ``lm_head``        ``fn(ctx, next, h) -> logits``                          TCM mixture, head tuning
 ``positions``      ``fn(ctx, next, positions) -> positions`` ``[b, t]``    prefix tuning (real tokens
