@@ -287,6 +287,32 @@ def build_prompt_sequences(prompts: Sequence[str | None], tokenizer: Any, max_le
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def build_text_sequences(texts: Sequence[str], tokenizer: Any, max_length: int,
+                         add_special_tokens: bool = True) -> dict[str, np.ndarray]:
+    """Right-padded token ids of whole texts (no targets), e.g. an InstructBLIP Q-Former's instruction text
+    (``qformer_input_ids`` / ``qformer_attention_mask``); ``<bos> text <eos>`` with ``add_special_tokens``.
+
+    A text longer than ``max_length`` raises :class:`InputError` (its end would be cut silently otherwise).
+
+    Example:
+        >>> codec = TextCodec(lambda s: [ord(c) for c in s], bos_id=1, eos_id=2, pad_id=0)
+        >>> build_text_sequences(["ab", ""], codec, 5)["input_ids"].tolist()
+        [[1, 97, 98, 2, 0], [1, 2, 0, 0, 0]]
+    """
+    codec = text_codec(tokenizer)
+    ids = np.full((len(texts), max_length), codec.pad_id, np.int32)
+    mask = np.zeros((len(texts), max_length), np.int32)
+    for i, text in enumerate(texts):
+        row = codec.encode(text) if text else []
+        if add_special_tokens:
+            row = ([codec.bos_id] if codec.bos_id is not None else []) + row + [codec.eos_id]
+        if len(row) > max_length:
+            raise InputError(f"text {text!r} takes {len(row)} tokens, more than max_length={max_length}")
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 # ------------------------------------------------------------------------------------------- sampling
 class EpochSampler:
     """Deterministic epoch shuffling: the item indices of any global step, from (seed, step) alone.

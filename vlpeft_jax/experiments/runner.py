@@ -304,16 +304,21 @@ def parameter_counts(params: Any, setup: Setup, stages: Sequence[Stage]) -> dict
     """Total base parameters, and the trainable parameters of each stage (and their % of the base).
 
     A method with ``stage_rules`` (GPS) trains only part of the leaves those rules label: its ``num_params``
-    replaces their dense count. Works on arrays and on abstract shapes.
+    replaces their dense count; a method's ``auxiliary_keys`` (training-only estimators) are not counted. Works on
+    arrays and on abstract shapes.
     """
     total = peft_base.count(params["base"])
     out: dict[str, Any] = {}
     for stage in stages:
-        counts = labels_lib.count_params(params, labels_lib.make_labels(params, stage.trainable)) \
-            if stage.trainable else {"trainable": 0}
+        labels = labels_lib.make_labels(params, stage.trainable) if stage.trainable else None
+        counts = labels_lib.count_params(params, labels) if stage.trainable else {"trainable": 0}
         trainable = counts["trainable"]
         for name in stage.methods:
             method, p = setup.methods[name], params["peft"][name]
+            for key in method.auxiliary_keys() if labels is not None else ():  # training-only (PETAL's IB estimators)
+                if key in p:
+                    aux = labels_lib.count_params(p[key], labels["peft"][name][key])
+                    trainable -= aux["trainable"]
             rules = method.stage_rules(p)
             if rules:
                 dense = labels_lib.count_params(params, labels_lib.make_labels(params, rules))["trainable"]
@@ -329,10 +334,21 @@ def pretrained_base(cfg: ml_collections.ConfigDict, task: Any, module: Any, inpu
     """The base trained by ``cfg.pretrain.config``: from its cache, or trained now (a run of this module).
 
     The pretrain config contributes its task, stages, train and seed settings; the model and data are this
-    run's, so the base always fits. The cache key hashes all of them (not the data cache location).
+    run's, so the base always fits. The model settings that choose the text a model is fed rather than its
+    parameters (:data:`~vlpeft_jax.tasks.captioning.TASK_MODEL_KEYS`, e.g. ``model.qformer_text``) stay the
+    pretrain config's own: an adaptation feeding the Q-Former PETAL's instructions reuses the base pretrained on
+    the task instruction, as its baselines do. The cache key hashes all of them (not the data cache location).
     """
+    from vlpeft_jax.tasks.captioning import TASK_MODEL_KEYS
+
     pcfg = load_config_file(cfg.pretrain.config)
+    own = pcfg.model.to_dict() if pcfg.get("model") else {}
     pcfg.model = ml_collections.ConfigDict(cfg.model.to_dict())
+    for key in TASK_MODEL_KEYS:
+        if key in own:
+            pcfg.model[key] = own[key]
+        elif key in pcfg.model:
+            del pcfg.model[key]
     pcfg.data = ml_collections.ConfigDict(cfg.data.to_dict())
     data_key = {k: v for k, v in cfg.data.to_dict().items() if k != "cache_dir"}
     parts = [pcfg.model, data_key, pcfg.stages, pcfg.train, pcfg.seed]

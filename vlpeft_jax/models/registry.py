@@ -2,7 +2,8 @@
 
 A model config is a mapping with ``family`` and the family's Hugging Face config field names, e.g.
 ``{"family": "llama", "hidden_size": 128, "num_hidden_layers": 2, ...}``. VLMs nest them:
-``{"family": "prefix_vlm", "vision": {...}, "decoder": {...}, "connector": {...}}``.
+``{"family": "prefix_vlm", "vision": {...}, "decoder": {...}, "connector": {...}}`` or, InstructBLIP-like,
+``{"family": "qformer_vlm", "vision": {...}, "qformer": {<BertConfig fields>}, "decoder": {...}}``.
 
 Example:
     >>> import jax
@@ -89,7 +90,8 @@ DECODERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {"gpt2": _gpt2, "llama
                                                             "opt": _opt}
 ENCODER_DECODERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {"t5": _t5}
 VISION: dict[str, Callable[[Mapping[str, Any]], Any]] = {"vit": _vit, "clip_vision": _clip_vision}
-VLMS = ("prefix_vlm",)
+VLMS = ("prefix_vlm", "qformer_vlm")
+QFORMER_VLM_KEYS = ("family", "vision", "qformer", "decoder")
 CLASSIFIERS = ("vision_classifier",)
 
 
@@ -126,6 +128,52 @@ def build_prefix_vlm(cfg: Mapping[str, Any]) -> Any:
                      lm_width=lm_width, image_token_id=cfg.get("image_token_id"))
 
 
+def build_qformer_vlm(cfg: Mapping[str, Any]) -> Any:
+    """A :class:`~vlpeft_jax.models.vlm.QFormerVLM` (InstructBLIP-like) from ``vision``, ``qformer``, ``decoder``.
+
+    ``qformer`` holds :class:`~vlpeft_jax.models.bert.BertConfig` fields (``hidden_size``, ``num_hidden_layers``,
+    ``num_attention_heads``, ``intermediate_size``, ``cross_attention_frequency``, ``num_query_tokens``,
+    ``vocab_size``, ``max_position_embeddings``, ...); ``encoder_hidden_size`` defaults to the vision tower's
+    width and ``qformer_text_input`` to True (InstructBLIP: the Q-Former also reads an instruction). The
+    ``num_query_tokens`` query outputs are prepended to the LM input (``image_token_id`` None).
+
+    Example:
+        >>> m = build_qformer_vlm({
+        ...     "family": "qformer_vlm",
+        ...     "vision": {"family": "vit", "image_size": 16, "patch_size": 8, "hidden_size": 12,
+        ...                "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 24},
+        ...     "qformer": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+        ...                 "intermediate_size": 32, "cross_attention_frequency": 1, "num_query_tokens": 3,
+        ...                 "vocab_size": 30, "max_position_embeddings": 16},
+        ...     "decoder": {"family": "llama", "vocab_size": 30, "hidden_size": 16, "intermediate_size": 32,
+        ...                 "num_hidden_layers": 1, "num_attention_heads": 2}})
+        >>> m.qformer.config.encoder_hidden_size, m.num_query_tokens, m.lm_width
+        (12, 3, 16)
+    """
+    from vlpeft_jax.models.bert import BertConfig, QFormer
+    from vlpeft_jax.models.vlm import QFormerVLM
+
+    unknown = sorted(set(cfg) - set(QFORMER_VLM_KEYS))
+    if unknown:
+        raise ConfigError(f"model family 'qformer_vlm' has no setting(s) {', '.join(unknown)}; "
+                          f"valid: {', '.join(QFORMER_VLM_KEYS[1:])}")
+    for key in QFORMER_VLM_KEYS[1:]:
+        if not cfg.get(key):
+            raise ConfigError(f"model.{key} is missing; a qformer_vlm needs vision, qformer and decoder settings")
+    vision = build_vision(cfg["vision"])
+    decoder = build_decoder(cfg["decoder"])
+    q = dict(cfg["qformer"])
+    q.setdefault("encoder_hidden_size", vision.config.hidden_size)
+    q.setdefault("qformer_text_input", True)
+    for key in ("cross_attention_frequency", "num_query_tokens"):
+        if not isinstance(q.get(key), int) or q[key] < 1:
+            raise ConfigError(f"model.qformer.{key}={q.get(key)!r}; a Q-Former needs an integer >= 1")
+    qformer_cfg = _config(BertConfig, q, "qformer_vlm.qformer")
+    lm_width = getattr(decoder.config, "word_embed_proj_dim", None) or decoder.config.hidden_size
+    return QFormerVLM(vision, QFormer(qformer_cfg), decoder, lm_width=lm_width,
+                      num_query_tokens=qformer_cfg.num_query_tokens, image_token_id=None)
+
+
 def build_vision_classifier(cfg: Mapping[str, Any]) -> Any:
     """A :class:`~vlpeft_jax.models.classifier.VisionClassifier`: ``heads`` (``{name: num_classes}``), ``pool``,
     and either ``vision`` (a tower config) or ``vlm`` (a ``prefix_vlm`` config: its tower and Mapping Layer)."""
@@ -153,14 +201,18 @@ def build_vision_classifier(cfg: Mapping[str, Any]) -> Any:
 
 def example_inputs(module: Any, batch: int = 1, seq: int = 8) -> dict[str, Any]:
     """Inputs for ``module.init`` / ``jax.eval_shape`` (shapes only matter)."""
-    from vlpeft_jax.models.vlm import PrefixVLM
+    from vlpeft_jax.models.vlm import PrefixVLM, QFormerVLM
 
     ids = np.zeros((batch, seq), np.int32)
-    if isinstance(module, PrefixVLM):
-        vc = module.vision_tower.config
+    if isinstance(module, (PrefixVLM, QFormerVLM)):
+        vc = (module.vision_tower if isinstance(module, PrefixVLM) else module.vision_model).config
         h, w = vc.image_size
-        return {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                "pixel_values": np.zeros((batch, h, w, vc.num_channels), np.float32)}
+        out = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+               "pixel_values": np.zeros((batch, h, w, vc.num_channels), np.float32)}
+        if isinstance(module, QFormerVLM) and module.qformer.config.qformer_text_input:
+            # the instruction text creates the Q-Former's word and position embeddings at init
+            out.update(qformer_input_ids=ids, qformer_attention_mask=np.ones_like(ids))
+        return out
     if hasattr(module, "config") and hasattr(module.config, "image_size"):
         h, w = module.config.image_size
         return {"pixel_values": np.zeros((batch, h, w, module.config.num_channels), np.float32)}
@@ -172,6 +224,8 @@ def build_model(cfg: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     fam = cfg.get("family")
     if fam == "prefix_vlm":
         m = build_prefix_vlm(cfg)
+    elif fam == "qformer_vlm":
+        m = build_qformer_vlm(cfg)
     elif fam in DECODERS:
         m = build_decoder(cfg)
     elif fam in ENCODER_DECODERS:  # example inputs are the encoder's; the decoder starts from its start token

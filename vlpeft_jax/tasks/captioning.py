@@ -5,6 +5,21 @@ The world (``config.data``, :mod:`vlpeft_jax.data.shapes`) has two caption style
 (``config.eval``: greedy or beam, KV cache) once, and scores the captions against each domain's references
 (BLEU-4, METEOR, ROUGE-L, CIDEr-D, ...; :func:`vlpeft_jax.eval.captions.evaluate_captions`).
 
+With an InstructBLIP-like model (``model.family="qformer_vlm"`` whose Q-Former reads text), every training,
+selection and generation batch also carries the Q-Former's instruction text, ``qformer_input_ids`` /
+``qformer_attention_mask`` (shapes tokenizer, ``<bos> text <eos>``, right-padded to
+``model.qformer_max_length``, default 64), given to the model with the image (the prefill only; decoding steps
+run the LM alone). ``model.qformer_text`` chooses that text (:func:`qformer_texts`):
+
+- ``"task"`` (default): the task instruction, ``"A photo of"`` for captions and ``"Question: {q} Short
+  answer:"`` for questions — standard InstructBLIP, what PETAL's baselines get (spec A29);
+- ``"instructions"``: the world's three original instructions of the task (``caption_instructions`` /
+  ``vqa_instructions``) joined with ``"\n"`` into one paragraph — PETAL's Q-Former input (seed 001 §3.3,
+  Table 7; spec §3.2, A13, A14);
+- ``"instructions+task"``: that paragraph, then the task line (spec A15's option).
+
+The LM's own text is unchanged (no prompt for captions, the task instruction for questions).
+
 Example (a full run through the runner: it builds the shapes world and a pretrained base, trains and
 decodes, too long for the doctests; the end-to-end tests in tests/experiments run it):
     >>> from vlpeft_jax.config import load_config_file
@@ -16,7 +31,7 @@ decodes, too long for the doctests; the end-to-end tests in tests/experiments ru
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +41,7 @@ import ml_collections
 import numpy as np
 
 from vlpeft_jax.data import shapes
-from vlpeft_jax.data.batching import CaptionBatches, EvalBatches
+from vlpeft_jax.data.batching import CaptionBatches, EvalBatches, VQAExample, build_text_sequences
 from vlpeft_jax.data.images import ImagePreprocessor
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.eval import decode
@@ -37,6 +52,118 @@ DOMAINS = ("source", "target")
 REPORT_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 SELECTION_KEYS = ("num_batches", "batch_size", "domain", "seed")
 BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels")
+QFORMER_KEYS = ("qformer_input_ids", "qformer_attention_mask")
+QFORMER_TEXTS = ("task", "instructions", "instructions+task")
+TASK_MODEL_KEYS = ("qformer_text", "qformer_max_length")
+"""Settings under ``config.model`` that the task reads (what text the model is fed), not the model builder:
+:meth:`ShapesLMTask.model_config` removes them; a pretrain keeps its own (they do not change the parameters)."""
+DEFAULT_QFORMER_MAX_LENGTH = 64
+
+
+def qformer_text_mode(cfg: ml_collections.ConfigDict) -> str | None:
+    """``model.qformer_text`` checked (:data:`QFORMER_TEXTS`); None when the model reads no Q-Former text (not a
+    ``qformer_vlm``, or its Q-Former has ``qformer_text_input=False``)."""
+    m = cfg.model
+    mode = m.get("qformer_text", "task")
+    if mode not in QFORMER_TEXTS:
+        raise ConfigError(f"model.qformer_text={mode!r}; valid: {', '.join(QFORMER_TEXTS)}")
+    if m.get("family") != "qformer_vlm":
+        for key in TASK_MODEL_KEYS:
+            if key in m:
+                raise ConfigError(f"model.{key} is for model.family='qformer_vlm' (the Q-Former's instruction "
+                                  f"text); model.family is {m.get('family')!r}")
+        return None
+    if not (m.get("qformer") or {}).get("qformer_text_input", True):
+        return None
+    return str(mode)
+
+
+def qformer_text(mode: str, example: Any, instructions: Any = None) -> str:
+    """The Q-Former text of one example under ``mode`` (:data:`QFORMER_TEXTS`).
+
+    ``instructions``: a :class:`~vlpeft_jax.data.shapes.ShapesWorldConfig` (its ``caption_instructions`` and
+    ``vqa_instructions``), or None for the defaults. A :class:`VQAExample`, or a caption example carrying a
+    question's prompt (a VQA question mixed into caption batches, ``meta["qtype"]`` set), is a VQA item; any
+    other caption example a captioning item.
+
+    Example:
+        >>> ex = VQAExample("1", "im", "what color is the circle?", ("red",))
+        >>> qformer_text("task", ex)
+        'Question: what color is the circle? Short answer:'
+        >>> qformer_text("instructions+task", ex).splitlines()[0::3]
+        ['What objects are in the picture?', 'Question: what color is the circle? Short answer:']
+    """
+    caption_instr = shapes.CAPTION_INSTRUCTIONS if instructions is None else instructions.caption_instructions
+    vqa_instr = shapes.VQA_INSTRUCTIONS if instructions is None else instructions.vqa_instructions
+    if isinstance(example, VQAExample):
+        task, lines = shapes.VQA_TASK_TEMPLATE.format(question=example.question), vqa_instr
+    elif getattr(example, "prompt", None):
+        task = example.prompt
+        lines = vqa_instr if "qtype" in (example.meta or {}) else caption_instr
+    else:
+        task, lines = shapes.CAPTION_TASK_PROMPT, caption_instr
+    if mode == "task":
+        return task
+    paragraph = "\n".join(lines)
+    if mode == "instructions":
+        return paragraph
+    if mode == "instructions+task":
+        return paragraph + "\n" + task
+    raise ConfigError(f"model.qformer_text={mode!r}; valid: {', '.join(QFORMER_TEXTS)}")
+
+
+def qformer_texts(cfg: ml_collections.ConfigDict, world: shapes.ShapesWorld | None,
+                  examples: Iterable[Any]) -> list[str]:
+    """The Q-Former text of every example under ``cfg.model.qformer_text`` (default ``"task"``; see the module
+    docstring), with the instructions of ``world`` (None: the default instructions).
+
+    Example:
+        >>> cfg = ml_collections.ConfigDict({"model": {"family": "qformer_vlm", "qformer_text": "instructions"}})
+        >>> ex = shapes.generate(shapes.ShapesWorldConfig(num_train=1, num_val=1, num_test=1, num_ood=1))
+        >>> print(qformer_texts(cfg, ex, ex["train"].caption_examples("source"))[0])
+        What objects are in the picture?
+        What are the characteristics of the objects in the picture?
+        What is the relationship between the objects in the picture?
+    """
+    mode = cfg.model.get("qformer_text", "task")
+    if mode not in QFORMER_TEXTS:
+        raise ConfigError(f"model.qformer_text={mode!r}; valid: {', '.join(QFORMER_TEXTS)}")
+    instructions = world.config if world is not None else None
+    return [qformer_text(mode, ex, instructions) for ex in examples]
+
+
+@dataclasses.dataclass
+class QFormerInputs:
+    """The Q-Former text arrays of a list of examples, tokenised once; rows picked by example index (-1, a
+    padding row: ``<bos> <eos>``)."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+
+    @classmethod
+    def build(cls, texts: list[str], tokenizer: Any, max_length: int) -> QFormerInputs:
+        try:
+            a = build_text_sequences([*texts, ""], tokenizer, max_length)
+        except Exception as e:  # InputError: a text longer than the configured length
+            raise ConfigError(f"model.qformer_max_length={max_length} is too short for the Q-Former text: {e}; "
+                              "raise it (and model.qformer.max_position_embeddings with it)") from None
+        return cls(a["input_ids"], a["attention_mask"])
+
+    def rows(self, example_index: np.ndarray) -> dict[str, np.ndarray]:
+        idx = np.where(np.asarray(example_index) >= 0, example_index, len(self.input_ids) - 1)
+        return {"qformer_input_ids": self.input_ids[idx], "qformer_attention_mask": self.attention_mask[idx]}
+
+
+@dataclasses.dataclass
+class WithQFormerText:
+    """Training batches (``CaptionBatches`` / ``VQABatches``) with each row's Q-Former text arrays."""
+
+    batches: Any
+    qformer: QFormerInputs
+
+    def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        for b in self.batches.iterate(start_step, num_steps):
+            yield {**b, **self.qformer.rows(b["example_index"])}
 
 
 def load_world(cfg: ml_collections.ConfigDict) -> shapes.ShapesWorld:
@@ -65,6 +192,13 @@ class ShapesLMTask:
         self._world = world
         self.tokenizer = tokenizer if tokenizer is not None else self.world.build_tokenizer()
         self.preprocessor = preprocessor(cfg)
+        self.qformer_text = qformer_text_mode(cfg)  # None: the model reads no Q-Former text
+        self.qformer_max_length = int(cfg.model.get("qformer_max_length", DEFAULT_QFORMER_MAX_LENGTH))
+        if self.qformer_text is not None:
+            positions = (cfg.model.get("qformer") or {}).get("max_position_embeddings", 512)
+            if not 1 <= self.qformer_max_length <= positions:
+                raise ConfigError(f"model.qformer_max_length={self.qformer_max_length}; must be in 1.."
+                                  f"{positions} (model.qformer.max_position_embeddings)")
 
     @property
     def world(self) -> shapes.ShapesWorld:
@@ -78,8 +212,32 @@ class ShapesLMTask:
 
     def model_config(self) -> dict[str, Any]:
         m = self.cfg.model.to_dict()
+        for key in TASK_MODEL_KEYS:
+            m.pop(key, None)
         m["decoder"]["vocab_size"] = self.tokenizer.vocab_size
+        if m.get("family") == "qformer_vlm" and m.get("qformer") is not None:
+            m["qformer"]["vocab_size"] = self.tokenizer.vocab_size  # the Q-Former reads the same words
         return m
+
+    def instructions(self) -> Any:
+        """Where the Q-Former's original instructions come from: the world's config (None: the defaults)."""
+        return self.world.config
+
+    def qformer_inputs(self, examples: list[Any]) -> QFormerInputs | None:
+        """The Q-Former text arrays of ``examples`` (None when the model reads no Q-Former text)."""
+        if self.qformer_text is None:
+            return None
+        texts = [qformer_text(self.qformer_text, ex, self.instructions()) for ex in examples]
+        return QFormerInputs.build(texts, self.tokenizer, self.qformer_max_length)
+
+    def with_qformer_text(self, batches: Any) -> Any:
+        """``batches`` (with ``examples`` and ``example_index``) plus the Q-Former text of each row, if any."""
+        q = self.qformer_inputs(list(batches.examples))
+        return batches if q is None else WithQFormerText(batches, q)
+
+    def model_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """The model-input and label arrays of a training batch, on device (selection data)."""
+        return {k: jnp.asarray(batch[k]) for k in (*BATCH_KEYS, *QFORMER_KEYS) if k in batch}
 
     def save_assets(self, run_dir: Path) -> None:
         self.tokenizer.save(Path(run_dir) / "tokenizer")
@@ -88,7 +246,8 @@ class ShapesLMTask:
         """Mean next-token cross-entropy on the target tokens, plus the methods' recorded loss terms."""
 
         def loss_fn(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", *QFORMER_KEYS)
+                      if k in batch}
             return base.lm_loss(module, methods, params, inputs, batch["labels"], rng, loss_weights,
                                 side_inputs=batch.get("side_inputs"))
 
@@ -110,9 +269,12 @@ class ShapesLMTask:
         batches = EvalBatches(examples, self.tokenizer, self.preprocessor, batch_size=ev.batch_size,
                               max_prompt_length=max_prompt_length, prompt=prompts)
         eos, pad = self.tokenizer.token_to_id("<eos>"), self.tokenizer.token_to_id("<pad>")
+        qformer = self.qformer_inputs(list(examples))
         out: list[str] = [""] * len(examples)
         for b in batches:
             inputs = {"input_ids": jnp.asarray(b["input_ids"]), "pixel_values": jnp.asarray(b["pixel_values"])}
+            if qformer is not None:  # read at the prefill with the image; the decoding steps run the LM alone
+                inputs.update({k: jnp.asarray(v) for k, v in qformer.rows(b["example_index"]).items()})
             gen = decode.generate(step, params, inputs, jnp.asarray(b["attention_mask"]),
                                   max_new_tokens=ev.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
                                   method=ev.method, num_beams=ev.num_beams, length_penalty=ev.length_penalty)
@@ -192,12 +354,13 @@ class CaptioningTask(ShapesLMTask):
         return base.WithImageIds(self._batches(self.cfg.train.domain, self.cfg.train.batch_size, seed,
                                                self.cfg.train.get("data_fraction", 1.0)))
 
-    def _batches(self, domain: str, batch_size: int, seed: int, fraction: float = 1.0) -> CaptionBatches:
+    def _batches(self, domain: str, batch_size: int, seed: int, fraction: float = 1.0) -> base.Batches:
         if domain not in DOMAINS:
             raise ConfigError(f"caption domain {domain!r}; valid: {', '.join(DOMAINS)}")
         examples = training_subset(self.world["train"].caption_examples(domain), fraction, batch_size)
-        return CaptionBatches(examples, self.tokenizer, self.preprocessor, batch_size=batch_size,
-                              max_length=self.cfg.train.max_length, seed=seed)
+        return self.with_qformer_text(CaptionBatches(examples, self.tokenizer, self.preprocessor,
+                                                     batch_size=batch_size, max_length=self.cfg.train.max_length,
+                                                     seed=seed))
 
     def selection_batches(self, settings: Mapping[str, Any], seed: int) -> Iterable[dict[str, Any]]:
         """``num_batches`` batches of training-split captions in ``domain`` (default the training domain)."""
@@ -206,7 +369,7 @@ class CaptioningTask(ShapesLMTask):
         batch_size = settings.get("batch_size") or self.cfg.train.batch_size
         batches = self._batches(domain, batch_size, seed)
         print(f"selection data: {settings['num_batches']} batches of {domain} captions")
-        return ({k: jnp.asarray(b[k]) for k in BATCH_KEYS} for b in batches.iterate(0, settings["num_batches"]))
+        return (self.model_batch(b) for b in batches.iterate(0, settings["num_batches"]))
 
     def evaluate(self, module: Any, params: Any, methods: base.Methods) -> dict[str, Any]:
         """Captions of the evaluation split, scored against each domain's references."""

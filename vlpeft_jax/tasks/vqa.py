@@ -51,7 +51,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -70,8 +69,8 @@ from vlpeft_jax.data.vqa import VQA_SCHEMAS, load_vqa_json, load_vqav2
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.eval.vqa import normalize_answer, vqa_accuracy
 from vlpeft_jax.tasks import base
-from vlpeft_jax.tasks.captioning import BATCH_KEYS, ShapesLMTask, preprocessor
 from vlpeft_jax.tasks.captioning import DOMAINS as CAPTION_DOMAINS
+from vlpeft_jax.tasks.captioning import ShapesLMTask, preprocessor
 
 DATA_KINDS = ("shapes", "vqa_files")
 REPORT_METRICS = ("VQA accuracy", "exact match")
@@ -254,21 +253,24 @@ class VQATask(ShapesLMTask):
         examples = self.examples(self.cfg.eval.split)
         return examples[:base.eval_count(self.cfg, len(examples))]
 
-    def _batches(self, types: Sequence[str] | None, batch_size: int, seed: int,
-                 captions: str = "") -> VQABatches | CaptionBatches:
+    def instructions(self) -> Any:
+        return None if self.files is not None else super().instructions()
+
+    def _batches(self, types: Sequence[str] | None, batch_size: int, seed: int, captions: str = "") -> base.Batches:
         examples = [ex for ex in self.examples("train") if types is None or question_group(ex) in types]
         if not examples:
             raise ConfigError(f"no training questions of type(s) {', '.join(types or ())} in the training split")
         if not captions:
-            return VQABatches(examples, self.tokenizer, self.preprocessor, batch_size=batch_size,
-                              max_length=self.cfg.train.max_length, seed=seed)
+            return self.with_qformer_text(VQABatches(examples, self.tokenizer, self.preprocessor,
+                                                     batch_size=batch_size, max_length=self.cfg.train.max_length,
+                                                     seed=seed))
         # questions as one-reference "captions" after their instruction, shuffled with the image captions
         mixed = [CaptionExample(ex.image_id, (ex.answer,), image=ex.image, image_path=ex.image_path,
                                 prompt=VQA_PROMPT_TEMPLATE.format(question=ex.question), meta=dict(ex.meta))
                  for ex in examples]
         mixed += self.world["train"].caption_examples(captions)
-        return CaptionBatches(mixed, self.tokenizer, self.preprocessor, batch_size=batch_size,
-                              max_length=self.cfg.train.max_length, seed=seed)
+        return self.with_qformer_text(CaptionBatches(mixed, self.tokenizer, self.preprocessor, batch_size=batch_size,
+                                                     max_length=self.cfg.train.max_length, seed=seed))
 
     def train_batches(self, seed: int) -> base.Batches:
         """Training questions of ``config.train.question_types`` (all types when empty), mixed with the
@@ -283,7 +285,7 @@ class VQATask(ShapesLMTask):
         batch_size = settings.get("batch_size") or self.cfg.train.batch_size
         batches = self._batches(types, batch_size, seed)
         print(f"selection data: {settings['num_batches']} batches of {', '.join(types or ('all',))} questions")
-        return ({k: jnp.asarray(b[k]) for k in BATCH_KEYS} for b in batches.iterate(0, settings["num_batches"]))
+        return (self.model_batch(b) for b in batches.iterate(0, settings["num_batches"]))
 
     # ---------------------------------------------------------------------------------- evaluation
 
