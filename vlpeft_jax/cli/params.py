@@ -4,6 +4,7 @@ Nothing is allocated: the model and every PEFT method are initialised under ``ja
 works for 7B-parameter configs on a laptop. Trainable counts follow each stage's ``trainable`` rules and the
 active methods' stage rules (a stage with GPS counts its selected entries, k per involved neuron); methods
 are prepared on shapes only, so gradient selection needs no selection pass (shapes do not depend on scores).
+A method that counts by part (``param_breakdown``: PETAL beside its paper's App. E count) gets a table of its own.
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ def count(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """Counts per stage: trainable, total base, and trainable as % of the base."""
     setup, params = abstract_setup(cfg)
     stages, _ = runner.plan_stages(setup, params["peft"])
-    return runner.parameter_counts(params, setup, stages)
+    out = runner.parameter_counts(params, setup, stages)
+    breakdowns = {name: m.param_breakdown(params["peft"][name]) for name, m in setup.methods.items()
+                  if hasattr(m, "param_breakdown")}
+    return {**out, "breakdown": breakdowns} if breakdowns else out
 
 
 def main(argv: list[str]) -> int:
@@ -73,4 +77,10 @@ def main(argv: list[str]) -> int:
     print("|---|---:|---:|")
     for name, c in out["stages"].items():
         print(f"| {name} | {c['trainable']:,} | {c['trainable_pct']:.3f} |")
+    for name, parts in out.get("breakdown", {}).items():  # methods that count by part (PETAL vs App. E)
+        print(f"\n{name}:")
+        print("| part | parameters |")
+        print("|---|---:|")
+        for part, n in parts.items():
+            print(f"| {part} | {n:,} |")
     return 0

@@ -27,10 +27,11 @@ from the image features); each feed-forward block calls the ``mlp`` hook with th
 ``intermediate`` (or ``intermediate_query``) module, covering ``dense -> act -> dense`` before the
 residual LayerNorm; BERT's token embeddings call the ``embed`` hook (prompt tokens are prepended, and
 token type ids are padded with zeros for them, as peft does); the Q-Former's instruction states (after its
-embedding LayerNorm) call the ``embed`` hook at ``<qformer>/embeddings/instructions``; :class:`BertModel`'s position ids (``0..t-1``
-as Hugging Face numbers them, or the caller's ``position_ids``) go through the ``positions`` hook at the
-``BertModel``'s own path before they index ``position_embeddings``. Attention-probability dropout is not
-applied (the attention core is the shared hook default); hidden dropout is, when ``deterministic=False``.
+embedding LayerNorm) call the ``embed`` hook at ``<qformer>/embeddings/instructions``;
+:class:`BertModel`'s position ids (``0..t-1`` as Hugging Face numbers them, or the caller's
+``position_ids``) go through the ``positions`` hook at the ``BertModel``'s own path before they index
+``position_embeddings``. Attention-probability dropout is not applied (the attention core is the shared hook
+default); hidden dropout is, when ``deterministic=False``.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ subclasses), so a runner never checks a method's name or type:
   method is active (GPS trains selected *base* entries); their leaves then count as ``num_params``.
 - ``optimizer_wrapper(tx, peft_params) -> tx``: how the method changes the updates of the stages where it is
   active (GPS's masks). Default: ``tx`` unchanged.
+- ``auxiliary_keys() -> keys``: top-level keys of training-only parameters that are not part of the adapter
+  (PETAL's information-bottleneck estimators), left out of the trainable counts. Default: none.
 - the output channel: a hook records named values with ``ctx.record(name, value)`` (Flax ``sow`` into the
   ``records`` collection); ``apply_with(..., record=True)`` returns them (:class:`Records`).
 - side inputs: per-batch values (``apply_with(..., side_inputs={...})``) that hooks read with
@@ -141,6 +143,11 @@ class Method:
                           ) -> optax.GradientTransformation:
         """The optimizer of a stage where the method is active (default: ``tx`` unchanged)."""
         return tx
+
+    def auxiliary_keys(self) -> tuple[str, ...]:
+        """Top-level keys of the method's parameters that it trains but that are not part of the adapter
+        (PETAL's IB estimators, ``sib``): kept out of the trainable counts. Default: none."""
+        return ()
 
     def extra_passes(self) -> tuple[str, ...]:
         """Names of extra forward passes a task loss runs while the method is active (each with the side input

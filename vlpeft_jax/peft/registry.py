@@ -35,6 +35,7 @@ METHODS: dict[str, str] = {
     "gps": "vlpeft_jax.peft.gps:GPS",
     "mam": "vlpeft_jax.peft.mam:MAM",
     "tcm": "vlpeft_jax.peft.tcm:TCM",
+    "petal": "vlpeft_jax.peft.petal:PETAL",
 }
 
 
