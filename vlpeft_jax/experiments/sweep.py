@@ -314,7 +314,7 @@ def _task_metrics(planned: Sequence[PlannedRun], metric: str | None) -> tuple[st
                               f"task ({p.variant}); valid: {', '.join(report_metrics)}")
         metric = metric or task.primary_metric
         metrics += [m for m in report_metrics if m not in metrics]  # every variant's (r_TCM only with TCM)
-        groups = list(task.groups_for(p.cfg))
+        groups = list(task.groups_for(p.cfg) if hasattr(task, "groups_for") else task.groups)
     assert metric is not None
     return metric, metrics, groups
 
