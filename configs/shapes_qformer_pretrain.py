@@ -14,7 +14,10 @@ Variants:
   ``"Question: {q} Short answer:"`` to the Q-Former and the LM; the same two stages as there (the Mapping
   Layer's role is the Q-Former's and the projection's here).
 
-Option ``smoke``: a seconds-long run for tests (smaller towers, a 32-wide Q-Former).
+Option ``generalist`` (PETAL's base, ``configs/shapes_petal.py``): trained on the references of both caption styles
+(``train.domain="both"``), or on every question type, so that its frozen language model knows the words of every
+answer, as InstructBLIP's LLM does; PETAL then tunes only the Q-Former to the target task. Option ``smoke``: a
+seconds-long run for tests (smaller towers, a 32-wide Q-Former).
 
 Sizes: ViT as ``shapes_pretrain`` (64 px, patch 16, width 96, 2 layers); Q-Former width 64, 2 layers, 4 heads,
 intermediate 128, ``cross_attention_frequency`` 1 (both layers cross-attend to the image), 8 query tokens,
@@ -33,8 +36,8 @@ SOURCE_STYLE = ("color", "shape", "existence")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    name, opts = common.parse_variant(variant, "configs/shapes_qformer_pretrain.py", VARIANTS, {"smoke": False},
-                                      default="captions")
+    name, opts = common.parse_variant(variant, "configs/shapes_qformer_pretrain.py", VARIANTS,
+                                      {"smoke": False, "generalist": False}, default="captions")
     c = common.load("shapes_pretrain.py")  # the same world, vision tower, decoder and training set-up
     c.name = "shapes_qformer_pretrain" if name == "captions" else "shapes_qformer_vqa_pretrain"
     c.model = dict(
@@ -55,6 +58,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.stages[0]["trainable"] = [["base/(qformer|language_projection|language_model)/.*", "full"]]
         c.train = v.train.to_dict()
         c.eval = v.eval.to_dict()
+    if opts["generalist"]:  # both caption styles / every question type: the base knows every answer's words
+        c.name += "_generalist"
+        if name == "vqa":
+            from vlpeft_jax.data.shapes import QUESTION_TYPES
+
+            c.train.question_types = list(QUESTION_TYPES)
+        else:
+            c.train.domain = "both"
     if opts["smoke"]:
         common.shrink_for_smoke(c)
         c.model.qformer.update(hidden_size=32, intermediate_size=64, num_attention_heads=2)

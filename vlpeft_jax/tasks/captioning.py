@@ -49,6 +49,7 @@ from vlpeft_jax.eval.captions import evaluate_captions
 from vlpeft_jax.tasks import base
 
 DOMAINS = ("source", "target")
+TRAIN_DOMAINS = (*DOMAINS, "both")  # "both": every image with the references of both styles (a generalist base)
 REPORT_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 SELECTION_KEYS = ("num_batches", "batch_size", "domain", "seed")
 BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels")
@@ -289,6 +290,21 @@ class ShapesLMTask:
         return out
 
 
+def train_examples(split: shapes.ShapesSplit, domain: str) -> list[Any]:
+    """The caption examples of ``split`` in ``domain`` (:data:`TRAIN_DOMAINS`): ``both`` gives every image the
+    references of both styles, so that a base trained on them knows either (PETAL's generalist base).
+
+    Example:
+        >>> world = shapes.generate(shapes.ShapesWorldConfig(num_train=2, num_val=1, num_test=1, num_ood=1))
+        >>> [len(train_examples(world["train"], d)[0].captions) for d in ("both", "source")]
+        [10, 5]
+    """
+    if domain != "both":
+        return split.caption_examples(domain)
+    return [dataclasses.replace(s, captions=s.captions + t.captions, meta={**s.meta, "domain": "both"})
+            for s, t in zip(split.caption_examples("source"), split.caption_examples("target"), strict=True)]
+
+
 def r_tcm_of(topics: list[np.ndarray]) -> float:
     """r_TCM (seed 000 Eq. 10): the mean over captions with at least one token of the fraction of tokens whose
     topic is not the residual one (0)."""
@@ -355,9 +371,9 @@ class CaptioningTask(ShapesLMTask):
                                                self.cfg.train.get("data_fraction", 1.0)))
 
     def _batches(self, domain: str, batch_size: int, seed: int, fraction: float = 1.0) -> base.Batches:
-        if domain not in DOMAINS:
-            raise ConfigError(f"caption domain {domain!r}; valid: {', '.join(DOMAINS)}")
-        examples = training_subset(self.world["train"].caption_examples(domain), fraction, batch_size)
+        if domain not in TRAIN_DOMAINS:
+            raise ConfigError(f"caption domain {domain!r}; valid: {', '.join(TRAIN_DOMAINS)}")
+        examples = training_subset(train_examples(self.world["train"], domain), fraction, batch_size)
         return self.with_qformer_text(CaptionBatches(examples, self.tokenizer, self.preprocessor,
                                                      batch_size=batch_size, max_length=self.cfg.train.max_length,
                                                      seed=seed))
