@@ -64,6 +64,7 @@ def test_petal_smoke_run_logs_ib_and_counts_the_adapter_only(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "petal" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert train_rows and all("loss/ib" in r and "loss/ib_critic" in r for r in train_rows)
+    assert not (tmp_path / "petal" / "final" / "base").exists()  # the frozen model did not change (T8)
     setup, p = runner.load_final(tmp_path / "petal", cfg)
     petal = setup.methods["petal"]
     stages, _ = runner.plan_stages(setup, p["peft"])
