@@ -14,9 +14,11 @@ Variants:
   ``"Question: {q} Short answer:"`` to the Q-Former and the LM; the same two stages as there (the Mapping
   Layer's role is the Q-Former's and the projection's here).
 
-Option ``generalist`` (PETAL's base, ``configs/shapes_petal.py``): trained on the references of both caption styles
-(``train.domain="both"``), or on every question type, so that its frozen language model knows the words of every
-answer, as InstructBLIP's LLM does; PETAL then tunes only the Q-Former to the target task. Option ``smoke``: a
+Option ``generalist`` (PETAL's base, ``configs/shapes_petal.py``): an instruction-following base trained on both
+caption styles, each asked for by its own Q-Former instruction (``train.domain="styled"``: "A photo of" for the
+plain captions, "where are the shapes in the image?" for the expressive ones), or on every question type, so that
+its frozen language model knows the words of every answer, as InstructBLIP's LLM does; PETAL then tunes only the
+Q-Former to the target task. Option ``smoke``: a
 seconds-long run for tests (smaller towers, a 32-wide Q-Former).
 
 Sizes: ViT as ``shapes_pretrain`` (64 px, patch 16, width 96, 2 layers); Q-Former width 64, 2 layers, 4 heads,
@@ -65,7 +67,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
             c.train.question_types = list(QUESTION_TYPES)
         else:
-            c.train.domain = "both"
+            c.train.domain = "styled"
     if opts["smoke"]:
         common.shrink_for_smoke(c)
         c.model.qformer.update(hidden_size=32, intermediate_size=64, num_attention_heads=2)

@@ -49,7 +49,7 @@ from vlpeft_jax.eval.captions import evaluate_captions
 from vlpeft_jax.tasks import base
 
 DOMAINS = ("source", "target")
-TRAIN_DOMAINS = (*DOMAINS, "both")  # "both": every image with the references of both styles (a generalist base)
+TRAIN_DOMAINS = (*DOMAINS, "styled")  # "styled": both styles, each asked for by its own Q-Former instruction
 REPORT_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 SELECTION_KEYS = ("num_batches", "batch_size", "domain", "seed")
 BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels")
@@ -103,6 +103,7 @@ def qformer_text(mode: str, example: Any, instructions: Any = None) -> str:
         lines = vqa_instr if "qtype" in (example.meta or {}) else caption_instr
     else:
         task, lines = shapes.CAPTION_TASK_PROMPT, caption_instr
+    task = (getattr(example, "meta", None) or {}).get("qformer_task", task)  # train.domain="styled"
     if mode == "task":
         return task
     paragraph = "\n".join(lines)
@@ -290,19 +291,29 @@ class ShapesLMTask:
         return out
 
 
+TARGET_STYLE_INSTRUCTION = "where are the shapes in the image?"
+"""The Q-Former task instruction of the target-style captions in ``train.domain="styled"`` (a base that follows
+two caption instructions: :data:`~vlpeft_jax.data.shapes.CAPTION_TASK_PROMPT` for plain captions, this for the
+expressive ones; words of the world's vocabulary, none of PETAL's Table 7 instructions)."""
+
+
 def train_examples(split: shapes.ShapesSplit, domain: str) -> list[Any]:
-    """The caption examples of ``split`` in ``domain`` (:data:`TRAIN_DOMAINS`): ``both`` gives every image the
-    references of both styles, so that a base trained on them knows either (PETAL's generalist base).
+    """The caption examples of ``split`` in ``domain`` (:data:`TRAIN_DOMAINS`). ``styled`` gives every image twice,
+    once with its source references and once with its target references, the latter asking for them with
+    :data:`TARGET_STYLE_INSTRUCTION` as the Q-Former's task text (``meta["qformer_task"]``): an instruction-following
+    base (PETAL's, ``configs/shapes_qformer_pretrain.py:generalist``) that knows both styles.
 
     Example:
         >>> world = shapes.generate(shapes.ShapesWorldConfig(num_train=2, num_val=1, num_test=1, num_ood=1))
-        >>> [len(train_examples(world["train"], d)[0].captions) for d in ("both", "source")]
-        [10, 5]
+        >>> styled = train_examples(world["train"], "styled")
+        >>> len(styled), styled[-1].meta["qformer_task"] == TARGET_STYLE_INSTRUCTION
+        (4, True)
     """
-    if domain != "both":
+    if domain != "styled":
         return split.caption_examples(domain)
-    return [dataclasses.replace(s, captions=s.captions + t.captions, meta={**s.meta, "domain": "both"})
-            for s, t in zip(split.caption_examples("source"), split.caption_examples("target"), strict=True)]
+    target = [dataclasses.replace(t, meta={**t.meta, "qformer_task": TARGET_STYLE_INSTRUCTION})
+              for t in split.caption_examples("target")]
+    return split.caption_examples("source") + target
 
 
 def r_tcm_of(topics: list[np.ndarray]) -> float:
