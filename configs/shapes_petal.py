@@ -3,12 +3,13 @@ adapted by tuning only its Q-Former, against the paper's baselines.
 
 The base (``shapes_qformer_pretrain.py:generalist``, all weights trained) follows two caption instructions given
 to its Q-Former: "A photo of" gives plain (source) captions, "where are the shapes in the image?" expressive
-(target) ones, as InstructBLIP follows instructions and its LLM knows the words of any caption. (A Q-Former-only
-method cannot teach a frozen language model words it never produced: from the source-only base every Q-Former
-method stayed at target CIDEr-D ≈ 0; from a base trained on both styles under one instruction, which answers in
-the source style, PETAL did not move it in 400 steps: target CIDEr-D 6.1 against 7.1 zero-shot, 3 seeds.) The adaptation trains on target captions with each method's own Q-Former text (PETAL: its three
-instructions; baselines: "A photo of", which the base answers in the source style): the Q-Former has to learn to
-ask for the target style.
+(target) ones, as InstructBLIP follows instructions and its LLM knows the words of any caption. The adaptation
+trains on target captions with each method's own Q-Former text (PETAL: its three instructions; baselines: "A
+photo of", which the base answers in the source style): the Q-Former has to learn to ask for the target style.
+Two earlier set-ups were uninformative and are not used: from the source-only base (whose frozen LM never
+produced target words) PETAL stayed at target CIDEr-D 0.2; from a base trained on both styles under one
+instruction (which answers in the source style) PETAL did not move it in 400 steps (target CIDEr-D 6.1 against
+7.1 zero-shot, 3 seeds).
 
 ``python run.py train --config configs/shapes_petal.py:VARIANT`` runs one variant; sweeps (one table and plot
 each, ``python run.py sweep --config configs/shapes_petal.py --sweep NAME --seeds 0,1,2``):
