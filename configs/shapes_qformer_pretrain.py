@@ -68,6 +68,16 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
             c.train.question_types = list(QUESTION_TYPES)
         else:
             c.train.domain = "styled"
+            # two stages as the VQA base: trained jointly from the start the Q-Former learned no image use (one
+            # caption for all 200 validation images); with the tower frozen at its random initialisation first,
+            # the Q-Former's cross-attention learns to read its features (seed 001: InstructBLIP's ViT is frozen)
+            c.stages = [
+                dict(name="align", steps=2000, trainable=[["base/(qformer|language_projection|language_model)/.*",
+                                                            "full"]],
+                     optimizer=common.adamw(1e-3, weight_decay=0.01, warmup_steps=50), methods=[]),
+                dict(name="pretrain", steps=700, trainable=[["base/.*", "full"]],
+                     optimizer=common.adamw(5e-4, weight_decay=0.01, warmup_steps=50), methods=[]),
+            ]
     if opts["smoke"]:
         common.shrink_for_smoke(c)
         c.model.qformer.update(hidden_size=32, intermediate_size=64, num_attention_heads=2)
