@@ -1,7 +1,8 @@
 """PETAL (seed 001) on the shapes world: the tiny InstructBLIP-like base (``configs/shapes_qformer_pretrain.py``)
 adapted by tuning only its Q-Former, against the paper's baselines.
 
-The base (``shapes_qformer_pretrain.py:generalist``, all weights trained) follows two caption instructions given
+The base (``shapes_qformer_pretrain.py:generalist``: Q-Former, projection and LM on a frozen random tower, then all
+weights) follows two caption instructions given
 to its Q-Former: "A photo of" gives plain (source) captions, "where are the shapes in the image?" expressive
 (target) ones, as InstructBLIP follows instructions and its LLM knows the words of any caption. The adaptation
 trains on target captions with each method's own Q-Former text (PETAL: its three instructions; baselines: "A
