@@ -70,6 +70,7 @@ import jax.numpy as jnp
 
 from vlpeft_jax.errors import ConfigError, InputError
 from vlpeft_jax.models import hooks
+from vlpeft_jax.models.bert import INSTRUCTIONS_HOOK
 from vlpeft_jax.peft import base as pb
 from vlpeft_jax.peft import petal_ib
 
@@ -78,7 +79,6 @@ AIMS = ("experts", "none", "random")
 EXPERTS = ("bottleneck", "film", "code")
 MODALITIES = ("vis", "txt")
 DEFAULT_TARGETS = (r"qformer/.*attention/attention/(query|key|value)",)
-INSTRUCTIONS_HOOK = "instructions"  # = models.bert.INSTRUCTIONS_HOOK (the Q-Former's instruction-state hook point)
 CODE_MIX = (0.6, 0.4)  # the released code's ``0.6·emb + 0.4·mean_k E_k(emb)``
 
 
@@ -311,9 +311,10 @@ class PETAL(pb.Method):
             c = self.cores(p, module, group)
             apply = (lambda c_m: u * c_m) if self.core == "cp" else (lambda c_m: u @ c_m)
             uc = apply(c[0])
-            if "crossattention" not in ctx.path and x.shape[1] > self.query_count(ctx, self.num_query_tokens):
+            n_query = None if "crossattention" in ctx.path else self.query_count(ctx, self.num_query_tokens)
+            if n_query is not None and x.shape[1] > n_query:
                 # self-attention over [queries; instruction]: instruction positions use λ^txt (A5)
-                is_txt = jnp.arange(x.shape[1]) >= self.query_count(ctx, self.num_query_tokens)
+                is_txt = jnp.arange(x.shape[1]) >= n_query
                 uc = jnp.where(is_txt[None, :, None], apply(c[1]), uc)
             return base + (uc @ f["V"]).astype(base.dtype)
 
