@@ -155,6 +155,22 @@ def shrink_checkpoint_run(c: ml_collections.ConfigDict) -> None:
     c.eval.update(max_examples=4, batch_size=2, method="greedy", num_beams=1, max_new_tokens=4)
 
 
+PETAL_NO_DECAY = [r"(?:.*/)?(?:bias|scale|embedding|gamma|mode|lambda)"]
+"""PETAL's leaves without weight decay: biases, norms, embeddings, and its Γ, mode vectors and λ (decaying Γ would
+pull the frozen W0's weight towards 0; seed 001 spec §5)."""
+
+
+def petal_stage(petal: Mapping[str, Any], optimizer: dict, estimator_group: Mapping[str, Any], steps: int) -> dict:
+    """One stage training ``peft.petal`` with ``optimizer`` (PETAL's no-decay leaves added) and, when PETAL has an IB
+    loss, its estimators (``peft/petal/sib``) in their own group ``ib_estimators`` (spec A20)."""
+    opt = dict(optimizer, no_decay=list(PETAL_NO_DECAY))
+    trainable = [["peft/petal/.*", "petal"]]
+    if petal.get("ib_weight", 0.05):
+        opt["groups"] = {"ib_estimators": dict(estimator_group)}
+        trainable.insert(0, ["peft/petal/sib/.*", "ib_estimators"])
+    return dict(name="adapt", steps=steps, trainable=trainable, optimizer=opt, methods=["petal"])
+
+
 SHAPES_LM_LAYERS = "language_model/model/layers_\\d+"
 CAPTION_INSTRUCTION = "a short description of the image"
 

@@ -20,21 +20,6 @@ from configs import common
 from vlpeft_jax.data.shapes import CAPTION_INSTRUCTIONS, VQA_INSTRUCTIONS
 
 VARIANTS = ("captions", "vqa")
-NO_DECAY = [r"(?:.*/)?(?:bias|scale|embedding|gamma|mode|lambda)"]
-
-
-def petal_stage(petal: dict, learning_rate: float, steps: int, warmup: int, weight_decay: float) -> dict:
-    """One stage training ``peft.petal``: PETAL's group and, with an IB loss, the estimators' own group (10× lr,
-    no decay)."""
-    opt = common.adamw(learning_rate, weight_decay=weight_decay, warmup_steps=warmup)
-    opt["no_decay"] = list(NO_DECAY)
-    trainable = [["peft/petal/.*", "petal"]]
-    if petal.get("ib_weight", 0.05):
-        opt["groups"] = {"ib_estimators": {"learning_rate": 10 * learning_rate, "weight_decay": 0.0}}
-        trainable.insert(0, ["peft/petal/sib/.*", "ib_estimators"])
-    return dict(name="adapt", steps=steps, trainable=trainable, optimizer=opt, methods=["petal"])
-
-
 def real_shapes_model() -> dict:
     """InstructBLIP (Vicuna-7B) shapes for abstract counting: EVA ViT-g/14 (1408 wide, 39 layers), the
     Q-Former (768 wide, 12 layers, cross-attention every 2nd, 32 queries), a LLaMA-7B LM."""
@@ -67,7 +52,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         del c["task"]  # no data: the model's shapes only
         c.model = real_shapes_model()
         c.peft.petal.ib_weight = 0.0  # App. E counts no estimators
-    c.stages = [petal_stage(c.peft.petal.to_dict(), 2e-5, 5000, 1000, 0.02)]
+    c.stages = [common.petal_stage(c.peft.petal.to_dict(), common.adamw(2e-5, weight_decay=0.02, warmup_steps=1000),
+                                   {"learning_rate": 2e-4, "weight_decay": 0.0}, 5000)]
     if opts["smoke"]:
         common.shrink_checkpoint_run(c)
         c.peft.petal.update(rank=4, expert_width=4, gate_width=4)

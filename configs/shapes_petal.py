@@ -71,7 +71,6 @@ PEFT_LR, FULL_LR, ESTIMATOR_LR = 3e-3, 5e-4, 1e-2
 STEPS = {"captioning": 400, "vqa": 500}
 QFORMER_MATRICES = r"qformer/.*attention/attention/(query|key|value)"
 QFORMER_SELF_ATTENTION = r"qformer/encoder/layer_\d+/attention/attention"
-NO_DECAY = [r"(?:.*/)?(?:bias|scale|embedding|gamma|mode|lambda)"]
 
 
 def petal_settings(variant: str) -> dict:
@@ -129,13 +128,8 @@ def get_config(variant: str = "petal") -> ml_collections.ConfigDict:
         petal = petal_settings(name)
         c.model.qformer_text = "instructions"  # the task's three Table 7 instructions, one paragraph (A13-A14)
         c.peft = {"petal": petal}
-        opt = common.adamw(opts["lr"] or PEFT_LR, weight_decay=0.02)
-        opt["no_decay"] = list(NO_DECAY)
-        trainable = [["peft/petal/.*", "petal"]]
-        if petal["ib_weight"]:
-            opt["groups"] = {"ib_estimators": common.adamw(ESTIMATOR_LR, clip_norm=None)}
-            trainable.insert(0, ["peft/petal/sib/.*", "ib_estimators"])
-        c.stages = [dict(name="adapt", steps=steps, trainable=trainable, optimizer=opt, methods=["petal"])]
+        c.stages = [common.petal_stage(petal, common.adamw(opts["lr"] or PEFT_LR, weight_decay=0.02),
+                                       common.adamw(ESTIMATOR_LR, clip_norm=None), steps)]
     else:
         c.model.qformer_text = "task"  # standard InstructBLIP input for the baselines (A29)
         peft, trainable = baseline_settings(name)
