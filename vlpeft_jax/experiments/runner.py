@@ -41,6 +41,7 @@ import numpy as np
 from vlpeft_jax import files, tasks
 from vlpeft_jax.config import load_config_file, validate
 from vlpeft_jax.errors import CheckpointError, ConfigError
+from vlpeft_jax.experiments import multitask
 from vlpeft_jax.experiments.report import write_report
 from vlpeft_jax.models import layers, registry
 from vlpeft_jax.peft import base as peft_base
@@ -338,41 +339,73 @@ def pretrained_base(cfg: ml_collections.ConfigDict, task: Any, module: Any, inpu
     parameters (:data:`~vlpeft_jax.tasks.captioning.TASK_MODEL_KEYS`, e.g. ``model.qformer_text``) stay the
     pretrain config's own: an adaptation feeding the Q-Former PETAL's instructions reuses the base pretrained on
     the task instruction, as its baselines do. The cache key hashes all of them (not the data cache location).
+
+    ``pretrain.keep`` (a list of ``/``-joined module paths, e.g. ``["vision_tower"]``) pretrains the pretrain
+    config's *own* model instead (its own heads, say) and takes only those subtrees from it; the rest of this
+    run's base is freshly initialised (``seed``). That is how a classifier gets a tower pretrained on other
+    labels: the subtrees must have the same shapes in both models.
     """
     from vlpeft_jax.tasks.captioning import TASK_MODEL_KEYS
 
+    keep = [str(k) for k in (cfg.pretrain.get("keep") or [])]
     pcfg = load_config_file(cfg.pretrain.config)
     own = pcfg.model.to_dict() if pcfg.get("model") else {}
-    pcfg.model = ml_collections.ConfigDict(cfg.model.to_dict())
-    for key in TASK_MODEL_KEYS:
-        if key in own:
-            pcfg.model[key] = own[key]
-        elif key in pcfg.model:
-            del pcfg.model[key]
+    if not keep:
+        pcfg.model = ml_collections.ConfigDict(cfg.model.to_dict())
+        for key in TASK_MODEL_KEYS:
+            if key in own:
+                pcfg.model[key] = own[key]
+            elif key in pcfg.model:
+                del pcfg.model[key]
     pcfg.data = ml_collections.ConfigDict(cfg.data.to_dict())
     data_key = {k: v for k, v in cfg.data.to_dict().items() if k != "cache_dir"}
     parts = [pcfg.model, data_key, pcfg.stages, pcfg.train, pcfg.seed]
     if pcfg.get("task", "captioning") != "captioning":  # (captioning bases keep the keys they had)
         parts.append(pcfg.task)
+    if keep:
+        parts.append(pcfg.to_dict().get("heads"))
     cache = Path(cfg.pretrain.cache_dir) / f"{pcfg.name}-{config_hash(*parts)}"
-    abstract = abstract_base(module, inputs, pcfg.seed)
-    if cache.exists():
-        base = _read_cached_base(cache, abstract)
-        if base is not None:
-            print(f"reusing the pretrained base from {cache}")
-            return base
-    files.check_writable_dir(cache.parent, "pretrain.cache_dir")
-    print(f"pretraining the base ({pcfg.name}) into {cache}")
     # the pretrain config's own task settings (domain, batch size, lengths) over this run's data and tokenizer
-    ptask = tasks.build(pcfg, **task.shared_data())
-    setup = Setup(pcfg, ptask, module, inputs, init_base(module, inputs, pcfg.seed), {})
-    params, _ = train_stages(setup, cache / "run", {}, stages_from_config(pcfg), {})
-    checkpoint.save_tree(cache / "params", params["base"])
-    files.write_text(cache / "params.sha256", tree_digest(params["base"]) + "\n")  # written last: marks it complete
-    base = _read_cached_base(cache, abstract)
-    if base is None:
-        raise CheckpointError(f"the pretrained base just written to {cache} cannot be read back")
-    return base
+    ptask = tasks.build(pcfg, **task.shared_data()) if keep or not cache.exists() else None
+    pmodule, pinputs = registry.build_model(ptask.model_config()) if keep else (module, inputs)
+    abstract = abstract_base(pmodule, pinputs, pcfg.seed)
+    base = _read_cached_base(cache, abstract) if cache.exists() else None
+    if base is not None:
+        print(f"reusing the pretrained base from {cache}")
+    else:
+        files.check_writable_dir(cache.parent, "pretrain.cache_dir")
+        print(f"pretraining the base ({pcfg.name}) into {cache}")
+        ptask = ptask or tasks.build(pcfg, **task.shared_data())
+        setup = Setup(pcfg, ptask, pmodule, pinputs, init_base(pmodule, pinputs, pcfg.seed), {})
+        params, _ = train_stages(setup, cache / "run", {}, stages_from_config(pcfg), {})
+        checkpoint.save_tree(cache / "params", params["base"])
+        files.write_text(cache / "params.sha256", tree_digest(params["base"]) + "\n")  # written last: complete
+        base = _read_cached_base(cache, abstract)
+        if base is None:
+            raise CheckpointError(f"the pretrained base just written to {cache} cannot be read back")
+    return keep_subtrees(base, init_base(module, inputs, cfg.seed), keep, cfg.pretrain.config) if keep else base
+
+
+def keep_subtrees(pretrained: Any, fresh: Any, keep: Sequence[str], source: str) -> Any:
+    """``fresh`` with the subtrees ``keep`` (``/``-joined paths) replaced by ``pretrained``'s.
+
+    Raises:
+      ConfigError: a path missing from either tree, or a subtree whose shapes differ.
+    """
+    out = peft_base.copy_tree(fresh)
+    for where in keep:
+        path = tuple(p for p in where.split("/") if p)
+        old, new = peft_base.lookup(fresh, path), peft_base.lookup(pretrained, path)
+        if old is None or new is None:
+            raise ConfigError(f"pretrain.keep: {where!r} is not a module of {'this model' if old is None else source}"
+                              f"'s parameters; top-level modules: "
+                              f"{', '.join(sorted((fresh if old is None else pretrained).keys()))}")
+        shapes_old = jax.tree.map(lambda x: tuple(x.shape), old)
+        shapes_new = jax.tree.map(lambda x: tuple(x.shape), new)
+        if shapes_old != shapes_new:
+            raise ConfigError(f"pretrain.keep: {where!r} has different shapes in {source}'s model and in this one")
+        peft_base.set_path(out, path, new)
+    return out
 
 
 def tree_digest(tree: Any) -> str:
@@ -420,8 +453,9 @@ def _read_cached_base(cache: Path, abstract: Any) -> Any | None:
 
 
 def train_stages(setup: Setup, run_dir: Path, peft_params: Mapping[str, Any], stages: Sequence[Stage],
-                 wrappers: Mapping[str, Any]) -> tuple[Any, Any]:
-    """Runs ``stages`` on the task's training batches; returns (final params, TrainResult)."""
+                 wrappers: Mapping[str, Any], mtl: Any = None) -> tuple[Any, Any]:
+    """Runs ``stages`` on the task's training batches; returns (final params, TrainResult). With an
+    :class:`~vlpeft_jax.experiments.multitask.MTLPlan` the stages train through its gradient manipulation."""
     cfg = setup.cfg
     batches = setup.task.train_batches(cfg.seed)
     weights = dict(cfg.get("loss_weights") or {})
@@ -434,10 +468,13 @@ def train_stages(setup: Setup, run_dir: Path, peft_params: Mapping[str, Any], st
     def build_loss_fn(active: tuple[str, ...]):
         return setup.task.loss_fn(setup.module, setup.active(active), weights)
 
+    step_factory = None
+    if mtl is not None:
+        build_loss_fn, wrappers, step_factory = multitask.training_hooks(setup, mtl, wrappers)
     params = {"base": setup.base, "peft": dict(peft_params)}
     result = train(params, stages, data_factory, run_dir, build_loss_fn=build_loss_fn, seed=cfg.seed,
                    checkpoint_every=cfg.train.checkpoint_every, progress=cfg.train.progress,
-                   optimizer_wrappers=wrappers)
+                   optimizer_wrappers=wrappers, step_factory=step_factory)
     return result.params, result
 
 
@@ -507,6 +544,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     setup = build(cfg)
     peft_params = prepare_methods(setup, jax.random.key(cfg.seed + 1))
     stages, wrappers = plan_stages(setup, peft_params)
+    mtl = multitask.plan(setup)
     # before any compilation: a stage may only train methods that are active in it (issue 5, bad input)
     check_stage_methods(stages, setup.methods, {"base": setup.base, "peft": peft_params})
     write_run_config(run_dir, cfg)
@@ -515,12 +553,17 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     if cfg.eval.zero_shot:
         print("evaluating zero-shot (the base model)")
         results["zero_shot"] = setup.task.evaluate(setup.module, {"base": setup.base, "peft": {}}, [])
-    params, train_result = train_stages(setup, run_dir, peft_params, stages, wrappers)
+    params, train_result = train_stages(setup, run_dir, peft_params, stages, wrappers, mtl)
     save_final(run_dir, params, setup.base)
     counts = parameter_counts(params, setup, stages)
     results["params"] = {"base_total": counts["base_total"], **counts["stages"][stages[-1].name]}
     results["train"] = {"final_loss": train_result.history[-1]["loss"] if train_result.history else None,
                         "steps": sum(s.steps for s in stages)}
+    if mtl is not None:
+        results["mtl"] = multitask.summary(mtl, train_result.history)
+        if mtl.mask_mode in ("pre", "post"):  # sparse training: the mask decides what trains (Table 17's count)
+            trainable = int(round(mtl.trainable_fraction * counts["base_total"]))
+            results["params"].update(trainable=trainable, trainable_pct=100.0 * mtl.trainable_fraction)
     print("evaluating the adapted model")
     results["adapted"] = setup.task.evaluate(setup.module, params, setup.active())
     results["wall_time_s"] = time.time() - t0

@@ -9,7 +9,9 @@
   ``ViTForImageClassification``), ``mean`` the mean of the patch tokens (``CLIPForImageClassification``;
   on VLM features the mean of all visual tokens), ``pooled`` the tower's own pooled output (ViT's tanh
   pooler, CLIP's post-LN class token; towers only);
-- ``heads/<name>`` is a ``layers.Linear`` per task producing that task's logits (``num_classes`` wide). The
+- ``heads/<name>`` is a ``layers.Linear`` per task producing that task's logits (``num_classes`` wide);
+  a head named in ``patch_heads`` is *dense*: it reads every patch token (the tokens after the class token) and
+  gives ``[b, num_patches, num_classes]`` logits (the per-patch tasks of multi-task learning). The
   model knows nothing of single- vs multi-label: that is the loss, which the task owns
   (:mod:`vlpeft_jax.tasks.classification`).
 
@@ -82,7 +84,7 @@ class ClassifierOutput:
     """Classifier result.
 
     Attributes:
-      logits: ``{head name: [b, num_classes]}`` (float32).
+      logits: ``{head name: [b, num_classes]}`` (float32); ``[b, num_patches, num_classes]`` for patch heads.
       features: ``[b, d]``, the pooled vector the heads read.
       tokens: ``[b, t, d]``, the token features pooling read (tower tokens or visual tokens), e.g. for
         patch-level heads or analysis.
@@ -114,6 +116,7 @@ class VisionClassifier(nn.Module):
       connector: the Mapping Layer settings of the VLM whose visual tokens are classified; None to classify
         the tower's own tokens.
       connector_width: the Mapping Layer's output width (the VLM's LM width).
+      patch_heads: names of heads applied to every patch token instead of the pooled vector.
     """
 
     vision_tower: nn.Module
@@ -121,9 +124,15 @@ class VisionClassifier(nn.Module):
     pool: str = "cls"
     connector: ConnectorConfig | None = None
     connector_width: int = 0
+    patch_heads: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_heads(self.num_classes, "num_classes")
+        names = [n for n, _ in self.num_classes]
+        unknown = [h for h in self.patch_heads if h not in names]
+        if unknown:
+            raise ConfigError(f"model.patch_heads: {', '.join(map(repr, unknown))} not among the heads "
+                              f"({', '.join(names)})")
         if self.pool not in POOLS:
             raise ConfigError(f"model.pool={self.pool!r}; valid: {', '.join(POOLS)}")
         if self.connector is not None:
@@ -161,5 +170,14 @@ class VisionClassifier(nn.Module):
                     raise ConfigError("model.pool='pooled' but the tower has no pooled output (ViT: "
                                       "add_pooling_layer=False); use 'cls' or 'mean'")
                 features = out.pooled
-        logits = ClassifierHeads(self.num_classes, name="heads")(features)
-        return ClassifierOutput(logits=logits, features=features, tokens=tokens)
+        image_heads = tuple(p for p in self.num_classes if p[0] not in self.patch_heads)
+        dense = tuple(p for p in self.num_classes if p[0] in self.patch_heads)
+        heads = ClassifierHeads(image_heads + dense, name="heads")
+        logits = heads(features) if not dense else {}
+        if dense:
+            # patch tokens: everything after the class token (a connector over patch features has none)
+            has_cls = self.connector is None or self.connector.feature != "patches"
+            patches = tokens[:, 1:] if has_cls else tokens
+            both = heads(jnp.concatenate([features[:, None], patches], axis=1))
+            logits = {n: both[n][:, 0] if n not in self.patch_heads else both[n][:, 1:] for n, _ in self.num_classes}
+        return ClassifierOutput(logits={n: logits[n] for n, _ in self.num_classes}, features=features, tokens=tokens)

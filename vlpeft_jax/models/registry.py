@@ -176,27 +176,30 @@ def build_qformer_vlm(cfg: Mapping[str, Any]) -> Any:
 
 def build_vision_classifier(cfg: Mapping[str, Any]) -> Any:
     """A :class:`~vlpeft_jax.models.classifier.VisionClassifier`: ``heads`` (``{name: num_classes}``), ``pool``,
-    and either ``vision`` (a tower config) or ``vlm`` (a ``prefix_vlm`` config: its tower and Mapping Layer)."""
+    ``patch_heads`` (names of heads applied per patch token), and either ``vision`` (a tower config) or ``vlm``
+    (a ``prefix_vlm`` config: its tower and Mapping Layer)."""
     from vlpeft_jax.models.classifier import VisionClassifier, check_heads
     from vlpeft_jax.models.vlm import ConnectorConfig
 
-    unknown = sorted(set(cfg) - {"family", "vision", "vlm", "heads", "pool"})
+    unknown = sorted(set(cfg) - {"family", "vision", "vlm", "heads", "pool", "patch_heads"})
     if unknown:
         raise ConfigError(f"model family 'vision_classifier' has no setting(s) {', '.join(unknown)}; "
-                          "valid: heads, pool, vision, vlm")
+                          "valid: heads, patch_heads, pool, vision, vlm")
     if ("vision" in cfg) == ("vlm" in cfg):
         raise ConfigError("a vision_classifier needs exactly one of model.vision (a vision tower) and model.vlm "
                           "(a prefix_vlm whose visual tokens are classified)")
     heads = check_heads(cfg.get("heads") or {})
     if "vision" in cfg:
-        return VisionClassifier(build_vision(cfg["vision"]), heads, pool=cfg.get("pool", "cls"))
+        return VisionClassifier(build_vision(cfg["vision"]), heads, pool=cfg.get("pool", "cls"),
+                                patch_heads=tuple(cfg.get("patch_heads") or ()))
     vlm = cfg["vlm"]
     if vlm.get("family") != "prefix_vlm" or "vision" not in vlm or "decoder" not in vlm:
         raise ConfigError("model.vlm must be a prefix_vlm config with vision, decoder (its hidden_size sizes the "
                           "visual tokens) and connector settings")
     connector = _config(ConnectorConfig, vlm.get("connector", {}), "connector")
     return VisionClassifier(build_vision(vlm["vision"]), heads, pool=cfg.get("pool", "mean"), connector=connector,
-                            connector_width=int(vlm["decoder"]["hidden_size"]))
+                            connector_width=int(vlm["decoder"]["hidden_size"]),
+                            patch_heads=tuple(cfg.get("patch_heads") or ()))
 
 
 def example_inputs(module: Any, batch: int = 1, seq: int = 8) -> dict[str, Any]:

@@ -61,8 +61,11 @@ class MaskedState(NamedTuple):
     inner: optax.OptState
 
 
-def _align(mask: Mapping[str, Any], params: Any) -> Any:
-    """``mask`` laid out like ``params``: its array where ``mask`` has one at the same path, else None."""
+def align_mask(mask: Mapping[str, Any], params: Any) -> Any:
+    """``mask`` laid out like ``params``: its array where ``mask`` has one at the same path, else None.
+
+    ``params`` may hold ``None`` leaves (a train state's trainable tree); ``mask`` is a nested dict over (part of)
+    the full parameter tree, so one mask serves every stage's split."""
 
     def leaf(path: Any, p: Any) -> Any:
         if p is None:
@@ -105,7 +108,8 @@ def masked(inner: optax.GradientTransformation, mask: Mapping[str, Any] | Callab
     """
 
     def init(params: Any) -> MaskedState:
-        return MaskedState(mask=_align(mask(params) if callable(mask) else mask, params), inner=inner.init(params))
+        mask_tree = mask(params) if callable(mask) else mask
+        return MaskedState(mask=align_mask(mask_tree, params), inner=inner.init(params))
 
     def update(updates: Any, state: MaskedState, params: Any = None) -> tuple[Any, MaskedState]:
         grads = _apply_mask(updates, state.mask)

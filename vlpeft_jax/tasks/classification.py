@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,7 @@ from vlpeft_jax.peft import base as peft_base
 from vlpeft_jax.tasks import base
 
 DEFAULT_HEADS = ("count", "shape_presence")
-REPORT_METRICS = ("accuracy", "mAP", "chance accuracy", "chance mAP")
+REPORT_METRICS = ("accuracy", "mAP", "mIoU", "chance accuracy", "chance mAP")
 SELECTION_KEYS = ("num_batches", "batch_size", "seed")
 MODEL_FAMILY = "vision_classifier"
 
@@ -84,8 +84,30 @@ def is_multi_label(head: str) -> bool:
     return head in shapes.MULTI_HOT_LABELS
 
 
+def is_patch_label(head: str) -> bool:
+    """Whether ``head`` is a patch-level (dense) label: one class per vision patch (softmax per patch)."""
+    return head in shapes.PATCH_LABEL_CLASSES
+
+
+def mean_iou(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
+    """Mean over classes of ``|pred ∩ true| / |pred ∪ true|``, over the classes present in the labels or the
+    predictions (the confusion-matrix mIoU of segmentation benchmarks, with patches as pixels).
+
+    Example:
+        >>> mean_iou(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 2]), 3)  # IoUs 1/2, 1/2, 1
+        0.6666666666666666
+    """
+    p, t = np.asarray(predictions).ravel(), np.asarray(labels).ravel()
+    confusion = np.bincount(t * num_classes + p, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    inter = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    present = union > 0
+    return float(np.mean(inter[present] / union[present]))
+
+
 def single_label_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy of ``logits`` ``[b, k]`` against class ids ``labels`` ``[b]``."""
+    """Mean softmax cross-entropy of ``logits`` ``[b, k]`` against class ids ``labels`` ``[b]`` (also
+    ``[b, n, k]`` against ``[b, n]``: patch heads, the mean over images and patches)."""
     return optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits, jnp.float32), labels).mean()
 
 
@@ -136,8 +158,11 @@ def head_metrics(head: str, scores: np.ndarray, labels: np.ndarray, train_labels
                  ) -> tuple[dict[str, float], dict[str, str]]:
     """``(metrics, unavailable)`` of one head (see the module docstring) from its evaluation ``scores``
     (probabilities ``[n, k]``), true ``labels`` and the training split's labels (for the chance columns)."""
-    k = scores.shape[1]
+    k = scores.shape[-1]
     metrics: dict[str, float] = {}
+    if is_patch_label(head):  # every patch is one sample of a single-label problem
+        scores, labels, train_labels = scores.reshape(-1, k), np.ravel(labels), np.ravel(train_labels)
+        metrics["mIoU"] = mean_iou(scores.argmax(-1), labels, k)
     if is_multi_label(head):
         positives = np.asarray(labels)
     else:
@@ -237,10 +262,10 @@ class ClassificationTask:
         self._world = world
         self.world_config, self._cache_dir = (world.config, None) if world is not None else world_config(cfg)
         self.groups = self.groups_for(cfg)
-        classes = self.world_config.label_classes()
+        classes = {**self.world_config.label_classes(), **shapes.PATCH_LABEL_CLASSES}
         self.classes = {h: classes[h] for h in self.groups}
-        kinds = ", ".join(f"{h} ({'multi' if is_multi_label(h) else 'single'}-label, {len(c)} classes)"
-                          for h, c in self.classes.items())
+        kinds = ", ".join(f"{h} ({'patch' if is_patch_label(h) else 'multi' if is_multi_label(h) else 'single'}-"
+                          f"label, {len(c)} classes)" for h, c in self.classes.items())
         self.group_note = f"heads: {kinds}; " + type(self).group_note
         split = cfg.eval.get("split", "val")
         if split not in shapes.SPLITS:
@@ -255,10 +280,10 @@ class ClassificationTask:
         """The heads of ``cfg`` (``config.heads``, default :data:`DEFAULT_HEADS`), checked: known labels, no
         repeats."""
         heads = tuple(cfg.get("heads") or DEFAULT_HEADS)
-        unknown = [h for h in heads if h not in shapes.LABEL_CLASSES]
+        unknown = [h for h in heads if h not in shapes.LABEL_CLASSES and h not in shapes.PATCH_LABEL_CLASSES]
         if unknown:
             raise ConfigError(f"heads: unknown label(s) {', '.join(map(repr, unknown))}; valid: "
-                              f"{', '.join(shapes.LABEL_CLASSES)}")
+                              f"{', '.join([*shapes.LABEL_CLASSES, *shapes.PATCH_LABEL_CLASSES])}")
         if len(set(heads)) != len(heads):
             raise ConfigError(f"heads={list(heads)} names a label twice")
         return heads
@@ -297,11 +322,17 @@ class ClassificationTask:
         if given and given != heads:
             print(f"note: model.heads={given} replaced by {heads} (config.heads={list(self.groups)})")
         m["heads"] = heads
+        patch = [h for h in self.groups if is_patch_label(h)]
+        if patch:
+            m["patch_heads"] = patch
+        else:
+            m.pop("patch_heads", None)
         return m
 
     def save_assets(self, run_dir: Path) -> None:
         """``heads.json``: each head's kind and class names (what reading the predictions back needs)."""
-        info = {h: {"kind": "multi_label" if is_multi_label(h) else "single_label", "classes": list(c)}
+        info = {h: {"kind": "patch" if is_patch_label(h) else "multi_label" if is_multi_label(h) else "single_label",
+                    "classes": list(c)}
                 for h, c in self.classes.items()}
         (Path(run_dir) / "heads.json").write_text(json.dumps(info, indent=1))
 
@@ -315,7 +346,24 @@ class ClassificationTask:
         return self._pixels[split]
 
     def labels(self, split: str) -> dict[str, np.ndarray]:
-        return {h: self.world[split].labels(h) for h in self.groups}
+        """Every head's labels on ``split``: ``[N]`` classes, ``[N, k]`` multi-hot, or ``[N, patches]`` patch
+        classes at the tower's patch size."""
+        data = self.world[split]
+        return {h: data.patch_labels(h, self.patch_size) if is_patch_label(h) else data.labels(h) for h in self.groups}
+
+    @property
+    def patch_size(self) -> int:
+        """The tower's patch size in pixels of the world's images (patch labels are at this grain)."""
+        tower = self._tower_config()
+        size = tower.get("image_size", 224)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        patch = tower.get("patch_size", 16)
+        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+        scale = self.world_config.image_size / size
+        if scale * patch != int(scale * patch) or self.world_config.image_size % int(scale * patch):
+            raise ConfigError(f"patch labels: the tower's patches ({patch} px of {size}) do not tile the world's "
+                              f"{self.world_config.image_size}-px images")
+        return int(scale * patch)
 
     def _batches(self, batch_size: int, seed: int) -> ClassificationBatches:
         return ClassificationBatches(self.pixels("train"), self.labels("train"), self.preprocessor, batch_size, seed)
@@ -333,26 +381,51 @@ class ClassificationTask:
 
     # ------------------------------------------------------------------------------- loss and evaluation
 
+    def _head_losses(self, module: Any, methods: base.Methods, params: Any, batch: Mapping[str, Any],
+                     rng: jax.Array) -> tuple[jax.Array, dict, Any]:
+        """``(losses [T] in head order, metrics, records)`` of one training forward pass."""
+        out, records = peft_base.apply_with(
+            module.apply, base.active_methods(methods, params), {"params": params["base"]},
+            batch["pixel_values"], rng=rng, train=True, side_inputs=batch.get("side_inputs"), record=True)
+        losses, metrics = [], {}
+        for head in self.groups:
+            logits, labels = out.logits[head], batch["labels"][head]
+            loss = head_loss(head, logits, labels)
+            losses.append(loss)
+            metrics[f"{head}/loss"] = loss
+            if not is_multi_label(head):
+                metrics[f"{head}/accuracy"] = jnp.mean(logits.argmax(-1) == labels)
+        return jnp.stack(losses), metrics, records
+
     def loss_fn(self, module: Any, methods: base.Methods, loss_weights: Mapping[str, float]) -> base.LossFn:
         """The sum of the heads' losses, plus the methods' recorded loss terms; logs ``<head>/loss`` (and
-        ``<head>/accuracy`` for single-label heads)."""
-        heads = self.groups
+        ``<head>/accuracy`` for single-label and patch heads)."""
 
         def loss_fn(params: Any, batch: Mapping[str, Any], rng: jax.Array) -> tuple[jax.Array, dict]:
-            out, records = peft_base.apply_with(
-                module.apply, base.active_methods(methods, params), {"params": params["base"]},
-                batch["pixel_values"], rng=rng, train=True, side_inputs=batch.get("side_inputs"), record=True)
-            total, metrics = jnp.float32(0.0), {}
-            for head in heads:
-                logits, labels = out.logits[head], batch["labels"][head]
-                loss = head_loss(head, logits, labels)
-                total = total + loss
-                metrics[f"{head}/loss"] = loss
-                if not is_multi_label(head):
-                    metrics[f"{head}/accuracy"] = jnp.mean(logits.argmax(-1) == labels)
-            return base.add_loss_terms(total, metrics, records, loss_weights)
+            losses, metrics, records = self._head_losses(module, methods, params, batch, rng)
+            return base.add_loss_terms(losses.sum(), metrics, records, loss_weights)
 
         return loss_fn
+
+    def task_losses_fn(self, module: Any, methods: base.Methods, loss_weights: Mapping[str, float]
+                       ) -> Callable[[Any, Mapping[str, Any], jax.Array], tuple[jax.Array, dict]]:
+        """``(params, batch, rng) -> (losses [T], metrics)``: one loss per head, in :attr:`groups` order, for
+        multi-task training (:mod:`vlpeft_jax.mtl`), which combines the heads' gradients itself.
+
+        Raises:
+          ConfigError (when traced): a method records loss terms of its own; they belong to no task, so a
+          gradient-manipulation method could not place them.
+        """
+        del loss_weights
+
+        def task_losses(params: Any, batch: Mapping[str, Any], rng: jax.Array) -> tuple[jax.Array, dict]:
+            losses, metrics, records = self._head_losses(module, methods, params, batch, rng)
+            if records.loss_terms():
+                raise ConfigError(f"multi-task training: the methods record loss terms "
+                                  f"{sorted(records.loss_terms())} that belong to no task; use them without mtl")
+            return losses, metrics
+
+        return task_losses
 
     def predict(self, module: Any, params: Any, methods: base.Methods, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """Probabilities ``{head: [n, k]}`` (softmax or sigmoid by label kind) for uint8 ``pixels`` ``[n, H, W, 3]``,
@@ -386,7 +459,7 @@ class ClassificationTask:
             results[h] = {"metrics": metrics, "unavailable": unavailable}
         ids = [s["image_id"] for s in split.scenes[:n]]
         outputs = {i: {h: {"prediction": self.describe(h, probs[h][r], scores=True),
-                           "scores": [round(float(v), 4) for v in probs[h][r]]} for h in self.groups}
+                           "scores": np.round(probs[h][r].astype(np.float64), 4).tolist()} for h in self.groups}
                    for r, i in enumerate(ids)}
         results["samples"] = [{"id": i, "output": self.summary({h: o["prediction"] for h, o in outputs[i].items()})}
                               for i in ids[:8]]
@@ -399,6 +472,9 @@ class ClassificationTask:
         """A head's prediction (``scores=True``: from probabilities) or true label as class name(s)."""
         names = self.classes[head]
         v = np.asarray(value)
+        if is_patch_label(head):  # the classes of the non-background patches, "-" for background
+            ids = v.argmax(-1) if scores else v
+            return ["-" if int(i) == 0 else names[int(i)] for i in np.ravel(ids)]
         if is_multi_label(head):
             hot = v >= 0.5 if scores else v > 0
             return [names[c] for c in np.nonzero(hot)[0]]

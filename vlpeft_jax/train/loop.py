@@ -69,6 +69,8 @@ DataFactory = Callable[[int, int], Iterable[Any]]
 """``(stage_index, start_step) -> batches`` of that stage from update ``start_step`` on (deterministic)."""
 EvalFn = Callable[[Any, int], Mapping[str, Any]]
 """``(params, global_step) -> metrics``, called every ``eval_every`` steps."""
+StepFactory = Callable[..., Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]]
+"""``(loss_fn, tx, accumulation_steps=n) -> (state, batch) -> (state, metrics)`` (un-jitted)."""
 
 
 class TrainingDivergedError(VLPeftError):
@@ -157,6 +159,7 @@ class _Run:
     stage_summary: list[list[Any]]
     last_saved: int | None
     interrupt: _InterruptFlag | None = None
+    step_factory: StepFactory = make_train_step
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     evals: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
@@ -164,7 +167,7 @@ class _Run:
               offset: int, state_shardings: TrainState, log: MetricsLogger, bar: ProgressBar) -> TrainState:
         """Runs updates ``first_step .. steps-1`` of stage ``plan``; returns the state after the stage."""
         stage = plan.stage
-        raw_step = make_train_step(task, plan.optimizer.tx, accumulation_steps=stage.optimizer.accumulation_steps)
+        raw_step = self.step_factory(task, plan.optimizer.tx, accumulation_steps=stage.optimizer.accumulation_steps)
         step_fn = None
         batches = iter(data_factory(plan.index, first_step))
         for k in range(first_step, stage.steps):
@@ -225,7 +228,8 @@ def train(params: Any, stages: Sequence[Stage | Mapping[str, Any]], data_factory
           resume: bool = True, eval_fn: EvalFn | None = None, eval_every: int = 0, mesh: Mesh | None = None,
           param_specs: Any = None, rules: Sequence[tuple[str, Any]] = sharding_lib.DEFAULT_RULES,
           progress: bool = True, tensorboard: bool = True, verbose: bool = True,
-          optimizer_wrappers: Mapping[str, OptimizerWrapper] | None = None) -> TrainResult:
+          optimizer_wrappers: Mapping[str, OptimizerWrapper] | None = None,
+          step_factory: StepFactory | None = None) -> TrainResult:
     """Trains ``params`` through ``stages``; resumes from ``run_dir/checkpoints`` when it holds a checkpoint.
 
     Args:
@@ -251,6 +255,9 @@ def train(params: Any, stages: Sequence[Stage | Mapping[str, Any]], data_factory
         directory and each stage's parameter counts.
       optimizer_wrappers: stage name -> ``tx -> tx`` applied to that stage's optimizer (e.g. GPS masks);
         see :func:`vlpeft_jax.train.stages.plan_stages`.
+      step_factory: ``(loss_fn, tx, accumulation_steps=...) -> train step`` (un-jitted); default
+        :func:`~vlpeft_jax.train.step.make_train_step`. Multi-task training passes
+        :func:`vlpeft_jax.mtl.step.make_mtl_train_step` (bound to its method) with a task-losses function.
 
     Raises:
       ConfigError: bad stages or arguments (before anything is trained), or checkpoints from another plan.
@@ -309,7 +316,7 @@ def train(params: Any, stages: Sequence[Stage | Mapping[str, Any]], data_factory
 
         run = _Run(checkpointer=checkpointer, mesh=mesh, seed=seed, checkpoint_every=checkpoint_every,
                    eval_fn=eval_fn, eval_every=eval_every, is_main=is_main, stage_summary=stage_summary,
-                   last_saved=resumed_from, interrupt=_InterruptFlag())
+                   last_saved=resumed_from, interrupt=_InterruptFlag(), step_factory=step_factory or make_train_step)
         with run.interrupt, MetricsLogger(run_dir, start_step=resumed_from or 0,
                                           tensorboard=tensorboard and is_main) as log:
             bar = ProgressBar(offsets[-1], initial=resumed_from or 0, enabled=progress and is_main)

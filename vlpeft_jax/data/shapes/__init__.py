@@ -63,6 +63,8 @@ from vlpeft_jax.data.shapes.world import (
     GENERATOR_VERSION,
     LABEL_CLASSES,
     MULTI_HOT_LABELS,
+    PATCH_LABEL_CLASSES,
+    PATCH_MIN_FRACTION,
     SPLITS,
     ShapesExample,
     ShapesSplit,
@@ -75,7 +77,8 @@ from vlpeft_jax.data.shapes.world import (
 
 __all__ = [
     "BACKGROUND_RGB", "CAPTION_INSTRUCTIONS", "CAPTION_TASK_PROMPT", "CELL_NAMES", "COLORS", "COLOR_RGB",
-    "GENERATOR_VERSION", "GRID", "LABEL_CLASSES", "MULTI_HOT_LABELS", "QUESTION_TYPES", "RELATIONS", "SHAPES",
+    "GENERATOR_VERSION", "GRID", "LABEL_CLASSES", "MULTI_HOT_LABELS", "PATCH_LABEL_CLASSES", "PATCH_MIN_FRACTION",
+    "QUESTION_TYPES", "RELATIONS", "SHAPES",
     "SIZES", "SPLITS", "VQA_INSTRUCTIONS", "VQA_TASK_TEMPLATE", "ShapeObject", "ShapesExample", "ShapesSplit",
     "ShapesWorld", "ShapesWorldConfig", "VQAItem", "generate", "load_or_generate", "patch_masks", "render_scene",
     "shapes_tokenizer", "vocabulary_words",

@@ -77,6 +77,13 @@ LABEL_CLASSES: dict[str, tuple[str, ...]] = {
     "color_presence": COLORS,
 }
 MULTI_HOT_LABELS = ("shape_presence", "color_presence")
+# Patch-level (dense) labels: name -> class names; class 0 is the background. A patch's class is the attribute of the
+# object covering most of its pixels when that object covers at least PATCH_MIN_FRACTION of them, else background.
+PATCH_LABEL_CLASSES: dict[str, tuple[str, ...]] = {
+    "patch_shape": ("background", *SHAPES),
+    "patch_color": ("background", *COLORS),
+}
+PATCH_MIN_FRACTION = 0.1
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -295,6 +302,40 @@ class ShapesSplit:
                                       meta={"split": self.name, "index": i, "qtype": q["qtype"],
                                             "object_ids": tuple(q["object_ids"])}))
         return out
+
+    def patch_labels(self, name: str, patch_size: int, min_fraction: float = PATCH_MIN_FRACTION) -> np.ndarray:
+        """Patch-level label ``name`` (:data:`PATCH_LABEL_CLASSES`) for every example: int32 ``[N, (H/p)·(W/p)]``
+        class ids in the row-major patch order a ViT uses.
+
+        A patch takes the class of the object covering most of its pixels if that object covers at least
+        ``min_fraction`` of them; otherwise it is background (class 0).
+
+        Example:
+            >>> w = generate(ShapesWorldConfig(num_train=2, num_val=1, num_test=1, num_ood=1, image_size=32))
+            >>> y = w.train.patch_labels("patch_shape", 16)
+            >>> y.shape, int(y.min()) >= 0, int(y.max()) <= len(SHAPES)
+            ((2, 4), True, True)
+        """
+        if name not in PATCH_LABEL_CLASSES:
+            raise InputError(f"unknown patch label {name!r}; valid: {', '.join(PATCH_LABEL_CLASSES)}")
+        attribute = "shape" if name == "patch_shape" else "color"
+        classes = PATCH_LABEL_CLASSES[name]
+        out = []
+        for seg, scene in zip(self.segmentations, self.scenes, strict=True):
+            objs = scene["objects"]
+            h, w = seg.shape
+            if patch_size < 1 or h % patch_size or w % patch_size:
+                raise InputError(f"patch_size={patch_size} must divide the image size {h}x{w}")
+            gh, gw = h // patch_size, w // patch_size
+            blocks = seg.reshape(gh, patch_size, gw, patch_size).transpose(0, 2, 1, 3).reshape(gh * gw, -1)
+            counts = np.stack([(blocks == k + 1).mean(axis=1) for k in range(len(objs))]) if objs else None
+            label = np.zeros(gh * gw, np.int32)
+            if counts is not None:
+                best = counts.argmax(axis=0)
+                ids = np.array([classes.index(o[attribute]) for o in objs], np.int32)
+                label = np.where(counts.max(axis=0) >= min_fraction, ids[best], 0).astype(np.int32)
+            out.append(label)
+        return np.stack(out)
 
     def labels(self, name: str) -> np.ndarray:
         """Multi-task label ``name`` for every example: int32 ``[N]`` classes or ``[N, k]`` multi-hot."""
