@@ -80,7 +80,7 @@ def base_config(name: str, heads: list[str], smoke: bool) -> ml_collections.Conf
     c.heads = list(heads)
     c.model = dict(family="vision_classifier", vision=dict(VISION), pool="cls")
     c.peft = {}
-    c.train = dict(batch_size=64, checkpoint_every=0, progress=True)
+    c.train = dict(batch_size=32, checkpoint_every=0, progress=False)
     c.eval = dict(split="val", max_examples=0, batch_size=100, zero_shot=False)
     c.pretrain = dict(config="", cache_dir=".cache/pretrained")
     return c
@@ -89,11 +89,12 @@ def base_config(name: str, heads: list[str], smoke: bool) -> ml_collections.Conf
 def get_config(variant: str = "ls") -> ml_collections.ConfigDict:
     names = (*METHODS, *STL, "pretrain")
     options = {"st": False, "random": False, "smoke": False, "k": 0, "select": "top", "mode": "pre", "lr": 1e-3,
-               "steps": 400}
+               "steps": 300}
     name, opts = common.parse_variant(variant, "configs/shapes_mtl.py", names, options, default="ls")
     smoke = opts["smoke"]
     if name == "pretrain":  # the tower's pretraining on other labels (its own heads); only the tower is kept
         c = base_config("shapes_mtl_pretrain", PRETRAIN_HEADS, smoke)
+        c.train.batch_size = 64
         c.stages = [dict(name="pretrain", steps=600, trainable=[[".*", "all"]],
                          optimizer=common.adamw(1e-3, warmup_steps=30, clip_norm=None), methods=[])]
         return finish(c, smoke)

@@ -177,3 +177,92 @@ def summary(mtl: MTLPlan, history: Sequence[Mapping[str, Any]]) -> dict[str, Any
     weights = np.array([[h[f"mtl/weight/{t}"] for t in range(mtl.num_tasks)] for h in rows])
     out["mean_weights"] = weights.mean(axis=0).round(6).tolist()
     return out
+
+
+# ------------------------------------------------------------------------------------- sweep summary
+
+
+def _heads(result: Mapping[str, Any]) -> list[str]:
+    return [h for h, v in result["adapted"].items() if isinstance(v, Mapping) and "metrics" in v]
+
+
+def delta_m_metrics(result: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """The metrics Δm% compares (all higher-is-better): each head's ``accuracy``, and ``mIoU`` where a head has
+    one (patch heads)."""
+    out: dict[str, dict[str, float]] = {}
+    for head in _heads(result):
+        m = result["adapted"][head]["metrics"]
+        out[head] = {k: float(m[k]) for k in ("accuracy", "mIoU") if k in m}
+    return out
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float] | None:
+    vals = [v for v in values if v is not None and np.isfinite(v)]
+    return (float(np.mean(vals)), float(np.std(vals))) if vals else None
+
+
+def sweep_summary(results: Mapping[str, Sequence[Mapping[str, Any]]], groups: Mapping[str, str]
+                  ) -> dict[str, Any]:
+    """Per variant: p% (full / masked, all steps / last half), each head's Δm metrics, Δm% against the single-task
+    runs of its group, trainable % — each (mean, population std) over seeds.
+
+    Args:
+      results: ``{variant: [results.json of each seed]}``.
+      groups: ``{variant: config.mtl.group}``; single-task variants (one head, no ``mtl`` results) are the
+        references of their group: their per-head metrics averaged over seeds.
+
+    Δm% (thesis Sec. 6.4.1; :func:`vlpeft_jax.mtl.conflict.delta_m`, ``mode="flat"``) is taken per seed, then
+    averaged; a multi-task run whose group lacks a single-task run of one of its heads gets no Δm.
+    """
+    stl: dict[tuple[str, str], list[dict[str, float]]] = {}
+    for variant, runs in results.items():
+        if any("mtl" in r for r in runs):
+            continue
+        for r in runs:
+            for head, metrics in delta_m_metrics(r).items():
+                stl.setdefault((groups.get(variant, ""), head), []).append(metrics)
+    reference = {key: {m: float(np.mean([x[m] for x in rows])) for m in rows[0]} for key, rows in stl.items()}
+    out: dict[str, Any] = {}
+    for variant, runs in results.items():
+        group = groups.get(variant, "")
+        row: dict[str, Any] = {"group": group, "seeds": len(runs), "single_task": not any("mtl" in r for r in runs)}
+        for stream in ("full", "masked"):
+            for part in ("all", "last_half"):
+                row[f"p_{stream}_{part}"] = _mean_std([r.get("mtl", {}).get(f"p_{stream}", {}).get(part)
+                                                       for r in runs])
+        per_seed = [delta_m_metrics(r) for r in runs]
+        for head in per_seed[0]:
+            for m in per_seed[0][head]:
+                row[f"{head} {m}"] = _mean_std([100 * s[head][m] for s in per_seed if head in s])
+        deltas = []
+        if not row["single_task"] and all((group, h) in reference for h in per_seed[0]):
+            for s in per_seed:
+                res = {h: s[h] for h in s}
+                ref = {h: {m: reference[(group, h)][m] for m in s[h]} for h in s}
+                deltas.append(conflict.delta_m(res, ref, {h: {m: True for m in s[h]} for h in s}))
+        row["delta_m"] = _mean_std(deltas)
+        row["trainable_pct"] = float(np.mean([r["params"]["trainable_pct"] for r in runs]))
+        out[variant] = row
+    return out
+
+
+def _fmt(v: tuple[float, float] | None, seeds: int, digits: int = 1) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}" if seeds > 1 else f"{v[0]:.{digits}f}"
+
+
+def sweep_table(summary: Mapping[str, Any]) -> str:
+    """Markdown of :func:`sweep_summary`: one row per variant."""
+    metric_cols = list(dict.fromkeys(k for row in summary.values() for k in row
+                                     if k.endswith(" accuracy") or k.endswith(" mIoU")))
+    cols = ["p% full (all)", "p% full (last half)", "p% masked (all)", "p% masked (last half)", *metric_cols,
+            "Δm% ↓", "trainable %"]
+    keys = ["p_full_all", "p_full_last_half", "p_masked_all", "p_masked_last_half", *metric_cols]
+    lines = ["| variant | group | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for variant, row in summary.items():
+        cells = [_fmt(row.get(k), row["seeds"]) for k in keys]
+        cells += [_fmt(row["delta_m"], row["seeds"], 2), f"{row['trainable_pct']:.2f}"]
+        lines.append(f"| {variant} | {row['group']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+

@@ -66,6 +66,7 @@ import numpy as np
 
 from vlpeft_jax import files
 from vlpeft_jax.errors import ConfigError
+from vlpeft_jax.experiments import multitask
 from vlpeft_jax.experiments.runner import config_differences, json_config
 
 DOMAINS = ("target", "source")
@@ -99,7 +100,7 @@ def summarize(results: Mapping[str, Sequence[Mapping[str, Any]]], metrics: Seque
             row[domain] = {}
             for m in metrics:
                 vals = [100 * r["adapted"][domain]["metrics"][m] for r in runs
-                        if m in r["adapted"][domain]["metrics"]]
+                        if domain in r["adapted"] and m in r["adapted"][domain]["metrics"]]
                 if vals:
                     row[domain][m] = (float(np.mean(vals)), float(np.std(vals)))  # ddof=0, see STD
         row["trainable_pct"] = float(np.mean([r["params"]["trainable_pct"] for r in runs]))
@@ -152,6 +153,30 @@ def plot(path: Path, summary: Mapping[str, Any], metric: str, groups: Sequence[s
         ax.bar(x + width * (j + 0.5) - 0.4, means, yerr=stds, width=width, label=str(domain))
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylabel(f"{metric} x100")
+    ax.legend()
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_conflicts(path: Path, summary: Mapping[str, Any]) -> None:
+    """Bars of gradient-conflict incidence p% over all steps, of the full and of the masked gradients, per
+    multi-task variant (as the thesis' Fig. 6.1), from :func:`vlpeft_jax.experiments.multitask.sweep_summary`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, row in summary.items() if row.get("p_full_all")]
+    if not names:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names)), 3.8))
+    x = np.arange(len(names))
+    for j, (stream, label) in enumerate((("full", "full gradients"), ("masked", "under the PSN mask"))):
+        vals = [summary[n].get(f"p_{stream}_all") or (np.nan, 0.0) for n in names]
+        ax.bar(x + 0.4 * j - 0.2, [v[0] for v in vals], yerr=[v[1] for v in vals], width=0.4, label=label)
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylabel("conflict incidence p% (all steps)")
     ax.legend()
     fig.tight_layout()
     _save_figure(fig, path)
@@ -314,7 +339,8 @@ def _task_metrics(planned: Sequence[PlannedRun], metric: str | None) -> tuple[st
                               f"task ({p.variant}); valid: {', '.join(report_metrics)}")
         metric = metric or task.primary_metric
         metrics += [m for m in report_metrics if m not in metrics]  # every variant's (r_TCM only with TCM)
-        groups = list(task.groups_for(p.cfg) if hasattr(task, "groups_for") else task.groups)
+        own = task.groups_for(p.cfg) if hasattr(task, "groups_for") else task.groups
+        groups += [g for g in own if g not in groups]  # every variant's (single-task runs have one head)
     assert metric is not None
     return metric, metrics, groups
 
@@ -379,6 +405,16 @@ def run_sweep(config_file: str | Path, sweep: str, seeds: Sequence[int], out_dir
          "std": STD, "summary": summary, "zero_shot": zero_shot, "runs": runs}, indent=2, default=float) + "\n")
     plot(base / "sweep.png", summary, metric, groups)
     plot_vs_params(base / "sweep_params.png", summary, metric, groups[0])
+    if any("mtl" in r for runs_ in results.values() for r in runs_):
+        mtl = multitask.sweep_summary(results, {p.variant: (p.cfg.get("mtl") or {}).get("group", "") for p in planned})
+        mtl_text = multitask.sweep_table(mtl)
+        files.write_text(base / "mtl.md", f"# {Path(config_file).stem}: {sweep} (multi-task)\n\n{seeds_note}; p% = "
+                                          f"gradient-conflict incidence (% of task pairs with g_i·g_j < 0 per step); "
+                                          f"scores x100; Δm% against the single-task runs of the same group (flat "
+                                          f"mean over metrics, lower is better).\n\n{mtl_text}\n")
+        files.write_text(base / "mtl.json", json.dumps(mtl, indent=2, default=float) + "\n")
+        plot_conflicts(base / "mtl_conflicts.png", mtl)
+        text += "\n\n" + mtl_text
     print(text)
     print(f"sweep directory: {base}")
     return summary

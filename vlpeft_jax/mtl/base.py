@@ -70,6 +70,7 @@ class GMMethod:
       clip: the shared-gradient global-norm clip of each codebase preset, ``{"famo_codebase": 1.0 | None,
         "nash_codebase": ...}`` (``../shared/specs/sparse_mtl.md`` §2.0, ambiguity A6).
       kind: ``"weighting"`` (heads get ``w_t ∇L_t``) or ``"direct"`` (heads get ``∇L_t``).
+      state_options: the options ``init_state`` also takes (e.g. DWA's ``iteration_window`` sizes its buffer).
       reference: where the conventions come from (paper + codebase), for docs and reports.
     """
 
@@ -84,6 +85,11 @@ class GMMethod:
     clip: Mapping[str, float | None] = dataclasses.field(default_factory=dict)
     kind: str = "weighting"
     reference: str = ""
+    state_options: tuple[str, ...] = ()
+
+    def initial_state(self, num_tasks: int, options: Mapping[str, Any]) -> Any:
+        """``init_state(num_tasks)`` with the checked ``options`` it takes (:attr:`state_options`)."""
+        return self.init_state(num_tasks, **{k: options[k] for k in self.state_options if k in options})
 
     def options(self, given: Mapping[str, Any], where: str = "mtl") -> dict[str, Any]:
         """``defaults`` updated with ``given``; an unknown option is a :class:`ConfigError` naming the valid ones."""

@@ -12,7 +12,7 @@ enough history, summing to 1 after. The raw DWA ``w`` (sum ``T``) is ``state.dwa
 ``direction = Σ_t (w_t / T) g_t``. Neither preset clips (§2.0). (LibMTL's epoch-based DWA sums ``w L`` instead.)
 
 The buffer size depends on ``iteration_window``: a state for another window than the default needs
-``init_state(T, iteration_window=W)``.
+``init_state(T, iteration_window=W)`` (:func:`vlpeft_jax.mtl.combine` and the transformation pass the option).
 
 Example:
     >>> import jax.numpy as jnp
@@ -108,6 +108,7 @@ METHOD = GMMethod(
     fn=dwa,
     defaults={"iteration_window": ITERATION_WINDOW, "temp": 2.0},
     init_state=init_state,
+    state_options=("iteration_window",),
     uses_losses=True,
     clip={"famo_codebase": None, "nash_codebase": None},
     kind="weighting",

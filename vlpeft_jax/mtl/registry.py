@@ -78,7 +78,7 @@ def combine(name: str, grads: jax.Array, *, losses: jax.Array | None = None, sta
     if method.uses_losses and losses is None:
         raise ConfigError(f"combine: method {method.name!r} reads the task losses; pass losses=[T]")
     if state is None:
-        state = method.init_state(grads.shape[0])
+        state = method.initial_state(grads.shape[0], opts)
     if key is None:
         key = jax.random.PRNGKey(0)
     out = method.fn(grads, losses=None if losses is None else jnp.asarray(losses, jnp.float32), state=state,

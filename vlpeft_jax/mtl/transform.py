@@ -132,7 +132,7 @@ def gradient_manipulation(method: str | GMMethod, *, num_tasks: int, options: Ma
                  "weights": jnp.zeros((num_tasks,), jnp.float32), "direction_norm": jnp.float32(0.0)}
         if mask is not None:
             stats["gc/masked"] = jnp.int32(0)
-        return MTLState(method=gm.init_state(num_tasks), key=jax.random.PRNGKey(seed),
+        return MTLState(method=gm.initial_state(num_tasks, opts), key=jax.random.PRNGKey(seed),
                         mask=None if mask is None else align_mask(mask, params), stats=stats)
 
     def update(updates: Any, state: MTLState, params: Any = None, *, losses: jax.Array | None = None,
