@@ -13,7 +13,10 @@ head (``heads/<task>``: task-specific, always fully trained).
 - ``stl_<task>``: single-task learning of one task (the Δm% reference).
 
 Options: ``st`` sparse training with the PSN mask (top-``k`` ``|w|`` per neuron of the tower's kernels, biases
-trained, norms and position embeddings frozen; chosen once before training); ``k=N`` (default: the k giving
+trained, norms and position embeddings frozen; chosen once before training); ``deltas`` (with ``st``) the same
+entries trained through NeuroAda's sparse deltas instead of a dense masked gradient (the sparse path: no dense
+gradient of a frozen weight; conflicts are then counted over the trained entries only, i.e. the masked stream);
+``k=N`` (default: the k giving
 about 30% trainable on the pretrained tower and about 60% on the random one, the thesis' budgets, Sec. 6.4.4);
 ``select=top|reverse|random|global`` (the selection ablation, Fig. 6.5c / Table 18); ``mode=pre|post`` (mask the
 task gradients before the method, or its output after: spec A1); ``random`` a randomly initialised tower instead
@@ -56,6 +59,7 @@ STL = tuple(f"stl_{h}" for h in HEADS)
 # k giving ~30% (pretrained) / ~60% (random) of all parameters trainable on this tower (thesis Sec. 6.4.4 budgets);
 # tests/experiments/test_mtl_runs.py checks the fractions with vlpeft_jax.mtl.psn
 K_PRETRAINED, K_RANDOM = 39, 79
+K_SMOKE = 8  # the smoke tower is 32 wide
 SWEEPS = {
     "table": [*STL, *TABLE_METHODS, *(f"{m},st" for m in TABLE_METHODS)],
     "table_random": [*(f"{s},random" for s in STL), *(f"{m},random" for m in TABLE_METHODS),
@@ -88,8 +92,8 @@ def base_config(name: str, heads: list[str], smoke: bool) -> ml_collections.Conf
 
 def get_config(variant: str = "ls") -> ml_collections.ConfigDict:
     names = (*METHODS, *STL, "pretrain")
-    options = {"st": False, "random": False, "smoke": False, "k": 0, "select": "top", "mode": "pre", "lr": 1e-3,
-               "steps": 300}
+    options = {"st": False, "deltas": False, "random": False, "smoke": False, "k": 0, "select": "top", "mode": "pre",
+               "lr": 1e-3, "steps": 300}
     name, opts = common.parse_variant(variant, "configs/shapes_mtl.py", names, options, default="ls")
     smoke = opts["smoke"]
     if name == "pretrain":  # the tower's pretraining on other labels (its own heads); only the tower is kept
@@ -99,7 +103,7 @@ def get_config(variant: str = "ls") -> ml_collections.ConfigDict:
                          optimizer=common.adamw(1e-3, warmup_steps=30, clip_norm=None), methods=[])]
         return finish(c, smoke)
     heads = [name[len("stl_"):]] if name in STL else HEADS
-    tags = [name] + [t for t in ("st", "random") if opts[t]]
+    tags = [name] + [t for t in ("st", "deltas", "random") if opts[t]]
     if opts["select"] != "top":
         tags.append(opts["select"])
     if opts["k"]:
@@ -113,11 +117,23 @@ def get_config(variant: str = "ls") -> ml_collections.ConfigDict:
     if not opts["random"]:
         c.pretrain = dict(config=common.path("shapes_mtl.py") + (":pretrain,smoke" if smoke else ":pretrain"),
                           cache_dir=".cache/pretrained", keep=["vision_tower"])
-    k = opts["k"] or (K_RANDOM if opts["random"] else K_PRETRAINED)
+    k = opts["k"] or (K_SMOKE if smoke else K_RANDOM if opts["random"] else K_PRETRAINED)
     optimizer = dict(name="adam", learning_rate=opts["lr"], warmup_steps=20, schedule="constant", clip_norm=None)
     c.stages = [dict(name="train", steps=opts["steps"], trainable=[[".*", "all"]], optimizer=optimizer, methods=[])]
     group = "random" if opts["random"] else "pretrained"
-    if name not in STL:
+    if opts["deltas"] and (not opts["st"] or opts["select"] != "top" or opts["mode"] != "pre" or name in STL):
+        raise ConfigError(f"configs/shapes_mtl.py:{variant}: 'deltas' is the sparse path of PSN sparse training: use "
+                          f"it with 'st' (top-k selection, pre mode) and a multi-task method")
+    if opts["deltas"]:
+        # PSN through NeuroAda's sparse deltas: the same entries (top-k |w| per neuron of every tower kernel), trained
+        # as zero-initialised (values, indices) added in activation space, so no dense gradient of a frozen weight is
+        # formed; biases (not the norms') and the heads train as in the GPS rules
+        c.peft = dict(psn=dict(method="neuroada", targets=[r"vision_tower/.*"], k=k, selection="magnitude"))
+        c.stages[0]["trainable"] = [["peft/psn/.*/values", "all"], [r"base/vision_tower/(?!.*layernorm).*/bias", "all"],
+                                    ["base/heads/.*", "all"]]
+        c.stages[0]["methods"] = ["psn"]
+        c.mtl = dict(method=name, clip="famo_codebase", group=group)
+    elif name not in STL:
         sparse = dict(k=k, variant=opts["select"], mask_mode=opts["mode"]) if opts["st"] else dict(monitor_k=k)
         c.mtl = dict(method=name, clip="famo_codebase", group=group, sparse=sparse)
     else:

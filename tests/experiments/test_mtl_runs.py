@@ -175,3 +175,22 @@ def test_sparse_multitask_run_end_to_end(tmp_path, shapes_caches):
     bad.run_dir = str(tmp_path / "one_task")
     with pytest.raises(ConfigError, match="at least 2 tasks"):
         runner.run(bad)
+
+
+@pytest.mark.slow
+def test_sparse_deltas_path_trains_like_the_masked_dense_path(tmp_path, shapes_caches):
+    """``deltas`` trains the PSN entries as NeuroAda's sparse deltas (no dense gradient of a frozen weight). Under Adam
+    without weight decay that is the same optimisation as the masked dense path in ``pre`` mode: the same losses step
+    by step, and the conflicts over the trained entries are the dense run's masked stream."""
+    curves = {}
+    for variant in ("pcgrad,st", "pcgrad,st,deltas"):
+        cfg = _config(variant, tmp_path, shapes_caches)
+        results = runner.run(cfg)
+        rows = [json.loads(x) for x in open(tmp_path / variant.replace(",", "_") / "metrics.jsonl")]
+        rows = [r for r in rows if "loss" in r]
+        curves[variant] = (np.array([r["loss"] for r in rows]), [r["mtl/gc_full"] for r in rows],
+                           [r.get("mtl/gc_masked") for r in rows], results)
+    dense, sparse = curves["pcgrad,st"], curves["pcgrad,st,deltas"]
+    np.testing.assert_allclose(sparse[0], dense[0], rtol=2e-5)
+    assert sparse[1] == dense[2]
+    assert sparse[3]["params"]["trainable_pct"] == pytest.approx(dense[3]["params"]["trainable_pct"], rel=1e-6)
