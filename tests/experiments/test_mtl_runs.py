@@ -137,13 +137,25 @@ def test_bad_multitask_settings_are_one_error_each():
 # ------------------------------------------------------------------------------------ end to end
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, shapes_caches):
+    """PCGrad with sparse training on the pretrained smoke tower, through the masked dense path and through the
+    sparse deltas; each run's config, results and logged training rows."""
+    root = tmp_path_factory.mktemp("mtl_runs")
+    out = {}
+    for variant in ("pcgrad,st", "pcgrad,st,deltas"):
+        cfg = _config(variant, root, shapes_caches)
+        results = runner.run(cfg)
+        rows = [json.loads(x) for x in open(root / variant.replace(",", "_") / "metrics.jsonl")]
+        out[variant] = (cfg, results, [r for r in rows if "loss" in r])
+    return out
+
+
 @pytest.mark.slow
-def test_sparse_multitask_run_end_to_end(tmp_path, shapes_caches):
-    """PCGrad with sparse training on the pretrained smoke tower: the run reports p% of both gradient streams and
-    the mask's trainable %, the masked-out entries of the tower are the pretrained ones, the heads trained; a
-    method with one task is refused before training."""
-    cfg = _config("pcgrad,st", tmp_path, shapes_caches)
-    results = runner.run(cfg)
+def test_sparse_multitask_run_end_to_end(runs):
+    """The run reports p% of both gradient streams and the mask's trainable %, the masked-out entries of the tower
+    are the pretrained ones, the tower and heads trained."""
+    cfg, results, rows = runs["pcgrad,st"]
     mtl = results["mtl"]
     for stream in ("p_full", "p_masked"):
         assert 0.0 <= mtl[stream]["all"] <= 100.0 and 0.0 <= mtl[stream]["last_half"] <= 100.0
@@ -163,34 +175,28 @@ def test_sparse_multitask_run_end_to_end(tmp_path, shapes_caches):
         assert np.array_equal(np.asarray(after)[~np.asarray(m)], np.asarray(before)[~np.asarray(m)]), path
         changed += int(not np.array_equal(np.asarray(after), np.asarray(before)))
     assert changed > 0
-    lines = [json.loads(x) for x in open(tmp_path / "pcgrad_st" / "metrics.jsonl")]
-    counts = [x["mtl/gc_full"] for x in lines if "mtl/gc_full" in x]
-    inc = conflict.incidence(counts, 6)
+    assert not np.allclose(params["base"]["heads"]["count"]["kernel"], initial["heads"]["count"]["kernel"])
+    inc = conflict.incidence([r["mtl/gc_full"] for r in rows], 6)
     assert inc.p_all == pytest.approx(mtl["p_full"]["all"])
 
+
+@pytest.mark.slow
+def test_sparse_deltas_path_trains_like_the_masked_dense_path(runs):
+    """``deltas`` trains the PSN entries as NeuroAda's sparse deltas (no dense gradient of a frozen weight). Under Adam
+    without weight decay that is the same optimisation as the masked dense path in ``pre`` mode: the same losses step
+    by step, and the conflicts over the trained entries are the dense run's masked stream."""
+    _, dense, dense_rows = runs["pcgrad,st"]
+    _, sparse, sparse_rows = runs["pcgrad,st,deltas"]
+    np.testing.assert_allclose([r["loss"] for r in sparse_rows], [r["loss"] for r in dense_rows], rtol=2e-5)
+    assert [r["mtl/gc_full"] for r in sparse_rows] == [r["mtl/gc_masked"] for r in dense_rows]
+    assert sparse["params"]["trainable_pct"] == pytest.approx(dense["params"]["trainable_pct"], rel=1e-6)
+
+
+def test_a_method_needing_two_tasks_is_refused_before_training(tmp_path, shapes_caches):
     bad = _config("pcgrad", tmp_path, shapes_caches)
     bad.heads = ["count"]
     bad.model.heads = {"count": 4}
     del bad.model["patch_heads"]
-    bad.run_dir = str(tmp_path / "one_task")
     with pytest.raises(ConfigError, match="at least 2 tasks"):
         runner.run(bad)
-
-
-@pytest.mark.slow
-def test_sparse_deltas_path_trains_like_the_masked_dense_path(tmp_path, shapes_caches):
-    """``deltas`` trains the PSN entries as NeuroAda's sparse deltas (no dense gradient of a frozen weight). Under Adam
-    without weight decay that is the same optimisation as the masked dense path in ``pre`` mode: the same losses step
-    by step, and the conflicts over the trained entries are the dense run's masked stream."""
-    curves = {}
-    for variant in ("pcgrad,st", "pcgrad,st,deltas"):
-        cfg = _config(variant, tmp_path, shapes_caches)
-        results = runner.run(cfg)
-        rows = [json.loads(x) for x in open(tmp_path / variant.replace(",", "_") / "metrics.jsonl")]
-        rows = [r for r in rows if "loss" in r]
-        curves[variant] = (np.array([r["loss"] for r in rows]), [r["mtl/gc_full"] for r in rows],
-                           [r.get("mtl/gc_masked") for r in rows], results)
-    dense, sparse = curves["pcgrad,st"], curves["pcgrad,st,deltas"]
-    np.testing.assert_allclose(sparse[0], dense[0], rtol=2e-5)
-    assert sparse[1] == dense[2]
-    assert sparse[3]["params"]["trainable_pct"] == pytest.approx(dense[3]["params"]["trainable_pct"], rel=1e-6)
+    assert not (tmp_path / "pcgrad" / "checkpoints").exists()
