@@ -21,6 +21,7 @@ BENCHMARKS = {
     "metrics": "vlpeft_jax.benchmarks.metrics",
     "train": "vlpeft_jax.benchmarks.train",
     "sparse": "vlpeft_jax.benchmarks.sparse",
+    "mtl": "vlpeft_jax.benchmarks.mtl",
 }
 
 
