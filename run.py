@@ -19,7 +19,7 @@ SUBCOMMANDS = {
     "export": "export adapters (e.g. to Hugging Face PEFT format)",
     "generate": "caption or answer about images with a checkpoint folder or a run directory",
     "params": "print total/trainable parameter counts (abstract shapes, no memory)",
-    "bench": "benchmarks: decode, metrics, train, sparse",
+    "bench": "benchmarks: decode, metrics, train, sparse, mtl",
 }
 
 

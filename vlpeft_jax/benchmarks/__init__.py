@@ -8,6 +8,8 @@ of ratios measured side by side in one process and returns the numbers.
   PyTorch.
 - :mod:`vlpeft_jax.benchmarks.sparse`: mask-based GPS vs NeuroAda vs LoRA (step time, XLA memory), and
   NeuroAda's gather vs scatter path.
+- :mod:`vlpeft_jax.benchmarks.mtl`: the multi-task train step of every gradient-manipulation method, dense and
+  with PSN sparse training, vs the plain summed-loss step; the per-task-gradient strategies (vjp, jacrev, loop).
 
 Layer 6 of the package (``DESIGN.md`` §2): it may import every library layer except ``cli``, and it is the
 only library code that imports peft, and torch too apart from :mod:`vlpeft_jax.hf.io` reading PyTorch ``.bin``
