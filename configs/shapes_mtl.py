@@ -37,7 +37,8 @@ Choices (documented in the README's sparse-MTL section):
 Sweeps (``python run.py sweep --config configs/shapes_mtl.py --sweep NAME --seeds 0,1,2 --out DIR``):
 ``table`` (STL for every task, then each method without and with ST, pretrained tower), ``table_random`` (the
 same on a random tower), ``selection`` (Joint Train + ST with each selection variant), ``budget`` (Joint Train
-+ ST over k), ``st_lr`` (Joint Train dense and sparse at a 3x higher learning rate). The sweep summary adds p% (all steps / last half, full / masked), per-task metrics and Δm%.
++ ST over k), ``st_lr`` (Joint Train dense and sparse at a 3x higher learning rate). The sweep summary adds
+p% (all steps / last half, full / masked), per-task metrics and Δm%.
 
 Example:
     >>> c = get_config("pcgrad,st")
