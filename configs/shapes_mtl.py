@@ -65,8 +65,8 @@ SWEEPS = {
     "table": [*STL, *TABLE_METHODS, *(f"{m},st" for m in TABLE_METHODS)],
     "table_random": [*(f"{s},random" for s in STL), *(f"{m},random" for m in TABLE_METHODS),
                      *(f"{m},st,random" for m in TABLE_METHODS)],
-    "selection": ["ls,st", "ls,st,select=reverse", "ls,st,select=random", "ls,st,select=global"],
-    "budget": ["ls", "ls,st,k=4", "ls,st,k=12", "ls,st", "ls,st,k=48"],
+    "selection": ["ls,st", "ls,st,select=reverse", "ls,st,select=random", "ls,st,select=global", *STL],
+    "budget": ["ls", "ls,st,k=4", "ls,st,k=12", "ls,st", "ls,st,k=48", *STL],
     # one learning rate 3x higher, dense and sparse (the thesis tuned the rate per setting, higher for ST)
     "st_lr": [*STL, "ls,lr=0.003", "ls,st,lr=0.003"],
 }
