@@ -30,7 +30,7 @@ the per-round ratios ``variant / plain`` of the same round (the headline ratio) 
 and the ratio of the medians. The load average (``os.getloadavg``) is printed before and after; a warning says
 when it exceeds the cores, as the ratios are then noisier.
 
-Cost: compilation dominates (21 programs by default; XLA compiles ``_cores()`` of them at a time). The default
+Cost: compilation dominates (21 programs by default; XLA compiles ``usable_cores()`` of them at a time). The default
 run took 5.7-6.7 min wall (about 4.5 min of CPU time) on a 2-core machine at load average 8; expect roughly
 half on an idle one.
 
@@ -63,7 +63,7 @@ import optax
 
 from vlpeft_jax import tasks
 from vlpeft_jax.benchmarks.sparse import Setup, mb, time_round_robin
-from vlpeft_jax.benchmarks.train import _cores, _device_name, _fmt, _ratio
+from vlpeft_jax.benchmarks.train import device_name, fmt_or_na, parse_methods, safe_ratio, usable_cores
 from vlpeft_jax.config import load_config_file
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.experiments.runner import init_base
@@ -107,25 +107,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true",
                    help="a 1-layer width-32 tower, batch 4, a tiny shapes world in a temporary folder (tests)")
     return p
-
-
-def _methods(requested: Sequence[str]) -> list[str]:
-    names = [n for item in requested for n in item.split(",") if n]
-    valid = mtl_registry.names()
-    unknown = [n for n in names if n not in valid]
-    if unknown or not names:
-        raise ConfigError(f"bench mtl --methods: unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
-                          f"valid: {', '.join(valid)}")
-    return list(dict.fromkeys(names))
-
-
-def _available(name: str) -> bool:
-    """Whether the method's module exists in this version (the registry may list methods still being written)."""
-    try:
-        mtl_registry.get(name)
-    except (ConfigError, ModuleNotFoundError, AttributeError):
-        return False
-    return True
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -273,9 +254,9 @@ def compare(record: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]
     pairs = [a / b for a, b in zip(record["times_s"], reference["times_s"], strict=True)]
     q1, q3 = _quartiles(pairs)
     return {"time": statistics.median(pairs), "time_q1": q1, "time_q3": q3,
-            "time_of_medians": _ratio(record["median_s"], reference["median_s"]),
-            "peak_bytes": _ratio(record["peak_bytes"], reference["peak_bytes"]),
-            "temp_bytes": _ratio(record["temp_bytes"], reference["temp_bytes"])}
+            "time_of_medians": safe_ratio(record["median_s"], reference["median_s"]),
+            "peak_bytes": safe_ratio(record["peak_bytes"], reference["peak_bytes"]),
+            "temp_bytes": safe_ratio(record["temp_bytes"], reference["temp_bytes"])}
 
 
 def _finish(setups: list[Setup]) -> dict[str, dict[str, Any]]:
@@ -291,8 +272,8 @@ def _load() -> tuple[float, float, float]:
 
 
 def _warn_if_busy(load: Sequence[float], when: str) -> str | None:
-    if load[0] > _cores():
-        msg = (f"warning: load average {load[0]:.2f} {when} on {_cores()} cores: other processes compete for the "
+    if load[0] > usable_cores():
+        msg = (f"warning: load average {load[0]:.2f} {when} on {usable_cores()} cores: other processes compete for the "
                f"CPUs, so times are inflated and ratios noisier (the round-robin pairing limits the bias)")
         print(msg)
         return msg
@@ -316,9 +297,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     """Runs the benchmark; prints the tables; returns the measurements and the ratios (module docstring)."""
     args = _parser().parse_args(argv)
     _check(args)
-    requested = _methods(args.methods)
-    skipped = [n for n in requested if not _available(n)]
-    names = [n for n in requested if n not in skipped]
+    names = parse_methods(args.methods, mtl_registry.names(), "bench mtl")
     load_before = _load()
     warnings = [w for w in [_warn_if_busy(load_before, "before")] if w]
 
@@ -326,9 +305,8 @@ def run(argv: list[str]) -> dict[str, Any]:
         prob = _build_problem(args.tiny, args.batch_size, cache_dir)
     task, module, base, batch, heads = prob["task"], prob["module"], prob["base"], prob["batch"], prob["heads"]
     num_tasks = len(heads)
-    too_few = [n for n in names if mtl_registry.get(n).min_tasks > num_tasks] if names else []
-    skipped += too_few
-    names = [n for n in names if n not in too_few]
+    skipped = [n for n in names if mtl_registry.get(n).min_tasks > num_tasks]  # more tasks than the model has
+    names = [n for n in names if n not in skipped]
     params = {"base": base, "peft": {}}
     labels = labels_lib.make_labels(params, [("base/.*", "all")])
     total = int(sum(np.size(x) for x in jax.tree.leaves(base)))
@@ -336,11 +314,12 @@ def run(argv: list[str]) -> dict[str, Any]:
     batch_size = int(batch["pixel_values"].shape[0])
     print(f"bench mtl: {CONFIG} classifier (ViT {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
           f"{total:,} parameters, random init), {num_tasks} tasks ({', '.join(heads)}), batch {batch_size}, float32, "
-          f"Adam; {args.steps} timed rounds after {args.warmup} warm-up; JAX on {_device_name()}, XLA's default "
-          f"thread pool ({_cores()} of {os.cpu_count()} cores usable, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r});"
+          f"Adam; {args.steps} timed rounds after {args.warmup} warm-up; JAX on {device_name()}, XLA's default "
+          f"thread pool ({usable_cores()} of {os.cpu_count()} cores usable, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r});"
           f" load average {', '.join(f'{x:.2f}' for x in load_before)}")
     if skipped:
-        print(f"not available here (skipped): {', '.join(skipped)}")
+        print(f"needs more tasks than the model has (skipped): {', '.join(skipped)}")
 
     sparse_modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.sparse]
     task_losses = task.task_losses_fn(module, [], {})
@@ -380,10 +359,10 @@ def run(argv: list[str]) -> dict[str, Any]:
             return task_losses(labels_lib.merge(t, frozen), b, rng)
 
         strategy_setups = [_strategy_setup(s, losses_of, trainable, batch) for s in STRATEGIES]
-    compiled = _compile_all(setups + strategy_setups, _cores())
+    compiled = _compile_all(setups + strategy_setups, usable_cores())
     setups, strategy_setups = compiled[:len(setups)], compiled[len(setups):]
     compile_s = time.perf_counter() - t0
-    print(f"traced and compiled {len(compiled)} programs in {compile_s:.0f} s ({_cores()} at a time)", flush=True)
+    print(f"traced and compiled {len(compiled)} programs in {compile_s:.0f} s ({usable_cores()} at a time)", flush=True)
 
     time_round_robin(setups + strategy_setups, batch, args.steps, args.warmup)
     load_after = _load()
@@ -412,10 +391,10 @@ def run(argv: list[str]) -> dict[str, Any]:
         q = step_ratios[name]
         st = q.get("vs_plain_st", {}).get("time")
         print(f"| {name} | {'PSN' if r['sparse'] else 'dense'} | {1000 * r['median_s']:.1f} | {q['time']:.2f} | "
-              f"[{q['time_q1']:.2f}, {q['time_q3']:.2f}] | {_fmt(q['time_of_medians'])} |"
-              + (f" {_fmt(st)} |" if sparse_cols else "")
-              + f" {mb(r['peak_bytes'])} | {_fmt(q['peak_bytes'])} | {mb(r['temp_bytes'])} | "
-              f"{_fmt(q['temp_bytes'])} | {r['compile_s']:.0f} |")
+              f"[{q['time_q1']:.2f}, {q['time_q3']:.2f}] | {fmt_or_na(q['time_of_medians'])} |"
+              + (f" {fmt_or_na(st)} |" if sparse_cols else "")
+              + f" {mb(r['peak_bytes'])} | {fmt_or_na(q['peak_bytes'])} | {mb(r['temp_bytes'])} | "
+              f"{fmt_or_na(q['temp_bytes'])} | {r['compile_s']:.0f} |")
     if strategies:
         print()
         print("Per-task gradients (one jitted per_task_grads call: losses + Jacobian):")
@@ -425,20 +404,21 @@ def run(argv: list[str]) -> dict[str, Any]:
         for s, r in strategies.items():
             v, p = strategy_ratios[s]["vs_vjp"], strategy_ratios[s]["vs_plain"]
             print(f"| {s} | {1000 * r['median_s']:.1f} | {v['time']:.2f} | [{v['time_q1']:.2f}, {v['time_q3']:.2f}] "
-                  f"| {p['time']:.2f} | {mb(r['peak_bytes'])} | {_fmt(v['peak_bytes'])} | {mb(r['temp_bytes'])} | "
-                  f"{_fmt(v['temp_bytes'])} | {_fmt(p['temp_bytes'])} |")
+                  f"| {p['time']:.2f} | {mb(r['peak_bytes'])} | {fmt_or_na(v['peak_bytes'])} | {mb(r['temp_bytes'])} | "
+                  f"{fmt_or_na(v['temp_bytes'])} | {fmt_or_na(p['temp_bytes'])} |")
     print()
     print(f"Memory: {MEMORY_NOTE}.")
     print(f"load average before {', '.join(f'{x:.2f}' for x in load_before)}, after "
-          f"{', '.join(f'{x:.2f}' for x in load_after)} (1, 5, 15 min; {os.cpu_count()} cores, {_cores()} usable)")
+          f"{', '.join(f'{x:.2f}' for x in load_after)} (1, 5, 15 min; {os.cpu_count()} cores, "
+          f"{usable_cores()} usable)")
     return {
         "settings": {"config": CONFIG, "steps": args.steps, "warmup": args.warmup, "batch_size": batch_size,
                      "methods": names, "sparse": args.sparse, "tiny": args.tiny, "strategies": not args.no_strategies,
                      "learning_rate": LEARNING_RATE, "optimizer": "adam", "clip": "famo_codebase", "dtype": "float32"},
         "model": {"parameters": total, "tasks": heads, "vision": vision.to_dict()},
         "sparse_training": sparse_info,
-        "environment": {"backend": jax.default_backend(), "device": _device_name(), "cpu_count": os.cpu_count(),
-                        "cores_usable": _cores(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "environment": {"backend": jax.default_backend(), "device": device_name(), "cpu_count": os.cpu_count(),
+                        "cores_usable": usable_cores(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
                         "versions": _versions(), "load_average_before": list(load_before),
                         "load_average_after": list(load_after), "warnings": warnings},
         "compile_s": compile_s,

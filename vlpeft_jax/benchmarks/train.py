@@ -128,12 +128,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _methods(requested: Sequence[str]) -> list[str]:
+def parse_methods(requested: Sequence[str], valid: Sequence[str], command: str) -> list[str]:
+    """``--methods`` values (repeatable, comma-separated) as a list without repeats, each checked against ``valid``.
+
+    Raises:
+      ConfigError: an unknown name or an empty list, naming ``command`` (e.g. ``bench train``).
+    """
     names = [n for item in requested for n in item.split(",") if n]
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if n not in valid]
     if unknown or not names:
-        raise ConfigError(f"bench train --methods: unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
-                          f"valid: {', '.join(METHODS)}")
+        raise ConfigError(f"{command} --methods: unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
+                          f"valid: {', '.join(valid)}")
     return list(dict.fromkeys(names))
 
 
@@ -454,7 +459,7 @@ class TorchStep:
 def _torch_threads(threads: int | None) -> None:
     import torch
 
-    torch.set_num_threads(threads or _cores())
+    torch.set_num_threads(threads or usable_cores())
 
 
 def measure_torch(name: str, model_dir: str, shapes: dict[str, int], repeats: int, warmup: int,
@@ -512,7 +517,7 @@ def measure_paired(name: str, model_dir: str, shapes: dict[str, int], repeats: i
 # Running measurements (each in a fresh process by default)
 
 
-def _cores() -> int:
+def usable_cores() -> int:
     """CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -574,12 +579,12 @@ def measure_method(name: str, model_dir: str, shapes: dict[str, int], args: argp
     return out
 
 
-def _device_name() -> str:
+def device_name() -> str:
     d = jax.local_devices()[0]
     return f"{jax.default_backend()} ({getattr(d, 'device_kind', d.platform)})"
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
+def safe_ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
@@ -587,7 +592,7 @@ def _mib(x: int | None) -> str:
     return "n/a" if x is None else f"{x / 2**20:.0f}"
 
 
-def _fmt(x: float | None, spec: str = ".2f") -> str:
+def fmt_or_na(x: float | None, spec: str = ".2f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
@@ -600,13 +605,14 @@ def run(argv: list[str]) -> dict[str, Any]:
     and the same for both memory measures.
     """
     args = _parser().parse_args(argv)
-    names = _methods(args.methods)
+    names = parse_methods(args.methods, METHODS, "bench train")
     for option, value, low in (("repeats", args.repeats, 1), ("warmup", args.warmup, 0),
                                ("memory-steps", args.memory_steps, 0)):
         if value < low:
             raise ConfigError(f"bench train --{option}={value}; must be >= {low}")
-    if args.threads is not None and not 1 <= args.threads <= _cores():
-        raise ConfigError(f"bench train --threads={args.threads}; must be in [1, {_cores()}] (the cores available)")
+    if args.threads is not None and not 1 <= args.threads <= usable_cores():
+        raise ConfigError(f"bench train --threads={args.threads}; must be in [1, {usable_cores()}] (the cores "
+                          f"available)")
     if args.no_torch:
         args.torch_device = "cpu"
     else:
@@ -620,9 +626,10 @@ def run(argv: list[str]) -> dict[str, Any]:
     load_before = os.getloadavg()
     print(f"bench train: GPT-2 {shapes['layers']} layers, width {shapes['width']}, {shapes['heads']} heads, vocab "
           f"{shapes['vocab']}, batch {shapes['batch']} x {shapes['seq']} tokens, float32, AdamW; "
-          f"{args.repeats} timed steps after {args.warmup} warm-up; JAX on {_device_name()}, PyTorch on "
+          f"{args.repeats} timed steps after {args.warmup} warm-up; JAX on {device_name()}, PyTorch on "
           f"{args.torch_device}, float32 matmul precision {args.matmul_precision}; "
-          f"{args.threads or _cores()} of {_cores()} cores, load average {', '.join(f'{x:.2f}' for x in load_before)}")
+          f"{args.threads or usable_cores()} of {usable_cores()} cores, load average "
+          f"{', '.join(f'{x:.2f}' for x in load_before)}")
     if skipped:
         print(f"not available in this version (skipped): {', '.join(skipped)}")
     results: dict[str, dict[str, Any]] = {}
@@ -639,15 +646,17 @@ def run(argv: list[str]) -> dict[str, Any]:
     for r in results.values():
         ours, torch_side = r["ours"], r["torch"]
         r["ratios"] = {
-            "torch_over_ours": None if torch_side is None else _ratio(torch_side["step_s"], ours["step_s"]),
+            "torch_over_ours": None if torch_side is None else safe_ratio(torch_side["step_s"], ours["step_s"]),
             "torch_over_ours_pairs": statistics.median(r["pair_ratios"]) if r["pair_ratios"] else None,
-            "torch_over_ours_min": None if torch_side is None else _ratio(torch_side["step_min_s"], ours["step_min_s"]),
-            "torch_over_ours_rss": None if torch_side is None else _ratio(torch_side["rss_bytes"], ours["rss_bytes"]),
-            "torch_over_ours_device_peak": None if torch_side is None else _ratio(torch_side["device_peak_bytes"],
+            "torch_over_ours_min": None if torch_side is None else safe_ratio(torch_side["step_min_s"],
+                                                                              ours["step_min_s"]),
+            "torch_over_ours_rss": None if torch_side is None else safe_ratio(torch_side["rss_bytes"],
+                                                                              ours["rss_bytes"]),
+            "torch_over_ours_device_peak": None if torch_side is None else safe_ratio(torch_side["device_peak_bytes"],
                                                                                     ours["device_peak_bytes"]),
-            "ours_over_full": None if full is None else _ratio(ours["step_s"], full["step_s"]),
-            "ours_over_full_xla_bytes": None if full is None else _ratio(ours["xla_bytes"], full["xla_bytes"]),
-            "ours_over_full_rss": None if full is None else _ratio(ours["rss_bytes"], full["rss_bytes"]),
+            "ours_over_full": None if full is None else safe_ratio(ours["step_s"], full["step_s"]),
+            "ours_over_full_xla_bytes": None if full is None else safe_ratio(ours["xla_bytes"], full["xla_bytes"]),
+            "ours_over_full_rss": None if full is None else safe_ratio(ours["rss_bytes"], full["rss_bytes"]),
         }
 
     device_memory = any(r[side] is not None and r[side].get("device_peak_bytes") is not None
@@ -663,8 +672,8 @@ def run(argv: list[str]) -> dict[str, Any]:
         if torch_side is not None and not torch_side["uses_peft"]:
             torch_ms += " (plain torch)"
         print(f"| {name} | {ours['trainable']:,} | {1000 * ours['step_s']:.1f} | {torch_ms} | "
-              f"{_fmt(ratios['torch_over_ours'])} | {_fmt(ratios['torch_over_ours_pairs'])} | "
-              f"{_fmt(ratios['ours_over_full'])} | {_mib(ours['xla_bytes'])} | "
+              f"{fmt_or_na(ratios['torch_over_ours'])} | {fmt_or_na(ratios['torch_over_ours_pairs'])} | "
+              f"{fmt_or_na(ratios['ours_over_full'])} | {_mib(ours['xla_bytes'])} | "
               f"{_mib(ours['rss_bytes'])} | {_mib(None if torch_side is None else torch_side['rss_bytes'])} |"
               + (f" {_mib(ours.get('device_peak_bytes'))} | "
                  f"{_mib(None if torch_side is None else torch_side.get('device_peak_bytes'))} |"
@@ -686,12 +695,12 @@ def run(argv: list[str]) -> dict[str, Any]:
     return {
         "settings": {**shapes, "repeats": args.repeats, "warmup": args.warmup, "isolate": args.isolate,
                      "memory_steps": args.memory_steps,
-                     "threads": args.threads or _cores(), "torch_device": args.torch_device,
+                     "threads": args.threads or usable_cores(), "torch_device": args.torch_device,
                      "matmul_precision": args.matmul_precision,
                      "methods": names, "lora_rank": LORA_RANK, "lora_alpha": LORA_ALPHA,
                      "virtual_tokens": VIRTUAL_TOKENS, "learning_rate": LEARNING_RATE, "weight_decay": WEIGHT_DECAY,
                      "dtype": "float32"},
-        "environment": {"backend": jax.default_backend(), "device": _device_name(), "cpu_count": os.cpu_count(),
+        "environment": {"backend": jax.default_backend(), "device": device_name(), "cpu_count": os.cpu_count(),
                         "versions": versions,
                         "load_average_before": list(load_before), "load_average_after": list(load_after)},
         "skipped": skipped,
