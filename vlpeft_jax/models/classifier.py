@@ -96,13 +96,16 @@ class ClassifierOutput:
 
 
 class ClassifierHeads(nn.Module):
-    """One ``layers.Linear`` per head, named by the head (``heads/<name>/{kernel, bias}``)."""
+    """One ``layers.Linear`` per head, named by the head (``heads/<name>/{kernel, bias}``); a head in
+    ``patch_heads`` reads the patch tokens, every other the pooled features."""
 
     num_classes: tuple[tuple[str, int], ...]
+    patch_heads: tuple[str, ...] = ()
 
     @nn.compact
-    def __call__(self, features: Array) -> dict[str, Array]:
-        return {name: layers.Linear(n, axes=("embed", None), name=name)(features).astype(jnp.float32)
+    def __call__(self, features: Array, patches: Array | None = None) -> dict[str, Array]:
+        return {name: layers.Linear(n, axes=("embed", None), name=name)(
+                    patches if name in self.patch_heads else features).astype(jnp.float32)
                 for name, n in self.num_classes}
 
 
@@ -170,14 +173,8 @@ class VisionClassifier(nn.Module):
                     raise ConfigError("model.pool='pooled' but the tower has no pooled output (ViT: "
                                       "add_pooling_layer=False); use 'cls' or 'mean'")
                 features = out.pooled
-        image_heads = tuple(p for p in self.num_classes if p[0] not in self.patch_heads)
-        dense = tuple(p for p in self.num_classes if p[0] in self.patch_heads)
-        heads = ClassifierHeads(image_heads + dense, name="heads")
-        logits = heads(features) if not dense else {}
-        if dense:
-            # patch tokens: everything after the class token (a connector over patch features has none)
-            has_cls = self.connector is None or self.connector.feature != "patches"
-            patches = tokens[:, 1:] if has_cls else tokens
-            both = heads(jnp.concatenate([features[:, None], patches], axis=1))
-            logits = {n: both[n][:, 0] if n not in self.patch_heads else both[n][:, 1:] for n, _ in self.num_classes}
-        return ClassifierOutput(logits={n: logits[n] for n, _ in self.num_classes}, features=features, tokens=tokens)
+        # patch tokens: everything after the class token (a connector over patch features has none)
+        has_cls = self.connector is None or self.connector.feature != "patches"
+        patches = tokens[:, 1:] if has_cls else tokens
+        logits = ClassifierHeads(self.num_classes, self.patch_heads, name="heads")(features, patches)
+        return ClassifierOutput(logits=logits, features=features, tokens=tokens)
