@@ -13,7 +13,7 @@ from vlpeft_jax import tasks
 from vlpeft_jax.cli.config import apply_overrides, load_config_file
 from vlpeft_jax.data import shapes
 from vlpeft_jax.errors import ConfigError
-from vlpeft_jax.experiments import multitask, runner
+from vlpeft_jax.experiments import multitask, runner, sweep
 from vlpeft_jax.models import layers
 from vlpeft_jax.models.classifier import VisionClassifier
 from vlpeft_jax.models.vit import ViTConfig, ViTModel
@@ -103,7 +103,7 @@ def test_sweep_summary_delta_m_by_hand():
     assert summary["ls"]["b mIoU"] == pytest.approx((35.0, 5.0))
     # a group without single-task runs gets no Δm
     assert multitask.sweep_summary(results, {"stl_a": "g", "stl_b": "g", "ls": "other"})["ls"]["delta_m"] is None
-    assert "Δm%" in multitask.sweep_table(summary)
+    assert "Δm%" in sweep.mtl_table(summary)
 
 
 # ------------------------------------------------------------------------------------ bad settings

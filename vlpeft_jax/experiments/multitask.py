@@ -244,25 +244,3 @@ def sweep_summary(results: Mapping[str, Sequence[Mapping[str, Any]]], groups: Ma
         row["trainable_pct"] = float(np.mean([r["params"]["trainable_pct"] for r in runs]))
         out[variant] = row
     return out
-
-
-def _fmt(v: tuple[float, float] | None, seeds: int, digits: int = 1) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}" if seeds > 1 else f"{v[0]:.{digits}f}"
-
-
-def sweep_table(summary: Mapping[str, Any]) -> str:
-    """Markdown of :func:`sweep_summary`: one row per variant."""
-    metric_cols = list(dict.fromkeys(k for row in summary.values() for k in row
-                                     if k.endswith(" accuracy") or k.endswith(" mIoU")))
-    cols = ["p% full (all)", "p% full (last half)", "p% masked (all)", "p% masked (last half)", *metric_cols,
-            "Δm% ↓", "trainable %"]
-    keys = ["p_full_all", "p_full_last_half", "p_masked_all", "p_masked_last_half", *metric_cols]
-    lines = ["| variant | group | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
-    for variant, row in summary.items():
-        cells = [_fmt(row.get(k), row["seeds"]) for k in keys]
-        cells += [_fmt(row["delta_m"], row["seeds"], 2), f"{row['trainable_pct']:.2f}"]
-        lines.append(f"| {variant} | {row['group']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-

@@ -108,10 +108,10 @@ def summarize(results: Mapping[str, Sequence[Mapping[str, Any]]], metrics: Seque
     return out
 
 
-def _cell(v: tuple[float, float] | None, seeds: int) -> str:
+def _cell(v: tuple[float, float] | None, seeds: int, digits: int = 1) -> str:
     if v is None:
         return "n/a"
-    return f"{v[0]:.1f} ± {v[1]:.1f}" if seeds > 1 else f"{v[0]:.1f}"
+    return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}" if seeds > 1 else f"{v[0]:.{digits}f}"
 
 
 def table(summary: Mapping[str, Any], zero_shot: Mapping[str, Any] | None, metrics: Sequence[str],
@@ -157,6 +157,21 @@ def plot(path: Path, summary: Mapping[str, Any], metric: str, groups: Sequence[s
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)
+
+
+def mtl_table(summary: Mapping[str, Any]) -> str:
+    """Markdown of :func:`vlpeft_jax.experiments.multitask.sweep_summary`: one row per variant."""
+    metric_cols = list(dict.fromkeys(k for row in summary.values() for k in row
+                                     if k.endswith(" accuracy") or k.endswith(" mIoU")))
+    cols = ["p% full (all)", "p% full (last half)", "p% masked (all)", "p% masked (last half)", *metric_cols,
+            "Δm% ↓", "trainable %"]
+    keys = ["p_full_all", "p_full_last_half", "p_masked_all", "p_masked_last_half", *metric_cols]
+    lines = ["| variant | group | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for variant, row in summary.items():
+        cells = [_cell(row.get(k), row["seeds"]) for k in keys]
+        cells += [_cell(row["delta_m"], row["seeds"], 2), f"{row['trainable_pct']:.2f}"]
+        lines.append(f"| {variant} | {row['group']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot_conflicts(path: Path, summary: Mapping[str, Any]) -> None:
@@ -407,7 +422,7 @@ def run_sweep(config_file: str | Path, sweep: str, seeds: Sequence[int], out_dir
     plot_vs_params(base / "sweep_params.png", summary, metric, groups[0])
     if any("mtl" in r for runs_ in results.values() for r in runs_):
         mtl = multitask.sweep_summary(results, {p.variant: (p.cfg.get("mtl") or {}).get("group", "") for p in planned})
-        mtl_text = multitask.sweep_table(mtl)
+        mtl_text = mtl_table(mtl)
         files.write_text(base / "mtl.md", f"# {Path(config_file).stem}: {sweep} (multi-task)\n\n{seeds_note}; p% = "
                                           f"gradient-conflict incidence (% of task pairs with g_i·g_j < 0 per step); "
                                           f"scores x100; Δm% against the single-task runs of the same group (flat "
