@@ -365,8 +365,9 @@ def pretrained_base(cfg: ml_collections.ConfigDict, task: Any, module: Any, inpu
     if keep:
         parts.append(pcfg.to_dict().get("heads"))
     cache = Path(cfg.pretrain.cache_dir) / f"{pcfg.name}-{config_hash(*parts)}"
-    # the pretrain config's own task settings (domain, batch size, lengths) over this run's data and tokenizer
-    ptask = tasks.build(pcfg, **task.shared_data()) if keep or not cache.exists() else None
+    # the pretrain config's own task (domain, batch size, lengths) over this run's data and tokenizer: built now when
+    # its own model is needed (keep), else only if the base must be trained
+    ptask = tasks.build(pcfg, **task.shared_data()) if keep else None
     pmodule, pinputs = registry.build_model(ptask.model_config()) if keep else (module, inputs)
     abstract = abstract_base(pmodule, pinputs, pcfg.seed)
     base = _read_cached_base(cache, abstract) if cache.exists() else None

@@ -86,7 +86,7 @@ def make_mtl_train_step(task_losses_fn: TaskLossesFn, tx: optax.GradientTransfor
         trainable = optax.apply_updates(state.trainable, updates)
         if after is not None:
             new_losses, _ = task_losses_fn(labels_lib.merge(trainable, state.frozen), batch, rng)
-            opt_state = (after(mtl_state(opt_state), losses, jax.lax.stop_gradient(new_losses)), *opt_state[1:])
+            opt_state = (after(mtl_state(opt_state), losses, new_losses), *opt_state[1:])
         stats = mtl_state(opt_state).stats
         out = {**metrics, "loss": losses.sum(), "grad_norm": grad_norm,
                **{f"mtl/{k.replace('/', '_')}": v for k, v in stats.items() if k != "weights"},
