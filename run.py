@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "generate": "caption or answer about images with a checkpoint folder or a run directory",
     "params": "print total/trainable parameter counts (abstract shapes, no memory)",
     "bench": "benchmarks: decode, metrics, train, sparse, mtl",
+    "analyze": "attention knockout, logit lens, module knockout, effective rank of a trained model",
 }
 
 

@@ -9,7 +9,8 @@ thesis' per-task panels (Figs. 7.3-7.5).
 
 ``python run.py train --config configs/shapes_knockout.py`` trains and evaluates it (about ten minutes on 2 CPU
 cores); ``python run.py analyze knockout --run RUN_DIR`` then runs the thesis' knockout experiments on it.
-``:smoke`` is seconds long (tests).
+``:smoke`` is seconds long (tests); ``align=N`` and ``pretrain=N`` set the two stages' steps (default 2000 and 1000,
+as the VQA base).
 
 Example:
     >>> from vlpeft_jax.config import load_config_file
@@ -24,9 +25,11 @@ from configs import common
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    _, opts = common.parse_variant(variant, "configs/shapes_knockout.py", (), {"smoke": False})
+    _, opts = common.parse_variant(variant, "configs/shapes_knockout.py", (),
+                                   {"smoke": False, "align": 2000, "pretrain": 1000})
     c = common.load("shapes_vqa_pretrain.py")
     c.name = "shapes_knockout"
+    c.stages[0]["steps"], c.stages[1]["steps"] = int(opts["align"]), int(opts["pretrain"])
     c.model.decoder.num_hidden_layers = 6
     c.train.question_types = []  # every question type
     if opts["smoke"]:

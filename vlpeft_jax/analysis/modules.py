@@ -111,6 +111,9 @@ def make_module_sweep(model: Model, branch: str, k: int = 10) -> Callable[..., d
     :func:`jaccard_of_topk`."""
     if branch not in BRANCHES:
         raise ConfigError(f"module knockout branch {branch!r}; valid: {', '.join(BRANCHES)}")
+    vocab = int(model.language_model.config.vocab_size)
+    if not 1 <= k <= vocab:
+        raise ConfigError(f"top-k k={k}: must be between 1 and the vocabulary size {vocab}")
     side_name = "zero_attention" if branch == "attention" else "zero_mlp"
     module_hooks = module_knockout_hooks(model)
 
