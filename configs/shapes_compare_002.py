@@ -31,6 +31,9 @@ SWEEPS: dict[str, list[str]] = {
     "table5": [f"{mode}{ev}" for mode in ("full", "parallel") for ev in ("", ",eval=remove", ",eval=noise")],
     "table6": [f"full,pt={pt},ft={400 - pt}" for pt in (120, 200, 280)],
     "table9": [f"alternate,rounds={n},pt={100 * n},ft={100 * n}" for n in (1, 2, 3, 4)],
+    # Table 1 (effective rank, ``run.py analyze rank``): each method alone, then PT → X
+    "table1": ["only_full", "prefix", "only_s_adapter", "only_p_adapter", "only_lora", "s_adapter", "p_adapter",
+               "lora", "full"],
 }
 
 
