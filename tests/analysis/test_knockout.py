@@ -450,13 +450,10 @@ def test_bad_inputs_and_configs_are_named(s):
         ko.layer_windows(3, L, "backward")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "knockout_hook cannot run under prefix tuning: PrefixTuning's attention hook wraps the knockout hook and "
-    "hands it keys/bias of length P + t, while the pattern is [b, t, t], so jnp.where fails to broadcast "
-    "((b,1,t,t) vs (b,1,t,P+t)); Model(methods=...) promises active PEFT methods"))
 def test_sweep_runs_with_prefix_tuning_active(s):
-    """A Model with a method that adds attention keys (prefix tuning): blocking nothing changes nothing and
-    p1 is the prefix-tuned model's probability."""
+    """A Model with a method that adds attention keys before the sequence (prefix tuning): blocking nothing
+    changes nothing, p1 is the prefix-tuned model's probability, and the virtual keys are never blocked (a
+    query blocked from every sequence key still reads them, so it is not zeroed as fully blocked)."""
     from vlpeft_jax.peft.prefix import PrefixTuning
 
     method = PrefixTuning(num_virtual_tokens=3, num_kv_heads=2, projection=False)
@@ -467,3 +464,15 @@ def test_sweep_runs_with_prefix_tuning_active(s):
     np.testing.assert_array_equal(np.asarray(res["p_c"]), 0.0)
     clean = softmax_np(np.asarray(model(params, s.inputs).logits[:, -1]))
     np.testing.assert_allclose(np.asarray(res["p1"]), clean[np.arange(B), np.asarray(res["token"])], atol=1e-6)
+    # the last query blocked from every sequence key in every layer still reads the prefix: not zeroed
+    from vlpeft_jax.analysis.modules import module_knockout_hooks
+
+    real = np.asarray(s.inputs["attention_mask"], bool)
+    every = np.ones((1, L), bool)
+    blocked = ko.make_sweep(model)(params, s.inputs, real, sets([9], [9]), every)
+    zero = np.zeros((L, B, T), bool)
+    zero[:, :, 9] = True
+    zeroed = model(params, s.inputs, {"zero_attention": jnp.asarray(zero)}, module_knockout_hooks(model)).logits
+    p_zeroed = softmax_np(np.asarray(zeroed[:, -1]))[np.arange(B), np.asarray(blocked["token"])]
+    assert np.abs(np.asarray(blocked["p2"][0]) - p_zeroed).max() > 1e-4
+    assert np.abs(np.asarray(blocked["p_c"])).max() > 1e-3

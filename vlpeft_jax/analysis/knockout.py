@@ -191,7 +191,8 @@ def knockout_hook(model: Model, fully_blocked: str = "zero") -> hooks.Hook:
     """The ``attention`` hook that blocks the edges of the side input ``knockout`` in the decoder's layers.
 
     ``knockout`` is ``bool [b, tq, tk]`` (every layer) or ``[L, b, tq, tk]`` (per layer). Runs only in a
-    prefill (not in cached decoding steps). ``fully_blocked="zero"`` zeroes the attention output of a query
+    prefill (not in cached decoding steps). Keys a PEFT method puts before the sequence (prefix tuning's
+    virtual tokens) are not positions of the sequence and are never blocked. ``fully_blocked="zero"`` zeroes the attention output of a query
     that has no allowed key left (A6); with ``"raise"`` callers check patterns first
     (:func:`fully_blocked_rows`), and the hook computes only the mask.
     """
@@ -205,6 +206,9 @@ def knockout_hook(model: Model, fully_blocked: str = "zero") -> hooks.Hook:
             return nxt(q, k, v, bias)
         if pattern.ndim == 4:
             pattern = pattern[ctx.layer]
+        extra = k.shape[1] - pattern.shape[-1]
+        if extra > 0:  # keys a PEFT method put before the sequence (prefix tuning): never blocked
+            pattern = jnp.pad(pattern, ((0, 0), (0, 0), (extra, 0)))
         blocked = pattern[:, None, :, :]  # every head
         if bias is None:
             bias = jnp.zeros((1, 1, q.shape[1], k.shape[1]), jnp.float32)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlpeft_jax.analysis.knockout import Model, check_left_padded
+from vlpeft_jax.analysis.knockout import Model, check_sets
 from vlpeft_jax.errors import ConfigError, InputError
 from vlpeft_jax.models import hooks
 
@@ -135,8 +135,8 @@ def make_module_sweep(model: Model, branch: str, k: int = 10) -> Callable[..., d
         windows = np.asarray(windows, bool)
         if windows.ndim != 2 or windows.shape[1] != model.num_layers:
             raise InputError(f"windows have shape {windows.shape}; expected [centres, {model.num_layers}]")
-        if "attention_mask" in inputs:
-            check_left_padded(inputs["attention_mask"])
-        return jitted(params, inputs, jnp.asarray(positions, bool), jnp.asarray(windows))
+        positions = np.asarray(positions, bool)
+        check_sets(positions, positions, inputs, model)  # shape, padding, left padding
+        return jitted(params, inputs, jnp.asarray(positions), jnp.asarray(windows))
 
     return run
