@@ -192,9 +192,9 @@ def knockout_hook(model: Model, fully_blocked: str = "zero") -> hooks.Hook:
 
     ``knockout`` is ``bool [b, tq, tk]`` (every layer) or ``[L, b, tq, tk]`` (per layer). Runs only in a
     prefill (not in cached decoding steps). Keys a PEFT method puts before the sequence (prefix tuning's
-    virtual tokens) are not positions of the sequence and are never blocked. ``fully_blocked="zero"`` zeroes the attention output of a query
-    that has no allowed key left (A6); with ``"raise"`` callers check patterns first
-    (:func:`fully_blocked_rows`), and the hook computes only the mask.
+    virtual tokens) are not positions of the sequence and are never blocked. ``fully_blocked="zero"``
+    zeroes the attention output of a query that has no allowed key left (A6); with ``"raise"`` callers check
+    patterns first (:func:`fully_blocked_rows`), and the hook computes only the mask.
     """
     if fully_blocked not in FULLY_BLOCKED:
         raise ConfigError(f"fully_blocked={fully_blocked!r}; valid: {', '.join(FULLY_BLOCKED)}")
