@@ -309,10 +309,11 @@ def num_prepended(model: Model, inputs: Mapping[str, Any]) -> int:
 
 
 def check_sets(source: np.ndarray, target: np.ndarray, inputs: Mapping[str, Any], model: Model,
-               allow_overlap: bool = True) -> None:
-    """Shapes, emptiness and padding of position sets (:class:`InputError` naming the set)."""
+               allow_overlap: bool = True, names: tuple[str, str] = ("source", "target")) -> None:
+    """Left padding, then the sets' shapes and padding (:class:`InputError` naming the set)."""
     real = sequence_mask(model, inputs)
-    for name, s in (("source", source), ("target", target)):
+    check_left_padded(inputs.get("attention_mask", real))
+    for name, s in zip(names, (source, target), strict=True):
         if s.shape != real.shape:
             raise InputError(f"{name} set has shape {s.shape}; the sequence is {real.shape} (batch, positions "
                              "including visual tokens)")
@@ -321,4 +322,3 @@ def check_sets(source: np.ndarray, target: np.ndarray, inputs: Mapping[str, Any]
             raise InputError(f"{name} set holds padding position {q} of row {b}")
     if not allow_overlap and (source & target).any():
         raise InputError("source and target sets overlap")
-    check_left_padded(inputs.get("attention_mask", real))

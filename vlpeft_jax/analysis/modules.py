@@ -136,7 +136,7 @@ def make_module_sweep(model: Model, branch: str, k: int = 10) -> Callable[..., d
         if windows.ndim != 2 or windows.shape[1] != model.num_layers:
             raise InputError(f"windows have shape {windows.shape}; expected [centres, {model.num_layers}]")
         positions = np.asarray(positions, bool)
-        check_sets(positions, positions, inputs, model)  # shape, padding, left padding
+        check_sets(positions, positions, inputs, model, names=("zeroed positions",) * 2)
         return jitted(params, inputs, jnp.asarray(positions), jnp.asarray(windows))
 
     return run
