@@ -57,6 +57,23 @@ def test_named_sets_on_the_run(run_dir, source):
     assert sets["image"][:, :n_v].all() and not sets["image"][:, n_v:].any()
 
 
+def test_blocking_the_image_everywhere_equals_the_model_without_it(source):
+    """Image ↛ text in every layer of the VLM gives the text-only language model's prediction (the spec's test 4;
+    RoPE makes the shifted positions irrelevant), and the image positions' states do not change."""
+    from vlpeft_jax.analysis import knockout as ko
+
+    batch, model = source.batches[0], source.model
+    res = ko.make_sweep(model)(source.params, batch.inputs, batch.sets["image"], batch.sets["text"],
+                               np.ones((1, model.num_layers), bool))
+    text_only = {"input_ids": batch.inputs["input_ids"], "attention_mask": batch.inputs["attention_mask"]}
+    logits = np.asarray(model(source.params, text_only, logits_to_keep=1).logits[:, -1], np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    expected = probs[np.arange(len(probs)), np.asarray(res["token"])]
+    np.testing.assert_allclose(np.asarray(res["p2"][0]), expected, atol=2e-6)
+    assert np.abs(np.asarray(res["p2"][0]) - np.asarray(res["p1"])).max() > 1e-3  # the image mattered
+
+
 def test_knockout_lens_and_modules_end_to_end(run_dir, tmp_path):
     out = tmp_path / "ko"
     assert _main("knockout", "--run", run_dir, "--max-examples", 8, "--batch-size", 8, "--all-samples",
@@ -114,6 +131,7 @@ def test_json_output_and_explicit_sets(run_dir, tmp_path, capsys):
     (["knockout", "--window", "0"], ConfigError, "must be >= 1"),
     (["knockout", "--source", "image"], ConfigError, "both --source and --target"),
     (["modules", "--target", "image_objects", "--top-k", "999"], ConfigError, "vocabulary size"),
+    (["lens", "--token", "99999"], InputError, "outside the vocabulary"),
 ])
 def test_bad_inputs_are_one_error_each(run_dir, tmp_path, args, error, match):
     with pytest.raises(error, match=match):

@@ -286,9 +286,20 @@ def make_sweep(model: Model, fully_blocked: str = "zero",
                                  "knockout leaves it nothing to attend to (fully_blocked='raise')")
         if token_ids and token is None:
             raise InputError("this sweep reads given token ids: pass token")
+        if token is not None:
+            check_token_ids(token, model)
         return jitted(params, inputs, source, target, windows, None if token is None else jnp.asarray(token))
 
     return run
+
+
+def check_token_ids(token: Any, model: Model) -> None:
+    """Token ids must lie in the vocabulary of the decoder's head (:class:`InputError` naming the bad id)."""
+    vocab = int(model.language_model.config.vocab_size)
+    ids = np.asarray(token).reshape(-1)
+    bad = ids[(ids < 0) | (ids >= vocab)]
+    if bad.size:
+        raise InputError(f"token id {int(bad[0])} is outside the vocabulary (0..{vocab - 1})")
 
 
 def sequence_mask(model: Model, inputs: Mapping[str, Any]) -> np.ndarray:

@@ -133,12 +133,20 @@ def token_ranks(probs: np.ndarray, token_ids: Sequence[int] | np.ndarray) -> np.
         [[[1]]]
     """
     probs = np.asarray(probs)
-    ids = np.asarray(token_ids).reshape(-1, 1, 1, 1)
+    ids = _ids(token_ids, probs.shape[-1])
     chosen = np.take_along_axis(probs, ids, axis=-1)
     return (probs > chosen).sum(-1)
 
 
 def token_probs(probs: np.ndarray, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
     """Probability of ``token_ids`` (``int [b]``) per layer and position: ``[b, L+1, P]``."""
-    ids = np.asarray(token_ids).reshape(-1, 1, 1, 1)
+    ids = _ids(token_ids, np.shape(probs)[-1])
     return np.take_along_axis(np.asarray(probs), ids, axis=-1)[..., 0]
+
+
+def _ids(token_ids: Sequence[int] | np.ndarray, vocab: int) -> np.ndarray:
+    ids = np.asarray(token_ids).reshape(-1)
+    bad = ids[(ids < 0) | (ids >= vocab)]
+    if bad.size:
+        raise InputError(f"token id {int(bad[0])} is outside the vocabulary (0..{vocab - 1})")
+    return ids.reshape(-1, 1, 1, 1)

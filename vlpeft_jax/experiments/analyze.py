@@ -10,7 +10,8 @@ Inputs:
   :mod:`vlpeft_jax.analysis.positions` are available (``image``, ``image_objects``, ``question``, ``last``,
   ...); results are grouped by question type (the thesis' per-task panels). The answer token is the first token
   of the reference answer; only questions whose greedy first token is that token count (the thesis analyses
-  the correctly answered samples, spec A10), unless ``--all-samples``.
+  the correctly answered samples, spec A10), unless ``--all-samples`` or ``--token ID`` (every sample then
+  reads that token id).
 - ``--model DIR --prompts FILE``: a decoder-only Hugging Face checkpoint folder and one prompt per line, with
   explicit index sets (``--source 0:16 --target 20:24,30``, see
   :func:`~vlpeft_jax.analysis.positions.index_set`; a set starting with ``-`` other than a plain number is
@@ -248,8 +249,9 @@ def _by_group(source: Source, rows: Sequence[tuple[str, np.ndarray]]) -> dict[st
 
 
 def run_knockout(source: Source, pairs: Sequence[tuple[str, str]], window: int, mode: str, all_samples: bool,
-                 fully_blocked: str = "zero") -> dict[str, Any]:
-    """p1, p2 and p_c per sample and centre layer for every (source, target) pair; aggregates per group."""
+                 fully_blocked: str = "zero", token: int | None = None) -> dict[str, Any]:
+    """p1, p2 and p_c per sample and centre layer for every (source, target) pair; aggregates per group.
+    ``token``: read this token id's probability in every sample (default: the greedy token)."""
     L = source.model.num_layers
     windows = ko.layer_windows(window, L, mode)
     sweep = ko.make_sweep(source.model, fully_blocked)
@@ -260,8 +262,10 @@ def run_knockout(source: Source, pairs: Sequence[tuple[str, str]], window: int, 
         for batch in source.batches:
             s_set = position_set(src, batch, source.model, source.named)
             t_set = position_set(tgt, batch, source.model, source.named)
-            res = {k: np.asarray(v) for k, v in sweep(source.params, batch.inputs, s_set, t_set, windows).items()}
-            correct = None if batch.answer_token is None else res["token"] == batch.answer_token
+            given = None if token is None else np.full(batch.valid.size, token)
+            res = {k: np.asarray(v) for k, v in sweep(source.params, batch.inputs, s_set, t_set, windows,
+                                                          given).items()}
+            correct = None if batch.answer_token is None or token is not None else res["token"] == batch.answer_token
             keep = _selected(batch, correct, all_samples)
             nonempty = s_set.any(1) & t_set.any(1)
             empty += int((keep & ~nonempty).sum())
@@ -280,8 +284,9 @@ def run_knockout(source: Source, pairs: Sequence[tuple[str, str]], window: int, 
             "centres": list(range(L)), "pairs": results}
 
 
-def run_lens(source: Source, all_samples: bool, final_norm: bool) -> dict[str, Any]:
-    """The logit lens at the last position: probability and rank of the answer token per layer (0 … L)."""
+def run_lens(source: Source, all_samples: bool, final_norm: bool, token: int | None = None) -> dict[str, Any]:
+    """The logit lens at the last position: probability and rank of the answer token (the reference answer's
+    first token; ``token`` instead when given, else the model's prediction) per layer (0 … L)."""
     L = source.model.num_layers
     rows_p, rows_r, rows_c, samples = [], [], [], []
     for batch in source.batches:
@@ -289,21 +294,22 @@ def run_lens(source: Source, all_samples: bool, final_norm: bool) -> dict[str, A
                             + ko.num_prepended(source.model, batch.inputs))
         probs = lens_mod.logit_lens(source.model, source.params, batch.inputs, positions, final_norm)
         greedy = probs[:, -1, 0].argmax(-1)
-        token = batch.answer_token if batch.answer_token is not None else greedy
-        correct = None if batch.answer_token is None else greedy == batch.answer_token
+        tracked = (np.full(greedy.shape, token) if token is not None else
+                   batch.answer_token if batch.answer_token is not None else greedy)
+        correct = None if batch.answer_token is None or token is not None else greedy == batch.answer_token
         keep = _selected(batch, correct, all_samples)
-        p = lens_mod.token_probs(probs, token)[:, :, 0]
-        rank = lens_mod.token_ranks(probs, token)[:, :, 0]
+        p = lens_mod.token_probs(probs, tracked)[:, :, 0]
+        rank = lens_mod.token_ranks(probs, tracked)[:, :, 0]
         cap = None
         if batch.capitalized_token is not None:
             cap = lens_mod.token_probs(probs, np.maximum(batch.capitalized_token, 0))[:, :, 0]
         for r in np.nonzero(keep)[0]:
             rows_p.append((batch.groups[r], p[r]))
             rows_r.append((batch.groups[r], rank[r].astype(float)))
-            has_cap = cap is not None and batch.capitalized_token[r] not in (-1, token[r])
+            has_cap = token is None and cap is not None and batch.capitalized_token[r] not in (-1, tracked[r])
             if has_cap:
                 rows_c.append((batch.groups[r], cap[r]))
-            samples.append({"id": batch.ids[r], "group": batch.groups[r], "token": int(token[r]),
+            samples.append({"id": batch.ids[r], "group": batch.groups[r], "token": int(tracked[r]),
                             "prob": p[r].tolist(), "rank": rank[r].tolist(),
                             "top": probs[r, :, 0].argmax(-1).tolist(),
                             "capitalized_prob": cap[r].tolist() if has_cap else None})
@@ -463,6 +469,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fully-blocked", choices=ko.FULLY_BLOCKED, default="zero")
     p.add_argument("--final-norm", action="store_true", help="lens: norm the intermediate states first")
     p.add_argument("--top-k", type=int, default=10, help="modules: tokens per position in the Jaccard")
+    p.add_argument("--token", type=int, default=None, help="knockout/lens: the token id whose probability is read "
+                   "(default: the reference answer's first token on a VQA run, else the greedy prediction)")
     p.add_argument("--all-samples", action="store_true", help="also analyse wrongly answered questions")
     p.add_argument("--seed", type=int, default=0, help="the image_random draw")
     p.add_argument("--out", type=Path, default=None)
@@ -489,6 +497,8 @@ def main(argv: list[str]) -> int:
     source = (run_source(args.run, args.split, args.max_examples, args.batch_size, args.seed) if args.run is not None
               else prompts_source(args.model, args.prompts, args.batch_size, args.max_examples))
     L = source.model.num_layers
+    if args.token is not None:
+        ko.check_token_ids(args.token, source.model)
     window = args.window if args.window is not None else default_window(L)
     ko.layer_windows(window, L, args.window_mode)  # checks the window before any work
     print(f"analyze {args.kind}: {source.description}; {L} layers, window k={window}", file=sys.stderr)
@@ -497,9 +507,10 @@ def main(argv: list[str]) -> int:
         if args.source is None:
             available = set(source.batches[0].sets)
             pairs = [p for p in pairs if p[0] in available and p[1] in available]
-        result = run_knockout(source, pairs, window, args.window_mode, args.all_samples, args.fully_blocked)
+        result = run_knockout(source, pairs, window, args.window_mode, args.all_samples, args.fully_blocked,
+                              args.token)
     elif args.kind == "lens":
-        result = run_lens(source, args.all_samples, args.final_norm)
+        result = run_lens(source, args.all_samples, args.final_norm, args.token)
     else:
         result = run_modules(source, args.target or "question", window, args.all_samples, args.top_k)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
