@@ -281,3 +281,21 @@ def read_run_config(run_dir: str | Path) -> ml_collections.ConfigDict:
         raise ConfigError(f"{path}: expected a JSON object of settings, got a {type(data).__name__}; the file "
                           "is damaged: train the run again into a new directory (or restore the file)")
     return ml_collections.ConfigDict(data)
+
+
+def max_examples_arg(text: str) -> int:
+    """A ``--max-examples`` value: ``all`` -> 0 (the tasks' "every example"), else an integer >= 1.
+
+    Example:
+        >>> max_examples_arg("all"), max_examples_arg("8")
+        (0, 8)
+    """
+    if text == "all":
+        return 0
+    try:
+        n = int(text)
+    except ValueError:
+        raise ConfigError(f"--max-examples {text!r}: expected an integer >= 1 or 'all'") from None
+    if n < 1:
+        raise ConfigError(f"--max-examples {n}: must be >= 1 (or 'all' for every example)")
+    return n

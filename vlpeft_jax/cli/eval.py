@@ -32,24 +32,11 @@ from typing import Any
 import ml_collections
 
 from vlpeft_jax import files
-from vlpeft_jax.config import read_run_config
+from vlpeft_jax.config import max_examples_arg, read_run_config
 from vlpeft_jax.errors import ConfigError, InputError
 
 DECODING_KEYS = ("method", "num_beams", "length_penalty", "max_new_tokens")
 DEFAULT_BEAMS = 3  # --method beam without --num-beams, when the run's eval.num_beams is < 2
-
-
-def _max_examples(text: str) -> int:
-    """``--max-examples``: ``all`` -> 0 (the tasks' "every example"), else an integer >= 1."""
-    if text == "all":
-        return 0
-    try:
-        n = int(text)
-    except ValueError:
-        raise ConfigError(f"--max-examples {text!r}: expected an integer >= 1 or 'all'") from None
-    if n < 1:
-        raise ConfigError(f"--max-examples {n}: must be >= 1 (or 'all' for every example)")
-    return n
 
 
 def eval_settings(cfg: ml_collections.ConfigDict, args: argparse.Namespace) -> dict[str, Any]:
@@ -131,7 +118,7 @@ def main(argv: list[str]) -> int:
                         help="evaluate again into an output folder that already holds files")
     args = parser.parse_args(argv)
     if args.max_examples is not None:
-        args.max_examples = _max_examples(args.max_examples)
+        args.max_examples = max_examples_arg(args.max_examples)
     cfg = read_run_config(args.run)
     settings = eval_settings(cfg, args)
     settings["run"] = str(args.run.resolve())

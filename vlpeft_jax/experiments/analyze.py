@@ -47,6 +47,7 @@ from vlpeft_jax.analysis import knockout as ko
 from vlpeft_jax.analysis import lens as lens_mod
 from vlpeft_jax.analysis import modules as mod_ko
 from vlpeft_jax.analysis.positions import NAMED_SETS, index_set, vqa_sets
+from vlpeft_jax.config import max_examples_arg
 from vlpeft_jax.errors import ConfigError, InputError
 
 KINDS = ("knockout", "lens", "modules")
@@ -297,7 +298,8 @@ def run_lens(source: Source, all_samples: bool, final_norm: bool, token: int | N
         tracked = (np.full(greedy.shape, token) if token is not None else
                    batch.answer_token if batch.answer_token is not None else greedy)
         correct = None if batch.answer_token is None or token is not None else greedy == batch.answer_token
-        keep = _selected(batch, correct, all_samples)
+        keep = _selected(batch, correct, all_samples) & (tracked >= 0)  # -1: a padding row, or no answer token
+        tracked = np.maximum(tracked, 0)
         p = lens_mod.token_probs(probs, tracked)[:, :, 0]
         rank = lens_mod.token_ranks(probs, tracked)[:, :, 0]
         cap = None
@@ -459,7 +461,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=None, help="a decoder-only checkpoint folder (with --prompts)")
     p.add_argument("--prompts", type=Path, default=None, help="one prompt per line (with --model)")
     p.add_argument("--split", default="val")
-    p.add_argument("--max-examples", type=int, default=200, help="questions/prompts analysed (0 = all)")
+    p.add_argument("--max-examples", default="200",
+                   help="questions/prompts analysed (an integer >= 1, or 'all')")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--source", default=None, help="knockout: source set (a name or indices like 0:16,20)")
     p.add_argument("--target", default=None, help="knockout: target set; modules: the zeroed positions "
@@ -480,12 +483,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    args.max_examples = max_examples_arg(args.max_examples)
     if (args.run is None) == (args.model is None):
         raise ConfigError("give either --run RUN_DIR or --model DIR --prompts FILE")
     if args.model is not None and args.prompts is None:
         raise ConfigError("--model needs --prompts FILE (one prompt per line)")
-    if args.batch_size < 1 or args.max_examples < 0:
-        raise ConfigError(f"--batch-size {args.batch_size} / --max-examples {args.max_examples}: need >= 1 / >= 0")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
     if args.kind == "knockout" and (args.source is None) != (args.target is None):
         raise ConfigError("give both --source and --target (or neither, for the thesis' blocks)")
     if args.run is not None and not args.run.is_dir():

@@ -52,7 +52,7 @@ import numpy as np
 
 from vlpeft_jax import files
 from vlpeft_jax.analysis import knockout, rank
-from vlpeft_jax.config import read_run_config
+from vlpeft_jax.config import max_examples_arg, read_run_config
 from vlpeft_jax.data.batching import CaptionBatches, text_codec
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.train.labels import FROZEN
@@ -359,18 +359,6 @@ def write_outputs(table: Mapping[str, Any], out: str | Path) -> list[Path]:
 # --------------------------------------------------------------------------------------------- CLI
 
 
-def _max_examples(text: str) -> int:
-    if text == "all":
-        return 0
-    try:
-        n = int(text)
-    except ValueError:
-        raise ConfigError(f"--max-examples {text!r}: expected an integer >= 1 or 'all'") from None
-    if n < 1:
-        raise ConfigError(f"--max-examples {n}: must be >= 1 (or 'all')")
-    return n
-
-
 def main(argv: Sequence[str]) -> int:
     """``run.py analyze rank --run RUN [--run RUN2 ...] [--label L ...] [--pretrained RUN] [--split val]
     [--domain target] [--max-examples N|all] [--batch-size B] [--threshold 0.9] --out DIR [--json]``.
@@ -396,7 +384,7 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     files.check_writable_dir(args.out, "--out")
     table = rank_table(args.run, args.label, args.pretrained, split=args.split,
-                       max_examples=_max_examples(args.max_examples), batch_size=args.batch_size,
+                       max_examples=max_examples_arg(args.max_examples), batch_size=args.batch_size,
                        domain=args.domain, threshold=args.threshold)
     table["settings"]["time"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     write_outputs(table, args.out)
