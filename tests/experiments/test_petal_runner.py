@@ -56,8 +56,12 @@ def test_bad_options():
 
 
 @pytest.mark.slow
-def test_petal_smoke_run_logs_ib_and_counts_the_adapter_only(tmp_path):
+def test_petal_smoke_run_logs_ib_and_counts_the_adapter_only(tmp_path, shapes_caches):
     cfg = load_config_file("configs/shapes_petal.py", "petal,smoke")
+    cfg.data.cache_dir = str(shapes_caches["data"])  # the session's world and bases (cached by content)
+    cfg.pretrain.cache_dir = str(shapes_caches["pretrain"])
+    cfg.eval.zero_shot = False  # what this test checks is training and the adapted model
+    cfg.eval.update(max_examples=4, max_new_tokens=4)
     cfg.run_dir = str(tmp_path / "petal")
     results = runner.run(cfg)
     assert "CIDEr-D" in results["adapted"]["target"]["metrics"]
