@@ -25,6 +25,7 @@ from vlpeft_jax.data.refexp import (
     candidates_matching,
     geometry,
     load_kbref,
+    write_kbref,
 )
 from vlpeft_jax.data.shapes import COLORS, SHAPES, ShapesWorldConfig, generate
 from vlpeft_jax.errors import ConfigError, InputError
@@ -147,6 +148,7 @@ def test_conventional_expressions_are_unique_and_visual(datasets):
             s = e.meta["struct"]
             assert s["prop"] is None and e.fact_id is None
             assert _ref_solve(s, e.meta["objects"], facts, "conventional") == [e.target]
+            assert s["shape"] == e.meta["objects"][e.target]["shape"]  # the head noun names the object
             assert not any(w in e.expression for _, w in PROPERTIES.values())
     assert len(d.fact_base.categories) == 30  # the kbref fact base travels with it (Table 3.3 "Intro Facts")
 
@@ -259,6 +261,15 @@ def test_geometry_by_hand():
         geometry([[5, 0, 1, 1]], 10, 10)
 
 
+def test_example_box_geometry(datasets):
+    e = datasets["kbref"]["train"][0]
+    b = e.boxes.astype(np.float64) / 64.0
+    w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    np.testing.assert_allclose(e.box_geometry(), np.stack([b[:, 0], b[:, 1], b[:, 2], b[:, 3], w, h, w * h], 1),
+                               rtol=1e-6)
+    assert (e.box_geometry() >= 0).all() and (e.box_geometry() <= 1).all()
+
+
 # ---------------------------------------------------------------------------------------- KB-Ref loader
 def _write(root, **files):
     for name, obj in files.items():
@@ -325,6 +336,26 @@ def test_load_kbref_errors(tmp_path, breakage, match, reason):
     assert all(e.expr_id != "30_1" for e in data)
 
 
+@pytest.mark.parametrize("variant", ["kbref", "contextual"])
+def test_write_then_load_kbref(datasets, tmp_path, variant):
+    d = datasets[variant]
+    for split in ("train", "test"):
+        write_kbref(d[split], d.fact_base, tmp_path, split)
+    for split in ("train", "test"):
+        back = load_kbref(tmp_path, split, kb_files=("ShapesKB.json",))
+        assert len(back) == len(d[split]) and back.report.skipped == 0
+        for a, b in zip(d[split], back, strict=True):
+            assert (b.image_id, b.expression, b.categories, b.target) == (a.image_id, a.expression, a.categories,
+                                                                          a.target)
+            np.testing.assert_array_equal(a.boxes, b.boxes)
+            assert back.fact_base.by_id(b.fact_id).text == d.fact_base.by_id(a.fact_id).text
+            np.testing.assert_allclose(a.box_geometry(), b.box_geometry())
+    # KB-Ref facts carry no condition: the contextual base comes back as its sentences only
+    assert len(back.fact_base) == len(d.fact_base)
+    assert all(f.condition is None and f.prop is None for f in back.fact_base.facts)
+    assert sorted(back.fact_base.texts()) == sorted(d.fact_base.texts())
+
+
 def test_load_kbref_missing_files(tmp_path):
     with pytest.raises(InputError, match="not a directory"):
         load_kbref(tmp_path / "absent")
@@ -339,3 +370,6 @@ def test_load_kbref_missing_files(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(load_kbref(tmp_path, on_error="skip")) == 3  # nothing skipped, no warning
+    (tmp_path / "image.json").unlink()
+    with pytest.raises(InputError, match="no image and no meta width/height"):
+        load_kbref(tmp_path)[0].box_geometry()

@@ -21,7 +21,8 @@ of spec §11 items 1-4, plus a loader for local files in KB-Ref's own format:
   both the target's colour and shape. The solver must find exactly the target, and the qualifiers alone
   (property removed) must leave more than one candidate (the KB-Ref rule, spec §11.4). The ground-truth
   fact id is stored, as KB-Ref's ``expression.json`` does.
-* :func:`load_kbref`: KB-Ref-format local files into the same records.
+* :func:`load_kbref`: KB-Ref-format local files into the same records; :func:`write_kbref` writes
+  generated splits in that format (conditions of contextual facts are not part of it).
 * :func:`geometry`: the 7-d box feature of App. Eq. (1), ordered and normalised as spec B15 proposes.
 
 Example:
@@ -268,10 +269,11 @@ def build_fact_base(variant: str = "kbref", seed: int = 0, *, facts_per_category
     props = list(PROPERTIES)
     rng = python_rng(seed, 23)
     facts: list[Fact] = []
+    counts: dict[str, int] = {}
 
     def add(category: str, text: str, prop: str | None, condition: str | None = None) -> None:
-        facts.append(Fact(f"{category.replace(' ', '_')}#{len([f for f in facts if f.category == category])}",
-                          category, text, prop, condition))
+        counts[category] = counts.get(category, 0) + 1
+        facts.append(Fact(f"{category.replace(' ', '_')}#{counts[category] - 1}", category, text, prop, condition))
 
     def template(cat: str, vp: str) -> str:
         return FACT_TEMPLATES[randbelow(rng, len(FACT_TEMPLATES))].format(cat=cat, vp=vp)
@@ -385,11 +387,12 @@ def _qualifier_options(obj: Any) -> list[tuple[str, str]]:
 
 
 def _minimal_expression(target: int, objs: Sequence[Any], fact_base: FactBase, prop: str | None,
-                        max_qualifiers: int, rng: random.Random) -> RefExpression | None:
+                        max_qualifiers: int, rng: random.Random, require: str | None = None) -> RefExpression | None:
     """A random expression with the fewest qualifiers that identifies ``target`` (None if there is none).
 
     With a property, the qualifiers never name both colour and shape, and without the property they must
-    leave more than one candidate (the expression needs the fact, spec §11.4).
+    leave more than one candidate (the expression needs the fact, spec §11.4). ``require`` names a qualifier
+    field every expression must use (the conventional split's head noun, ``"shape"``).
     """
     options = _qualifier_options(objs[target])
     for k in range(0, max_qualifiers + 1):
@@ -397,6 +400,8 @@ def _minimal_expression(target: int, objs: Sequence[Any], fact_base: FactBase, p
         for combo in itertools.combinations(options, k):
             fields = [f for f, _ in combo]
             if len(set(fields)) < k or (prop is not None and "color" in fields and "shape" in fields):
+                continue
+            if require is not None and require not in fields:
                 continue
             expr = RefExpression(prop=prop, **dict(combo))
             if candidates_matching(expr, objs, fact_base) != [target]:
@@ -435,6 +440,17 @@ class RefExample:
     def num_candidates(self) -> int:
         return len(self.categories)
 
+    def box_geometry(self) -> np.ndarray:
+        """:func:`geometry` of the candidate boxes, with the image size from ``image`` or ``meta`` width/height."""
+        if self.image is not None:
+            height, width = self.image.shape[:2]
+        elif "width" in self.meta and "height" in self.meta:
+            width, height = self.meta["width"], self.meta["height"]
+        else:
+            raise InputError(f"expression {self.expr_id!r}: no image and no meta width/height to normalise its "
+                             "boxes (KB-Ref's image.json gives them)")
+        return geometry(self.boxes, float(width), float(height))
+
 
 @dataclasses.dataclass(frozen=True)
 class RefExpConfig:
@@ -452,7 +468,10 @@ class RefExpConfig:
         facts_per_category: unconditional property facts per category.
         distractors_per_category: distractor facts per category (from :data:`DISTRACTORS`).
         context_group_size: ``"contextual"``: colours that share one conditional property per shape.
-        max_qualifiers: the most visual/spatial qualifiers an expression may carry.
+        max_qualifiers: the most visual/spatial qualifiers an expression may carry (a conventional
+            expression's shape noun counts).
+        conventional_names_shape: conventional expressions always name the target's shape as their head noun
+            ("the red circle at the top left", as RefCOCO expressions name the object), else "thing" is allowed.
     """
 
     variant: str = "kbref"
@@ -467,7 +486,8 @@ class RefExpConfig:
     facts_per_category: int = 3
     distractors_per_category: int = 3
     context_group_size: int = 2
-    max_qualifiers: int = 2
+    max_qualifiers: int = 3
+    conventional_names_shape: bool = True
 
     def __post_init__(self) -> None:
         def bad(key: str, msg: str) -> ConfigError:
@@ -551,7 +571,8 @@ def _split_examples(cfg: RefExpConfig, split: str, world_split: Any, fact_base: 
             expr = None
             fact = None
             if cfg.variant == "conventional":
-                expr = _minimal_expression(target, objs, fact_base, None, cfg.max_qualifiers, rng)
+                expr = _minimal_expression(target, objs, fact_base, None, cfg.max_qualifiers, rng,
+                                           "shape" if cfg.conventional_names_shape else None)
             else:
                 usable = [f for f in fact_base.applicable(objs[target]) if f.prop is not None
                           and (cfg.variant == "kbref" or f.condition is not None)]
@@ -639,6 +660,57 @@ def geometry(boxes: np.ndarray | Sequence[Sequence[float]], width: float, height
 KB_FILES = ("Wikipedia.json", "ConceptNet.json", "WebChild.json")
 
 
+def _update_json(path: Path, new: dict[str, Any] | list[Any]) -> None:
+    if path.is_file() and isinstance(new, dict):
+        old = read_json(path)
+        if isinstance(old, dict):
+            new = {**old, **new}
+    path.write_text(json.dumps(new))
+
+
+def write_kbref(examples: Sequence[RefExample], fact_base: FactBase, root: str | os.PathLike,
+                split: str | None = None, kb_file: str = "ShapesKB.json") -> Path:
+    """Writes examples and their fact base in KB-Ref's file format under ``root`` (read back by :func:`load_kbref`).
+
+    ``expression.json`` maps ``<imageid>_<candidate index>`` to ``[expression, ground-truth fact text]``
+    (the text is ``""`` without a fact); ``candidate.json``, ``objects.json`` (two tiers,
+    ``[category, category, x, y, w, h]``), ``image.json`` and ``kb_file`` (category -> fact sentences) follow
+    KB-Ref; with ``split``, ``<split>.json`` lists its image ids. Files already there are merged into, so the
+    splits of one dataset can be written one after the other. KB-Ref facts have no conditions: a
+    contextual fact base is written as its sentences only. Images are not written.
+
+    Example:
+        >>> import tempfile
+        >>> d = build_refexp(RefExpConfig(num_train=3, num_val=0, num_test=0))
+        >>> root = write_kbref(d["train"], d.fact_base, tempfile.mkdtemp(), "train")
+        >>> back = load_kbref(root, "train", kb_files=("ShapesKB.json",))
+        >>> [e.expression for e in back] == [e.expression for e in d["train"]]
+        True
+    """
+    out = Path(root)
+    out.mkdir(parents=True, exist_ok=True)
+    expressions, candidates, objects, sizes = {}, {}, {}, {}
+    for ex in examples:
+        fact = fact_base.by_id(ex.fact_id).text if ex.fact_id is not None else ""
+        expressions[f"{ex.image_id}_{ex.target}"] = [ex.expression, fact]
+        candidates[ex.image_id] = [str(k) for k in range(ex.num_candidates)]
+        objects[ex.image_id] = {str(k): [cat, cat, float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]
+                                for k, (cat, b) in enumerate(zip(ex.categories, ex.boxes.tolist(), strict=True))}
+        if ex.image is not None:
+            sizes[ex.image_id] = [int(ex.image.shape[1]), int(ex.image.shape[0])]
+        elif "width" in ex.meta and "height" in ex.meta:
+            sizes[ex.image_id] = [ex.meta["width"], ex.meta["height"]]
+    kb: dict[str, list[str]] = {}
+    for f in fact_base.facts:
+        kb.setdefault(f.category, []).append(f.text)
+    for name, obj in (("expression.json", expressions), ("candidate.json", candidates),
+                      ("objects.json", objects), ("image.json", sizes), (kb_file, kb)):
+        _update_json(out / name, obj)
+    if split is not None:
+        (out / f"{split}.json").write_text(json.dumps(sorted(candidates)))
+    return out
+
+
 @dataclasses.dataclass
 class KBRefData(Sequence):
     """What :func:`load_kbref` returns: the examples (a sequence), the fact base and the skip report."""
@@ -662,21 +734,21 @@ def _is_object_record(value: Any) -> bool:
                                        and any(k in value for k in ("bbox", "category", "name")))
 
 
-def _object_table(raw: Any, path: Path) -> dict[str, dict[str, Any]]:
-    """``objects.json`` as object id -> record: flat (object id -> record) or KB-Ref's two tiers
-    (image id -> object id -> record)."""
+def _object_table(raw: Any, path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """``objects.json`` as (image id -> object id -> record, object id -> record): KB-Ref's two tiers
+    (image id -> object id -> record) go in the first, flat entries (object id -> record) in the second."""
     if not isinstance(raw, Mapping):
         raise InputError(f"{path} must be a JSON object (object id -> record, or image id -> object id -> record)")
-    table: dict[str, Any] = {}
+    per_image: dict[str, dict[str, Any]] = {}
+    flat: dict[str, Any] = {}
     for key, value in raw.items():
         if _is_object_record(value):
-            table[str(key)] = value
+            flat[str(key)] = value
         elif isinstance(value, Mapping):
-            for oid, rec in value.items():
-                table[str(oid)] = rec
+            per_image[str(key)] = {str(oid): rec for oid, rec in value.items()}
         else:
             raise InputError(f"{path}: entry {key!r} is neither an object record nor an image's objects")
-    return table
+    return per_image, flat
 
 
 def _parse_object(rec: Any) -> tuple[str | None, list[float] | None]:
@@ -703,12 +775,15 @@ def load_kbref(root: str | os.PathLike, split: str | None = None, *, kb_files: S
                image_dir: str = "images", image_ext: str = ".jpg", on_error: str = "raise") -> KBRefData:
     """KB-Ref-format local files under ``root`` as :class:`RefExample` records and a :class:`FactBase`.
 
-    Files (spec §5; the public KB-Ref README): ``expression.json`` ``"<imageid>_<objectid>" -> [expression,
-    fact]``; ``candidate.json`` image id -> object ids (the candidates); ``objects.json`` object id ->
-    record, or image id -> object id -> record, a record being ``[category, name, x, y, w, h]`` or
-    ``{"category" (or "name"), "bbox": [x, y, w, h]}``; the KB files (those of ``kb_files`` that exist,
-    at least one) category -> list of fact sentences; optionally ``<split>.json`` (the image ids of the
-    split; without ``split`` every expression is used) and ``image.json`` image id -> [width, height].
+    Files (spec §5; the public KB-Ref README):
+
+    * ``expression.json``: ``"<imageid>_<objectid>"`` (split at the last ``_``) -> ``[expression, fact]``;
+    * ``candidate.json``: image id -> object ids (the candidates);
+    * ``objects.json``: object id -> record, or image id -> object id -> record, a record being
+      ``[category, name, x, y, w, h]`` or ``{"category" (or "name"), "bbox": [x, y, w, h]}``;
+    * the KB files (those of ``kb_files`` that exist, at least one): category -> list of fact sentences;
+    * optionally ``<split>.json`` (the image ids of the split; without ``split`` every expression is used)
+      and ``image.json`` (image id -> [width, height]).
 
     The ground-truth fact id is the id of the first fact of the target's category with the expression's
     fact text, None if the KB lacks it (``meta["fact_text"]`` keeps the text). A candidate without a
@@ -759,7 +834,7 @@ def load_kbref(root: str | os.PathLike, split: str | None = None, *, kb_files: S
 
     expressions = read_json(base / "expression.json")
     candidates = read_json(base / "candidate.json")
-    objects = _object_table(read_json(base / "objects.json"), base / "objects.json")
+    objects, flat_objects = _object_table(read_json(base / "objects.json"), base / "objects.json")
     sizes = read_json(base / "image.json") if (base / "image.json").is_file() else {}
     if not isinstance(expressions, Mapping) or not isinstance(candidates, Mapping):
         raise InputError(f"expression.json and candidate.json under {base} must be JSON objects")
@@ -773,7 +848,7 @@ def load_kbref(root: str | os.PathLike, split: str | None = None, *, kb_files: S
 
     examples: list[RefExample] = []
     for key, value in expressions.items():
-        image_id, sep, object_id = str(key).partition("_")
+        image_id, sep, object_id = str(key).rpartition("_")
         if not sep:
             report.problem("bad expression key", f"expression key {key!r} is not '<imageid>_<objectid>'")
             continue
@@ -784,7 +859,7 @@ def load_kbref(root: str | os.PathLike, split: str | None = None, *, kb_files: S
         if not isinstance(value, list) or not value or not isinstance(value[0], str):
             report.problem("bad expression", f"expression {key!r}: value must be [expression, fact]; got {value!r}")
             continue
-        fact_text = value[1] if len(value) > 1 and isinstance(value[1], str) else None
+        fact_text = value[1] if len(value) > 1 and isinstance(value[1], str) and value[1] else None
         cand_ids = [str(c) for c in (candidates.get(image_id) or [])]
         if not cand_ids:
             report.problem("no candidates", f"expression {key!r}: image {image_id!r} has no candidates in "
@@ -796,7 +871,8 @@ def load_kbref(root: str | os.PathLike, split: str | None = None, *, kb_files: S
             continue
         boxes, cats, problem = [], [], None
         for cid in cand_ids:
-            category, box = _parse_object(objects.get(cid))
+            rec = objects.get(image_id, {}).get(cid, flat_objects.get(cid))
+            category, box = _parse_object(rec)
             if box is None:
                 problem = ("candidate without a box", f"expression {key!r}: candidate {cid!r} of image "
                            f"{image_id!r} has no valid box in objects.json")
