@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ import pytest
 
 from vlpeft_jax.errors import ConfigError, InputError
 from vlpeft_jax.models import hooks
-from vlpeft_jax.models.bert import BertEncoder
+from vlpeft_jax.models.bert import BertEncoder, BertModel
 from vlpeft_jax.models.ckt import (
     PAD_SCORE,
     CKTConfig,
@@ -70,8 +72,10 @@ def setup():
     batch = _batch()
 
     params = _random_params(model, batch)
-    scores = jax.jit(lambda prm, bt: model.apply({"params": prm}, **bt))
-    feats = jax.jit(lambda prm, bt: model.apply({"params": prm}, **bt, method="features"))
+    # one compile per batch shape: scores and features together
+    forward = jax.jit(lambda prm, bt: model.apply({"params": prm}, **bt, method="forward"))
+    scores = lambda prm, bt: forward(prm, bt).scores
+    feats = lambda prm, bt: (lambda o: (o.f_e, o.f_f, o.fact_valid))(forward(prm, bt))
     bimodal = jax.jit(lambda prm, *a: model.apply({"params": prm}, *a, method=lambda m, *x: m.bimodal(*x)))
     return cfg, model, params, batch, scores, feats, bimodal
 
@@ -180,6 +184,45 @@ def test_padding_is_a_no_op(setup):
     assert (s_pad[:, N] == PAD_SCORE).all()
 
 
+def _gelu(x):
+    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+def _block_by_hand(prm, x, facts, valid, heads):
+    """Spec §4.2 / B6: y = LN(x + MHA(Q = x, K = V = facts)), out = LN(y + FFN(y)), for one query vector."""
+    att, d = prm["attention"], x.shape[-1]
+    dh = d // heads
+    lin = lambda m, z: z @ np.asarray(m["kernel"], np.float64) + np.asarray(m["bias"], np.float64)
+    q, k, v = lin(att["self"]["query"], x), lin(att["self"]["key"], facts), lin(att["self"]["value"], facts)
+    ctx = []
+    for h in range(heads):
+        sl = slice(h * dh, (h + 1) * dh)
+        logits = k[:, sl] @ q[sl] / math.sqrt(dh)
+        logits = np.where(valid, logits, -np.inf)
+        w = np.exp(logits - logits.max())
+        ctx.append((w / w.sum()) @ v[:, sl])
+    o = att["output"]
+    y = _ln(x + lin(o["dense"], np.concatenate(ctx)), o["LayerNorm"]["scale"], o["LayerNorm"]["bias"])
+    ffn = lin(prm["output"]["dense"], _gelu(lin(prm["intermediate"]["dense"], y)))
+    return _ln(y + ffn, prm["output"]["LayerNorm"]["scale"], prm["output"]["LayerNorm"]["bias"])
+
+
+def test_fact_aware_blocks_and_score_by_hand(setup):
+    """The M = 2 blocks and the linear score (spec §4.2) by hand in numpy, with one padded fact slot."""
+    cfg, model, params, batch, scores, feats, bimodal = setup
+    fi = np.asarray(batch["fact_index"]).copy()
+    fi[1, 2, 1] = -1
+    bt = dict(batch, fact_index=jnp.asarray(fi))
+    f_e, f_f, valid = (np.asarray(x, np.float64) for x in feats(params, bt))
+    s = np.asarray(scores(params, bt))
+    w, bias = np.asarray(params["score"]["kernel"], np.float64)[:, 0], float(params["score"]["bias"][0])
+    for b, i in [(0, 0), (1, 2), (1, 3)]:
+        x = f_e[b, i]
+        for m in range(cfg.num_blocks):
+            x = _block_by_hand(params[f"fact_block_{m}"], x, f_f[b, i], valid[b, i] > 0, cfg.block_heads)
+        np.testing.assert_allclose(s[b, i], x @ w + bias, rtol=1e-4, atol=1e-4)
+
+
 def test_candidate_without_facts_keeps_expression_feature(setup):
     """Our definition: a candidate whose fact_index row is all -1 skips the blocks, so s_i = w^T f_i^e + b."""
     cfg, model, params, batch, scores, feats, bimodal = setup
@@ -245,17 +288,16 @@ def test_retriever_cosine_and_loss(setup):
             batch["fact_ids"], batch["fact_mask"])
     rparams = {"bimodal": params["bimodal"]}  # the retriever is a bi-modal encoder of its own (B2)
 
-    @jax.jit
-    def run(prm):
-        cos = retriever.apply({"params": prm}, *args)
-        u_e = retriever.apply({"params": prm}, *args[:5], method="encode_pair")
-        u_f = retriever.apply({"params": prm}, *args[:3], batch["fact_ids"][:, 1], batch["fact_mask"][:, 1],
-                              method="encode_pair")
-        same = retriever.apply({"params": prm}, *args[:5], batch["expr_ids"], batch["expr_mask"])
-        return cos, u_e, u_f, same
-
-    cos, u_e, u_f, same = (np.asarray(x, np.float64) for x in run(rparams))
+    # one retriever call over the P facts plus the expression itself as an extra "fact" (padded to length T)
+    facts = jnp.concatenate([jnp.pad(batch["fact_ids"], ((0, 0), (0, 0), (0, T - TF))), batch["expr_ids"][:, None]], 1)
+    fmask = jnp.concatenate([jnp.pad(batch["fact_mask"], ((0, 0), (0, 0), (0, T - TF))), batch["expr_mask"][:, None]],
+                            1)
+    all_cos = jax.jit(lambda prm: retriever.apply({"params": prm}, *args[:5], facts, fmask))(rparams)
+    cos, same = np.asarray(all_cos[:, :P], np.float64), np.asarray(all_cos[:, P], np.float64)
     assert cos.shape == (B, P) and (np.abs(cos) <= 1.0).all()
+    # by hand from the encoder's [CLS] outputs of the two pairs, run separately
+    u_e = np.asarray(bimodal(params, *args[:5]).cls, np.float64)
+    u_f = np.asarray(bimodal(params, *args[:3], batch["fact_ids"][:, 1], batch["fact_mask"][:, 1]).cls, np.float64)
     by_hand = (u_e * u_f).sum(-1) / np.linalg.norm(u_e, axis=-1) / np.linalg.norm(u_f, axis=-1)
     np.testing.assert_allclose(cos[:, 1], by_hand, **TOL)
     # a fact identical to the expression has cosine 1; a single fact [b, Tf] gives [b]
@@ -266,6 +308,18 @@ def test_retriever_cosine_and_loss(setup):
     assert float(retriever_loss(jnp.array([0.5, -0.5, 1.0]), jnp.array([1, 0, 1]))) == pytest.approx(
         (0.25 + 0.25 + 0.0) / 3)
     assert float(retriever_loss(jnp.array([0.5, -0.5]), jnp.array([1, 0]), jnp.array([1, 0]))) == pytest.approx(0.25)
+
+
+def test_encoder_params_match_a_bert_checkpoint(setup):
+    """The encoder's text embeddings and layers have BertModel's names and shapes (initialisable from BERT)."""
+    cfg, model, params, batch, scores, feats, bimodal = setup
+    ids = jnp.ones((1, 4), jnp.int32)
+    bert = jax.eval_shape(lambda: BertModel(cfg.bert_config()).init(jax.random.key(0), ids)["params"])
+    shapes = lambda tree: jax.tree_util.tree_map(lambda x: tuple(x.shape), nn.meta.unbox(tree))
+    assert set(bert) == {"embeddings", "encoder"}  # no pooler
+    for name in ("embeddings", "encoder"):
+        assert shapes(bert[name]) == shapes(params["bimodal"][name])
+    assert set(params["bimodal"]) == {"embeddings", "encoder", "img_embeddings"}
 
 
 def test_hook_points_reach_encoder_and_blocks(setup):

@@ -48,8 +48,8 @@ Example:
     ...               fact_ids=jnp.ones((b, p, 4), jnp.int32), fact_mask=jnp.ones((b, p, 4)),
     ...               fact_index=jnp.zeros((b, n, k), jnp.int32))
     >>> model = CKTransformer(cfg)
-    >>> params = model.init(jax.random.key(0), **inputs)["params"]
-    >>> model.apply({"params": params}, **inputs).shape
+    >>> params = jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs))["params"]  # shapes only
+    >>> jax.eval_shape(lambda p: model.apply({"params": p}, **inputs), params).shape
     (2, 3)
 """
 
@@ -174,13 +174,37 @@ class BiModalOutput:
     text_embeddings: Array
 
 
+@flax.struct.dataclass
+class CKTOutput:
+    """What :meth:`CKTransformer.forward` returns.
+
+    Attributes:
+      scores: ``[b, n]`` (padded candidates: :data:`PAD_SCORE`).
+      f_e: ``[b, n, d]`` expression-aware object features; f_f: ``[b, n, K, d]`` fact-aware features ``F_i^f``;
+      fact_valid: ``[b, n, K]`` (``fact_index >= 0``); f_t: ``[b, n, d]`` the fused features ``f_i^t``.
+    """
+
+    scores: Array
+    f_e: Array
+    f_f: Array
+    fact_valid: Array
+    f_t: Array
+
+
 def _dense(cfg: CKTConfig, features: int, axes: tuple[str | None, str | None], name: str) -> layers.Linear:
     return layers.Linear(features, axes=axes, name=name, dtype=cfg.dtype,
                          kernel_init=nn.initializers.normal(cfg.initializer_range))
 
 
 class ImageEmbeddings(nn.Module):
-    """``E_I = LN(fc(V) + fc(G) + M_I)`` (App. Eq. (1)); ``M_I`` is passed in (a ``token_type_embeddings`` row)."""
+    """``E_I = LN(fc(V) + fc(G) + M_I)`` (App. Eq. (1)); ``M_I`` is passed in (a ``token_type_embeddings`` row).
+
+    Example:
+        >>> cfg = CKTConfig(vocab_size=30, region_feature_size=6, hidden_size=16, num_attention_heads=2)
+        >>> emb, args = ImageEmbeddings(cfg), (jnp.ones((2, 3, 6)), jnp.ones((2, 3, 7)), jnp.zeros(16))
+        >>> jax.eval_shape(lambda: emb.init_with_output(jax.random.key(0), *args)[0]).shape
+        (2, 3, 16)
+    """
 
     config: CKTConfig
 
@@ -212,8 +236,8 @@ class BiModalEncoder(nn.Module):
         ...                 num_attention_heads=2, intermediate_size=32)
         >>> enc = BiModalEncoder(cfg)
         >>> args = (jnp.ones((2, 3, 6)), jnp.ones((2, 3, 7)), jnp.ones((2, 3)), jnp.ones((2, 5), jnp.int32))
-        >>> params = enc.init(jax.random.key(0), *args)["params"]
-        >>> out = enc.apply({"params": params}, *args)
+        >>> params = jax.eval_shape(lambda: enc.init(jax.random.key(0), *args))["params"]  # shapes only
+        >>> out = jax.eval_shape(lambda p: enc.apply({"params": p}, *args), params)
         >>> out.vision.shape, out.language.shape, out.cls.shape, out.last_hidden_state.shape
         ((2, 3, 16), (2, 5, 16), (2, 16), (2, 8, 16))
     """
@@ -261,6 +285,13 @@ class FactAwareBlock(nn.Module):
 
     ``x [m, 1, d]`` (queries), ``facts [m, K, d]`` (keys and values), ``fact_mask [m, K]`` (1 = real fact):
     ``y = LN(x + MHA(Q = x, K = V = facts))``, returns ``LN(y + FFN(y))``.
+
+    Example:
+        >>> cfg = CKTConfig(vocab_size=30, region_feature_size=6, hidden_size=16, num_attention_heads=2,
+        ...                 block_heads=2, block_intermediate_size=32)
+        >>> blk, args = FactAwareBlock(cfg), (jnp.ones((5, 1, 16)), jnp.ones((5, 3, 16)), jnp.ones((5, 3)))
+        >>> jax.eval_shape(lambda: blk.init_with_output(jax.random.key(0), *args)[0]).shape
+        (5, 1, 16)
     """
 
     config: CKTConfig
@@ -297,6 +328,28 @@ def gather_fact_features(per_fact: Array, fact_index: Array) -> Array:
     return jnp.take_along_axis(by_candidate, idx[..., None], axis=2)
 
 
+def _stack_texts(regions: Array, geometry: Array, region_mask: Array | None, expr_ids: Array, expr_mask: Array | None,
+                 fact_ids: Array, fact_mask: Array | None, pad_token_id: int) -> tuple[Array, ...]:
+    """The inputs of one encoder call over ``b`` expression rows then ``b * P`` (image, fact) rows.
+
+    Texts are right-padded to a common length with mask 0, which leaves every output at a real position (and
+    at [CLS]) unchanged; regions, geometry and region mask are repeated for the fact rows.
+    """
+    b, p, tf = fact_ids.shape
+    t = expr_ids.shape[1]
+    length = max(t, tf)
+    e_mask = jnp.ones((b, t), jnp.int32) if expr_mask is None else expr_mask.astype(jnp.int32)
+    f_mask = (jnp.ones((b * p, tf), jnp.int32) if fact_mask is None
+              else fact_mask.reshape(b * p, tf).astype(jnp.int32))
+    pad_to = lambda x, value: jnp.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=value)
+    ids = jnp.concatenate([pad_to(expr_ids.astype(jnp.int32), pad_token_id),
+                           pad_to(fact_ids.reshape(b * p, tf).astype(jnp.int32), pad_token_id)])
+    mask = jnp.concatenate([pad_to(e_mask, 0), pad_to(f_mask, 0)])
+    both = lambda a: None if a is None else jnp.concatenate(
+        [a, jnp.repeat(a[:, None], p, axis=1).reshape(b * p, *a.shape[1:])])
+    return both(regions), both(geometry), both(region_mask), ids, mask
+
+
 class CKTransformer(nn.Module):
     """CK-Transformer: scores ``[b, n]`` for the candidates (spec §4; thesis §3.3.2, Fig. 3.1).
 
@@ -308,7 +361,8 @@ class CKTransformer(nn.Module):
         Values must be in ``[-1, P)`` (not checked inside jit).
       deterministic: False applies dropout (needs a ``dropout`` rng).
 
-    Returns ``scores [b, n]``; padded candidates get :data:`PAD_SCORE`.
+    Returns ``scores [b, n]``; padded candidates get :data:`PAD_SCORE`. :meth:`forward` also returns the
+    features (:class:`CKTOutput`).
 
     One encoder pass for the expression and one per unique (image, fact) (``b * P`` rows), all with the same
     weights (spec §4.1) and run as one encoder call of ``b * (1 + P)`` rows (texts right-padded to a common
@@ -343,20 +397,10 @@ class CKTransformer(nn.Module):
         if p == 0 or k == 0:
             f_e = self.bimodal(regions, geometry, region_mask, expr_ids, expr_mask, deterministic).vision
             return f_e, jnp.zeros((b, n, k, f_e.shape[-1]), f_e.dtype), jnp.zeros((b, n, k), bool)
-        # one encoder call over b expression rows and b * p fact rows (shared weights, spec §4.1): texts are
-        # right-padded to a common length with mask 0, which leaves every output at a real position unchanged
-        t = expr_ids.shape[1]
-        length = max(t, tf)
-        ones = lambda shape: jnp.ones(shape, jnp.int32)
-        e_mask = ones((b, t)) if expr_mask is None else expr_mask.astype(jnp.int32)
-        f_mask = ones((b * p, tf)) if fact_mask is None else fact_mask.reshape(b * p, tf).astype(jnp.int32)
-        pad_to = lambda x, value: jnp.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=value)
-        ids = jnp.concatenate([pad_to(expr_ids.astype(jnp.int32), self.config.pad_token_id),
-                               pad_to(fact_ids.reshape(b * p, tf).astype(jnp.int32), self.config.pad_token_id)])
-        mask = jnp.concatenate([pad_to(e_mask, 0), pad_to(f_mask, 0)])
-        both = lambda a: None if a is None else jnp.concatenate(
-            [a, jnp.repeat(a[:, None], p, axis=1).reshape(b * p, *a.shape[1:])])
-        vision = self.bimodal(both(regions), both(geometry), both(region_mask), ids, mask, deterministic).vision
+        # one encoder call over b expression rows and b * p fact rows (shared weights, spec §4.1)
+        stacked = _stack_texts(regions, geometry, region_mask, expr_ids, expr_mask, fact_ids, fact_mask,
+                               self.config.pad_token_id)
+        vision = self.bimodal(*stacked, deterministic).vision
         f_e, per_fact = vision[:b], vision[b:].reshape(b, p, n, -1)
         return f_e, gather_fact_features(per_fact, fact_index), fact_index >= 0
 
@@ -373,15 +417,21 @@ class CKTransformer(nn.Module):
             x = jnp.where(has_fact, block(x, facts, valid, deterministic), x)
         return x.reshape(b, n, d)
 
-    def __call__(self, regions: Array, geometry: Array, region_mask: Array, expr_ids: Array, expr_mask: Array | None,
-                 fact_ids: Array, fact_mask: Array | None, fact_index: Array, deterministic: bool = True) -> Array:
+    def forward(self, regions: Array, geometry: Array, region_mask: Array, expr_ids: Array, expr_mask: Array | None,
+                fact_ids: Array, fact_mask: Array | None, fact_index: Array, deterministic: bool = True) -> CKTOutput:
+        """The scores and the intermediate features (:class:`CKTOutput`); ``__call__`` returns its ``scores``."""
         f_e, f_f, valid = self.features(regions, geometry, region_mask, expr_ids, expr_mask, fact_ids, fact_mask,
                                         fact_index, deterministic)
         f_t = self.fuse(f_e, f_f, valid, deterministic)
         scores = self.score(f_t)[..., 0].astype(jnp.float32)
-        if region_mask is None:
-            return scores
-        return jnp.where(region_mask.astype(bool), scores, PAD_SCORE)
+        if region_mask is not None:
+            scores = jnp.where(region_mask.astype(bool), scores, PAD_SCORE)
+        return CKTOutput(scores=scores, f_e=f_e, f_f=f_f, fact_valid=valid, f_t=f_t)
+
+    def __call__(self, regions: Array, geometry: Array, region_mask: Array, expr_ids: Array, expr_mask: Array | None,
+                 fact_ids: Array, fact_mask: Array | None, fact_index: Array, deterministic: bool = True) -> Array:
+        return self.forward(regions, geometry, region_mask, expr_ids, expr_mask, fact_ids, fact_mask, fact_index,
+                            deterministic).scores
 
 
 def refexp_loss(scores: Array, target: Array, region_mask: Array | None = None,
@@ -461,8 +511,8 @@ class FactRetriever(nn.Module):
         >>> r = FactRetriever(cfg)
         >>> args = (jnp.ones((2, 3, 6)), jnp.ones((2, 3, 7)), jnp.ones((2, 3)), jnp.ones((2, 4), jnp.int32),
         ...         None, jnp.ones((2, 5, 3), jnp.int32), None)
-        >>> params = r.init(jax.random.key(0), *args)["params"]
-        >>> r.apply({"params": params}, *args).shape
+        >>> params = jax.eval_shape(lambda: r.init(jax.random.key(0), *args))["params"]  # shapes only
+        >>> jax.eval_shape(lambda p: r.apply({"params": p}, *args), params).shape
         (2, 5)
     """
 
@@ -479,17 +529,23 @@ class FactRetriever(nn.Module):
     def __call__(self, regions: Array, geometry: Array, region_mask: Array | None, expr_ids: Array,
                  expr_mask: Array | None, fact_ids: Array, fact_mask: Array | None = None,
                  deterministic: bool = True) -> Array:
+        _check("regions", regions, 3, {}, "[batch, n, features]")
         b = regions.shape[0]
         single = fact_ids.ndim == 2
         if single:
             fact_ids = fact_ids[:, None]
             fact_mask = None if fact_mask is None else fact_mask[:, None]
         _check("fact_ids", fact_ids, 3, {0: b}, f"[{b}, P, Tf] or [{b}, Tf]")
-        p, tf = fact_ids.shape[1:]
-        u_e = self.encode_pair(regions, geometry, region_mask, expr_ids, expr_mask, deterministic)
-        rep = lambda a: None if a is None else jnp.repeat(a[:, None], p, axis=1).reshape(b * p, *a.shape[1:])
-        fm = None if fact_mask is None else fact_mask.reshape(b * p, tf)
-        u_f = self.encode_pair(rep(regions), rep(geometry), rep(region_mask), fact_ids.reshape(b * p, tf), fm,
-                               deterministic).reshape(b, p, -1)
+        if fact_mask is not None:
+            _check("fact_mask", fact_mask, 3, {i: fact_ids.shape[i] for i in range(3)}, "shaped like fact_ids")
+        _check("expr_ids", expr_ids, 2, {0: b}, f"[{b}, T]")
+        p = fact_ids.shape[1]
+        if p == 0:
+            return jnp.zeros((b, 0), jnp.float32)
+        # (regions, expression) and every (regions, fact) in one encoder call (texts padded to one length)
+        stacked = _stack_texts(regions, geometry, region_mask, expr_ids, expr_mask, fact_ids, fact_mask,
+                               self.config.pad_token_id)
+        u = self.encode_pair(*stacked, deterministic)
+        u_e, u_f = u[:b], u[b:].reshape(b, p, -1)
         cos = cosine(u_e[:, None].astype(jnp.float32), u_f.astype(jnp.float32))
         return cos[:, 0] if single else cos
