@@ -146,7 +146,7 @@ def test_negative_seed_is_one_line_before_the_model_is_built(tmp_path):
     ("eval.max_examples=-5", r"eval.max_examples=-5: must be an integer >= 0 \(0: all\)"),
     ("eval.num_beams=0", "eval.num_beams=0: must be an integer >= 1"),
     ("eval.num_beams=-3", "eval.num_beams=-3: must be an integer >= 1"),
-    ("task=captionin", "task='captionin': unknown task; valid: captioning, classification, vqa"),
+    ("task=captionin", "task='captionin': unknown task; valid: captioning, classification, refexp, vqa"),
 ])
 def test_bad_values_are_refused_naming_key_value_and_range(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -202,9 +202,31 @@ def build_vision_classifier(cfg: Mapping[str, Any]) -> Any:
                             patch_heads=tuple(cfg.get("patch_heads") or ()))
 
 
+def build_ckt(cfg: Mapping[str, Any]) -> Any:
+    """CK-Transformer (thesis ch. 3) from ``model`` settings: :class:`~vlpeft_jax.models.ckt.CKTConfig` fields
+    (``vocab_size`` and ``region_feature_size`` are filled in by the refexp task)."""
+    from vlpeft_jax.models.ckt import CKTConfig, CKTransformer
+
+    fields = {f.name for f in dataclasses.fields(CKTConfig)}
+    unknown = sorted(set(cfg) - fields - {"family"})
+    if unknown:
+        raise ConfigError(f"model: unknown key(s) {', '.join(unknown)} for family 'ckt'; valid: "
+                          f"{', '.join(sorted(fields))}")
+    return CKTransformer(CKTConfig(**{k: v for k, v in cfg.items() if k != "family"}))
+
+
 def example_inputs(module: Any, batch: int = 1, seq: int = 8) -> dict[str, Any]:
     """Inputs for ``module.init`` / ``jax.eval_shape`` (shapes only matter)."""
+    from vlpeft_jax.models.ckt import CKTransformer
     from vlpeft_jax.models.vlm import PrefixVLM, QFormerVLM
+
+    if isinstance(module, CKTransformer):  # two candidates, one fact each
+        c = module.config
+        return {"regions": np.zeros((batch, 2, c.region_feature_size), np.float32),
+                "geometry": np.zeros((batch, 2, c.geometry_size), np.float32),
+                "region_mask": np.ones((batch, 2), bool), "expr_ids": np.zeros((batch, seq), np.int32),
+                "expr_mask": np.ones((batch, seq), bool), "fact_ids": np.zeros((batch, 1, seq), np.int32),
+                "fact_mask": np.ones((batch, 1, seq), bool), "fact_index": np.zeros((batch, 2, 1), np.int32)}
 
     ids = np.zeros((batch, seq), np.int32)
     if isinstance(module, (PrefixVLM, QFormerVLM)):
@@ -237,7 +259,9 @@ def build_model(cfg: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
         m = build_vision(cfg)
     elif fam in CLASSIFIERS:
         m = build_vision_classifier(cfg)
+    elif fam == "ckt":
+        m = build_ckt(cfg)
     else:
-        valid = [*DECODERS, *ENCODER_DECODERS, *VISION, *VLMS, *CLASSIFIERS]
+        valid = [*DECODERS, *ENCODER_DECODERS, *VISION, *VLMS, *CLASSIFIERS, "ckt"]
         raise ConfigError(f"model.family={fam!r}; valid: {', '.join(valid)}")
     return m, example_inputs(m)

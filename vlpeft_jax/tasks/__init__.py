@@ -6,6 +6,8 @@ the protocol. Registered tasks:
 - ``captioning`` (:mod:`~vlpeft_jax.tasks.captioning`): shapes-world captions, two reference styles;
 - ``classification`` (:mod:`~vlpeft_jax.tasks.classification`): image-level heads, one per shapes-world label;
 - ``vqa`` (:mod:`~vlpeft_jax.tasks.vqa`): open-ended VQA with the LM, VQA accuracy per question type;
+- ``refexp`` (:mod:`~vlpeft_jax.tasks.refexp`): referring expressions that need commonsense facts
+  (CK-Transformer), accuracy over candidate regions;
 
 With a Hugging Face checkpoint (``config.model.hf_dir``: LLaVA, BLIP-2, InstructBLIP) and real data
 (``config.data.kind``: coco, vqa, hf, tfds), ``captioning`` and ``vqa`` are the tasks of
@@ -30,6 +32,7 @@ TASKS: dict[str, str] = {
     "captioning": "vlpeft_jax.tasks.captioning:CaptioningTask",
     "classification": "vlpeft_jax.tasks.classification:ClassificationTask",
     "vqa": "vlpeft_jax.tasks.vqa:VQATask",
+    "refexp": "vlpeft_jax.tasks.refexp:RefExpTask",
 }
 
 # the same tasks on a Hugging Face vision-language checkpoint (config.model.hf_dir) and real data

@@ -1,0 +1,101 @@
+"""The referring-expression task of CK-Transformer (``configs/shapes_ckt.py``): encoded inputs against the data
+they come from, the fact search modes, bad settings, and a smoke run through the runner."""
+
+import json
+
+import numpy as np
+import pytest
+
+from vlpeft_jax.config import load_config_file
+from vlpeft_jax.errors import ConfigError
+from vlpeft_jax.tasks.refexp import RefExpTask, bow_cosine, roi_features
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    out = {}
+    for v in ("ckt", "nf", "oracle"):
+        out[v] = RefExpTask(load_config_file("configs/shapes_ckt.py", f"{v},smoke"))
+    return out
+
+
+def test_encoded_inputs_follow_the_examples(tasks):
+    task = tasks["ckt"]
+    arrays = task.encode("train")
+    kb = task.data.fact_base
+    for i, ex in enumerate(task.data.splits["train"]):
+        n = len(ex.boxes)
+        assert arrays["region_mask"][i].sum() == n and arrays["target"][i] == ex.target
+        assert task.tokenizer.decode(arrays["expr_ids"][i][arrays["expr_mask"][i]]) == ex.expression.lower()
+        facts = [task.tokenizer.decode(arrays["fact_ids"][i, j][arrays["fact_mask"][i, j]])
+                 for j in range(arrays["fact_ids"].shape[1])]
+        for c in range(n):
+            chosen = [facts[j] for j in arrays["fact_index"][i, c] if j >= 0]
+            of_category = {f.text.lower() for f in kb.of_category(ex.categories[c])}
+            assert chosen and set(chosen) <= of_category  # the candidate's own category only
+            # ranked by the bag-of-words cosine with the expression, best first
+            scores = [bow_cosine(ex.expression, t) for t in chosen]
+            assert scores == sorted(scores, reverse=True)
+            assert len(chosen) == min(task.top_k, len(of_category))
+        assert not arrays["region_mask"][i, n:].any() and (arrays["fact_index"][i, n:] == -1).all()
+
+
+def test_fact_modes(tasks):
+    nf = tasks["nf"].encode("train")
+    # one mask "fact" per image, the first slot of every candidate (K copies of it would attend the same)
+    real = nf["fact_index"][nf["region_mask"]]
+    assert nf["fact_ids"].shape[1] == 1 and (real[:, 0] == 0).all() and (real[:, 1:] == -1).all()
+    unk = tasks["nf"].tokenizer.token_to_id("<unk>")
+    assert nf["fact_ids"][0, 0][nf["fact_mask"][0, 0]].tolist()[1] == unk  # <bos> [mask] <eos>
+    oracle = tasks["oracle"]
+    arrays = oracle.encode("train")
+    kb = oracle.data.fact_base
+    for i, ex in enumerate(oracle.data.splits["train"]):
+        if ex.fact_id is not None:
+            first = arrays["fact_index"][i, ex.target, 0]
+            ids = arrays["fact_ids"][i, first][arrays["fact_mask"][i, first]]
+            assert oracle.tokenizer.decode(ids) == kb.by_id(ex.fact_id).text.lower()
+    # recall@K by hand: the ground-truth fact among the target's top-K
+    task = tasks["ckt"]
+    hits = [ex.fact_id in [f for f in task.top_facts(ex)[ex.target]] for ex in task.data.splits["val"]]
+    task.encode("val")
+    assert task._recall["val"] == pytest.approx(np.mean(hits))
+
+
+def test_roi_features_by_hand():
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[:4, :4] = (255, 0, 0)
+    image[4:, 4:] = (0, 0, 255)
+    f = roi_features(image, np.array([[0, 0, 8, 8], [4, 4, 8, 8]], np.float32), 2)
+    want0 = np.array([[1, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 1]], np.float32) - 0.5
+    np.testing.assert_allclose(f[0], want0.ravel(), atol=1e-6)
+    np.testing.assert_allclose(f[1], np.tile([-0.5, -0.5, 0.5], 4), atol=1e-6)
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"facts": "word2vec"}, "data.facts='word2vec'"),
+    ({"top_k": 0}, "must be >= 1"),
+    ({"top_k": 50}, "exceeds the facts any category has"),
+    ({"regions": "rcnn"}, "data.regions='rcnn'"),
+    ({"colour": 1}, "unknown key"),
+])
+def test_bad_settings_are_one_error_each(override, match):
+    cfg = load_config_file("configs/shapes_ckt.py", "ckt,smoke")
+    cfg.data.update(override)
+    with pytest.raises(ConfigError, match=match):
+        RefExpTask(cfg)
+
+
+@pytest.mark.slow
+def test_smoke_run_through_the_runner(tmp_path):
+    from vlpeft_jax.experiments import runner
+
+    cfg = load_config_file("configs/shapes_ckt.py", "ckt,smoke")
+    cfg.run_dir = str(tmp_path / "run")
+    results = runner.run(cfg)
+    acc = results["adapted"]["all"]["metrics"]["accuracy"]
+    assert 0.0 <= acc <= 1.0
+    predictions = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert predictions["task"] == "refexp"
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("accuracy" in r for r in rows if "loss" in r)

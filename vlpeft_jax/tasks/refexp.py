@@ -1,0 +1,321 @@
+"""Referring-expression comprehension with commonsense facts: CK-Transformer's task on the shapes world
+(thesis ``004_21d0d480fe4006f4.txt`` ch. 3 and App. A; spec ``specs/ckt.md``).
+
+Every example is an image whose objects are the candidates (ground-truth boxes, spec B11), an expression that
+needs at least one fact of the knowledge base to pick its target (KB-Ref's rule; :mod:`vlpeft_jax.data.refexp`
+generates and checks them), and the target's index. The task is classification over the candidates (§3.3):
+the model scores every candidate and the loss is the cross-entropy over the scores (§4.3); the metric is
+accuracy (the share of expressions whose best-scoring candidate is the target).
+
+Inputs of the model (:class:`vlpeft_jax.models.ckt.CKTransformer`), built here on the host:
+
+- ``regions [B, n, f]``: region features. ``data.regions="pixels"``: the RoI of each box in the image,
+  average-pooled to a ``g x g`` grid of RGB values (``data.roi_grid``, default 4: 48 numbers), centred — a stand-in
+  for the Faster R-CNN RoI features of the thesis (App. A.5) that keeps colour and coarse shape; ``geometry
+  [B, n, 7]`` the 7-d box geometry of App. Eq. (1) (spec B15); ``region_mask [B, n]``.
+- ``expr_ids [B, T]``, ``expr_mask``: ``<bos> expression <eos>`` (``<bos>`` is the [CLS] whose output the
+  retriever reads).
+- ``fact_ids [B, P, Tf]``, ``fact_mask``, ``fact_index [B, n, K]``: the unique facts of an image (one encoder pass
+  each) and, per candidate, which of them are its top-K (-1: none; a category with fewer than K facts, spec B5).
+
+Fact search (``peft``-independent, ``data.facts``):
+
+- ``bow``: the facts of the candidate's category ranked by the cosine between bag-of-words vectors of the fact
+  and the expression — the Word2Vec-style search of Table 3.1 ("CK-T-Word2Vec": averaged word vectors; counts
+  of the world's words are the synthetic stand-in);
+- ``none``: CK-T-nf (footnote 2): every fact is one mask token (the tokenizer's ``<unk>``, an id no fact word
+  maps to), so the model cannot read facts;
+- ``oracle``: the ground-truth fact first, then ``bow`` (an upper bound, not in the thesis).
+
+The learned image-based retriever (§3.3.1; CK-T proper and CK-T-Uw/oImage) is not built yet.
+``fact recall@K`` is the share of examples whose ground-truth fact is among the target's top-K.
+
+Example (bag-of-words cosine):
+    >>> round(bow_cosine("the thing you can eat", "a red circle is something you can eat"), 3)
+    0.474
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vlpeft_jax.data import refexp as rx
+from vlpeft_jax.data.tokenizer import WordTokenizer, split_words
+from vlpeft_jax.errors import ConfigError
+from vlpeft_jax.peft import base as peft_base
+from vlpeft_jax.tasks import base
+
+FACT_MODES = ("bow", "none", "oracle")
+REGION_MODES = ("pixels",)
+REPORT_METRICS = ("accuracy", "fact recall@K")
+MODEL_FAMILY = "ckt"
+DATA_KEYS = ("kind", "refexp", "facts", "top_k", "regions", "roi_grid", "max_candidates")
+
+
+def bow_cosine(a: str, b: str) -> float:
+    """Cosine between the word-count vectors of two texts (0 when either has no word)."""
+    ca, cb = collections.Counter(split_words(a.lower())), collections.Counter(split_words(b.lower()))
+    dot = sum(ca[w] * cb[w] for w in ca)
+    na, nb = math.sqrt(sum(v * v for v in ca.values())), math.sqrt(sum(v * v for v in cb.values()))
+    return dot / (na * nb) if na and nb else 0.0
+
+
+def roi_features(image: np.ndarray, boxes: np.ndarray, grid: int) -> np.ndarray:
+    """``float32 [n, grid*grid*3]``: each box's pixels average-pooled to ``grid x grid`` RGB cells, in [-0.5, 0.5].
+
+    Example (a 4x4 image, left half red; a box over the left half pooled to one cell is pure red):
+        >>> im = np.zeros((4, 4, 3), np.uint8); im[:, :2, 0] = 255
+        >>> roi_features(im, np.array([[0, 0, 2, 4]], np.float32), 1).round(2).tolist()
+        [[0.5, -0.5, -0.5]]
+    """
+    h, w = image.shape[:2]
+    img = image.astype(np.float32) / 255.0 - 0.5
+    out = np.zeros((len(boxes), grid * grid * 3), np.float32)
+    for i, (x1, y1, x2, y2) in enumerate(np.asarray(boxes, np.float32)):
+        xs = np.linspace(max(0.0, x1), min(float(w), x2), grid + 1)
+        ys = np.linspace(max(0.0, y1), min(float(h), y2), grid + 1)
+        cells = []
+        for r in range(grid):
+            for c in range(grid):
+                r0, r1 = int(ys[r]), max(int(ys[r]) + 1, int(math.ceil(ys[r + 1])))
+                c0, c1 = int(xs[c]), max(int(xs[c]) + 1, int(math.ceil(xs[c + 1])))
+                cells.append(img[r0:min(r1, h), c0:min(c1, w)].reshape(-1, 3).mean(0))
+        out[i] = np.concatenate(cells)
+    return out
+
+
+def _image(ex: Any) -> np.ndarray:
+    """An example's uint8 image (decoded from its file when it was loaded without pixels)."""
+    if getattr(ex, "image", None) is not None:
+        return np.asarray(ex.image)
+    from vlpeft_jax.data.images import decode_image
+
+    return decode_image(ex.meta["image_path"])
+
+
+class RefExpBatches:
+    """Shuffled training batches of encoded examples (a :class:`~vlpeft_jax.tasks.base.Batches`)."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, seed: int) -> None:
+        self.arrays, self.batch_size, self.seed = arrays, batch_size, seed
+        self.size = len(next(iter(arrays.values())))
+        if self.size < batch_size:
+            raise ConfigError(f"train.batch_size={batch_size} exceeds the {self.size} training expressions")
+
+    def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        per_epoch = self.size // self.batch_size
+        step = start_step
+        while num_steps is None or step < start_step + num_steps:
+            epoch, k = divmod(step, per_epoch)
+            order = np.random.default_rng((self.seed, epoch)).permutation(self.size)
+            idx = order[k * self.batch_size:(k + 1) * self.batch_size]
+            yield {name: a[idx] for name, a in self.arrays.items()}
+            step += 1
+
+
+class RefExpTask:
+    """CK-Transformer's referring-expression task (see the module docstring)."""
+
+    name = "refexp"
+    groups: tuple[str, ...] = ("all",)
+    group_label = "expressions"
+    group_note = "all = every expression of the evaluation split."
+    report_metrics = REPORT_METRICS
+    primary_metric = "accuracy"
+
+    def __init__(self, cfg: ml_collections.ConfigDict, world: Any = None, tokenizer: Any = None,
+                 data: Any = None) -> None:
+        del world
+        self.cfg = cfg
+        d = cfg.data
+        unknown = sorted(set(d) - set(DATA_KEYS))
+        if unknown:
+            raise ConfigError(f"data: unknown key(s) {', '.join(unknown)} for the refexp task; valid: "
+                              f"{', '.join(DATA_KEYS)}")
+        self.facts = d.get("facts", "bow")
+        if self.facts not in FACT_MODES:
+            raise ConfigError(f"data.facts={self.facts!r}; valid: {', '.join(FACT_MODES)}")
+        self.regions = d.get("regions", "pixels")
+        if self.regions not in REGION_MODES:
+            raise ConfigError(f"data.regions={self.regions!r}; valid: {', '.join(REGION_MODES)}")
+        self.top_k = int(d.get("top_k", 3))
+        if self.top_k < 1:
+            raise ConfigError(f"data.top_k={self.top_k}: must be >= 1 (facts per candidate)")
+        self.grid = int(d.get("roi_grid", 4))
+        self.data = data if data is not None else rx.build_refexp(rx.RefExpConfig(**dict(d.get("refexp") or {})))
+        most = max(len(f) for f in (self.data.fact_base.of_category(c) for c in self.data.fact_base.categories))
+        if self.facts != "none" and self.top_k > most:
+            raise ConfigError(f"data.top_k={self.top_k} exceeds the facts any category has (at most {most})")
+        self.max_candidates = int(d.get("max_candidates", 0)) or max(
+            len(ex.boxes) for split in self.data.splits.values() for ex in split)
+        self.tokenizer = tokenizer if tokenizer is not None else WordTokenizer.train(self.data.texts())
+        split = cfg.eval.get("split", "val")
+        if split not in self.data.splits:
+            raise ConfigError(f"eval.split={split!r}; valid: {', '.join(self.data.splits)}")
+        self._encoded: dict[str, dict[str, np.ndarray]] = {}
+        self._recall: dict[str, float] = {}
+
+    @classmethod
+    def groups_for(cls, cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+        return cls.groups
+
+    # ------------------------------------------------------------------------------------ data
+
+    def shared_data(self) -> dict[str, Any]:
+        return {"tokenizer": self.tokenizer, "data": self.data}
+
+    def save_assets(self, run_dir: Path) -> None:
+        self.tokenizer.save(Path(run_dir) / "tokenizer")
+
+    def model_config(self) -> dict[str, Any]:
+        m = self.cfg.model.to_dict()
+        if m.get("family") != MODEL_FAMILY:
+            raise ConfigError(f"task 'refexp' needs model.family={MODEL_FAMILY!r}; got {m.get('family')!r}")
+        m.update(vocab_size=self.tokenizer.vocab_size, region_feature_size=self.grid * self.grid * 3)
+        return m
+
+    def top_facts(self, ex: Any) -> list[list[str]]:
+        """Per candidate, the ids of its top-K facts (fewer when its category has fewer; see the docstring)."""
+        kb = self.data.fact_base
+        out = []
+        for cat in ex.categories:
+            facts = sorted(kb.of_category(cat), key=lambda f: (-bow_cosine(ex.expression, f.text), f.fact_id))
+            if self.facts == "oracle" and ex.fact_id is not None:
+                facts = sorted(facts, key=lambda f: f.fact_id != ex.fact_id)
+            out.append([f.fact_id for f in facts[:self.top_k]])
+        return out
+
+    def encode(self, split: str) -> dict[str, np.ndarray]:
+        """The model's inputs and the targets of every example of ``split`` (cached)."""
+        if split in self._encoded:
+            return self._encoded[split]
+        examples = self.data.splits[split]
+        n, k = self.max_candidates, self.top_k
+        kb = self.data.fact_base
+        texts = {f.fact_id: f.text for f in kb.facts}
+        expr = [self.tokenizer.encode(ex.expression) for ex in examples]
+        fact_lists, unique = [], []
+        hits = 0
+        for ex in examples:
+            top = [["<mask>"]] * len(ex.categories) if self.facts == "none" else self.top_facts(ex)
+            order = list(dict.fromkeys(f for per in top for f in per))
+            unique.append(order)
+            fact_lists.append(top)
+            hits += ex.fact_id is not None and ex.fact_id in top[ex.target]
+        mask_ids = [self.tokenizer.token_to_id("<bos>"), self.tokenizer.token_to_id("<unk>"),
+                    self.tokenizer.token_to_id("<eos>")]
+        fact_tokens = {fid: self.tokenizer.encode(texts[fid]) for fid in {f for u in unique for f in u} - {"<mask>"}}
+        fact_tokens["<mask>"] = mask_ids
+        t = max(len(e) for e in expr)
+        tf = max(len(v) for v in fact_tokens.values())
+        p = max(len(u) for u in unique)
+        b = len(examples)
+        arrays = {"regions": np.zeros((b, n, self.grid * self.grid * 3), np.float32),
+                  "geometry": np.zeros((b, n, 7), np.float32), "region_mask": np.zeros((b, n), bool),
+                  "expr_ids": np.zeros((b, t), np.int32), "expr_mask": np.zeros((b, t), bool),
+                  "fact_ids": np.zeros((b, p, tf), np.int32), "fact_mask": np.zeros((b, p, tf), bool),
+                  "fact_index": np.full((b, n, k), -1, np.int32), "target": np.zeros((b,), np.int32)}
+        for i, ex in enumerate(examples):
+            m = len(ex.boxes)
+            if m > n:
+                raise ConfigError(f"{ex.expr_id}: {m} candidates exceed data.max_candidates={n}")
+            image = _image(ex)
+            arrays["regions"][i, :m] = roi_features(image, ex.boxes, self.grid)
+            arrays["geometry"][i, :m] = rx.geometry(ex.boxes, image.shape[1], image.shape[0])
+            arrays["region_mask"][i, :m] = True
+            arrays["expr_ids"][i, :len(expr[i])] = expr[i]
+            arrays["expr_mask"][i, :len(expr[i])] = True
+            slot = {f: j for j, f in enumerate(unique[i])}
+            for j, f in enumerate(unique[i]):
+                ids = fact_tokens[f]
+                arrays["fact_ids"][i, j, :len(ids)] = ids
+                arrays["fact_mask"][i, j, :len(ids)] = True
+            for c, per in enumerate(fact_lists[i]):
+                arrays["fact_index"][i, c, :len(per)] = [slot[f] for f in per]
+            arrays["target"][i] = ex.target
+        self._encoded[split] = arrays
+        with_fact = sum(ex.fact_id is not None for ex in examples)
+        self._recall[split] = hits / with_fact if with_fact and self.facts != "none" else float("nan")
+        return arrays
+
+    def train_batches(self, seed: int) -> base.Batches:
+        return RefExpBatches(self.encode("train"), self.cfg.train.batch_size, seed)
+
+    def selection_batches(self, settings: Mapping[str, Any], seed: int) -> Iterable[dict[str, Any]]:
+        base.check_settings("selection", settings, ("num_batches", "batch_size"))
+        batches = RefExpBatches(self.encode("train"), settings.get("batch_size") or self.cfg.train.batch_size, seed)
+        return ({k: jnp.asarray(v) for k, v in b.items()} for b in batches.iterate(0, settings["num_batches"]))
+
+    # --------------------------------------------------------------------------- loss, evaluation
+
+    @staticmethod
+    def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: batch[k] for k in ("regions", "geometry", "region_mask", "expr_ids", "expr_mask", "fact_ids",
+                                      "fact_mask", "fact_index")}
+
+    def loss_fn(self, module: Any, methods: base.Methods, loss_weights: Mapping[str, float]) -> base.LossFn:
+        """Cross-entropy over the candidates' scores (§4.3), plus the methods' recorded loss terms."""
+        from vlpeft_jax.models.ckt import refexp_loss
+
+        def loss_fn(params: Any, batch: Mapping[str, Any], rng: jax.Array) -> tuple[jax.Array, dict]:
+            scores, records = peft_base.apply_with(
+                module.apply, base.active_methods(methods, params), {"params": params["base"]}, rng=rng,
+                train=True, side_inputs=batch.get("side_inputs"), record=True, **self.model_inputs(batch))
+            loss, metrics = refexp_loss(scores, batch["target"], batch["region_mask"])
+            return base.add_loss_terms(loss, dict(metrics), records, loss_weights)
+
+        return loss_fn
+
+    def predict(self, module: Any, params: Any, methods: base.Methods, split: str) -> np.ndarray:
+        """The best-scoring candidate of every example of ``split``."""
+        arrays = self.encode(split)
+        size = self.cfg.eval.get("batch_size", 64)
+
+        @jax.jit
+        def scores(params: Any, batch: Mapping[str, Any]) -> jax.Array:
+            return peft_base.apply_with(module.apply, base.active_methods(methods, params),
+                                        {"params": params["base"]}, **self.model_inputs(batch))
+
+        out = []
+        total = len(arrays["target"])
+        for start in range(0, total, size):
+            idx = np.arange(start, start + size) % total  # a full last batch (one compile), cut below
+            out.append(np.asarray(scores(params, {k: jnp.asarray(v[idx]) for k, v in arrays.items()})).argmax(-1))
+        return np.concatenate(out)[:total]
+
+    def evaluate(self, module: Any, params: Any, methods: base.Methods) -> dict[str, Any]:
+        split = self.cfg.eval.get("split", "val")
+        examples = self.data.splits[split]
+        count = base.eval_count(self.cfg, len(examples))
+        pred = self.predict(module, params, methods, split)[:count]
+        target = self.encode(split)["target"][:count]
+        correct = pred == target
+        metrics = {"accuracy": float(correct.mean()), "fact recall@K": self._recall[split]}
+        outputs = {ex.expr_id: int(p) for ex, p in zip(examples[:count], pred, strict=True)}
+        return {"all": {"metrics": metrics, "count": int(count)}, "outputs": outputs,
+                "correct": correct.tolist(), "samples": []}
+
+    def outputs_file(self, outputs: Mapping[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+        return "predictions", [{"expr_id": k, "candidate": v} for k, v in outputs.items()]
+
+    def samples(self, results: Mapping[str, Mapping[str, Any]], n: int) -> list[base.Sample]:
+        split = self.cfg.eval.get("split", "val")
+        out = []
+        for ex in self.data.splits[split][:n]:
+            lines = [f"expression: {ex.expression}", f"target: candidate {ex.target} ({ex.categories[ex.target]})"]
+            for label, res in results.items():
+                choice = res.get("outputs", {}).get(ex.expr_id)
+                if choice is not None:
+                    lines.append(f"{label}: candidate {choice} ({ex.categories[choice]})")
+            out.append(base.Sample(image=_image(ex), lines=lines))
+        return out
+
