@@ -54,7 +54,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.seed = 0
     c.run_dir = ""
     c.data = dict(kind="refexp", facts=MODELS[name], top_k=int(opts["k"]), regions="pixels", roi_grid=4,
-                  refexp=dict(variant=opts["kb"], seed=0))
+                  refexp=dict(variant=opts["kb"], seed=0, num_train=3000, num_val=500, num_test=500))
     c.model = dict(family="ckt", hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256,
                    num_blocks=int(opts["m"]), block_heads=4, block_intermediate_size=256)
     c.peft = {}
