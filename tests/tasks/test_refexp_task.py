@@ -99,3 +99,20 @@ def test_smoke_run_through_the_runner(tmp_path):
     assert predictions["task"] == "refexp"
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("accuracy" in r for r in rows if "loss" in r)
+
+
+def test_compare_runs_pairs_the_expressions(tmp_path):
+    from vlpeft_jax.tasks.refexp import compare_runs
+
+    a = [True] * 10 + [False] * 2 + [True] * 5   # b = 10 (only a right), c = 2 (only b right), 5 both right
+    b = [False] * 10 + [True] * 2 + [True] * 5
+    for name, correct in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"adapted": {"correct": correct}}))
+    out = compare_runs(tmp_path / "a", tmp_path / "b")
+    assert (out["b"], out["c"], out["n"]) == (10, 2, 17)
+    assert out["p"] == pytest.approx(2 * 79 / 4096)  # exact two-sided binomial: 2 * P(X <= 2), X ~ Bin(12, 1/2)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "results.json").write_text(json.dumps({"adapted": {"correct": a[:5]}}))
+    with pytest.raises(ConfigError, match="McNemar's test pairs"):
+        compare_runs(tmp_path / "a", tmp_path / "c")

@@ -319,3 +319,29 @@ class RefExpTask:
             out.append(base.Sample(image=_image(ex), lines=lines))
         return out
 
+
+
+def compare_runs(run_a: str | Path, run_b: str | Path, result: str = "adapted") -> dict[str, Any]:
+    """McNemar's test (App. A.8; :func:`vlpeft_jax.eval.mcnemar.mcnemar`) between two finished refexp runs on the
+    same evaluation split: each run's per-expression correctness (``results.json``), paired by position.
+
+    Raises:
+      ConfigError: a run without per-expression results, or runs evaluated on different numbers of expressions.
+    """
+    import json
+
+    from vlpeft_jax.eval.mcnemar import mcnemar
+
+    correct = []
+    for run in (run_a, run_b):
+        try:
+            res = json.loads((Path(run) / "results.json").read_text())
+            correct.append(np.asarray(res[result]["correct"], bool))
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"{run}: no per-expression results ({result!r} in results.json): {e}") from None
+    if correct[0].shape != correct[1].shape:
+        raise ConfigError(f"{run_a} and {run_b} were evaluated on {len(correct[0])} and {len(correct[1])} "
+                          "expressions; McNemar's test pairs the same expressions")
+    out = mcnemar(correct[0], correct[1])
+    out.update(accuracy_a=float(correct[0].mean()), accuracy_b=float(correct[1].mean()), n=int(len(correct[0])))
+    return out
