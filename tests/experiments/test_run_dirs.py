@@ -143,7 +143,7 @@ def test_sigint_stops_training_with_a_checkpoint(tmp_path, shapes_caches):
         "    c.stages[0]['steps'] = 2000\n"
         "    return c\n")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for attempt in range(3):  # the race the issue saw: one SIGINT in four was swallowed
+    for attempt in range(2):  # the race the issue saw: one SIGINT in four was swallowed (two tries: CI time)
         run_dir = tmp_path / f"run{attempt}"
         proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "train", "--config", str(config),
                                  f"--config.run_dir={run_dir}",
