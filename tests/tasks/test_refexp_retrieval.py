@@ -75,6 +75,19 @@ def test_replace_half_sampler():
     assert (counts > 0).all() and counts.max() < 3 * counts.mean()
 
 
+def test_category_negatives_stay_in_the_ground_truths_category(world):
+    data, tok = world
+    r = Retriever(dataclasses.replace(TINY, negatives="category"), data.fact_base, tok, GRID)
+    facts = data.fact_base.facts
+    gt = np.random.default_rng(0).integers(0, len(facts), 4000)
+    idx, y = replace_half(gt, len(facts), np.random.default_rng(1), r.negative_pools)
+    assert abs(y.mean() - 0.5) < 0.05 and (idx[y == 1] == gt[y == 1]).all()
+    neg = np.flatnonzero(y == 0)
+    assert all(facts[idx[i]].category == facts[gt[i]].category and idx[i] != gt[i] for i in neg)
+    with pytest.raises(ConfigError, match="negatives='same'.*any, category"):
+        RetrieverSettings(negatives="same")
+
+
 def test_training_pairs_label_the_ground_truth(world, fitted):
     data, _ = world
     r, _, _ = fitted
