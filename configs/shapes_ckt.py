@@ -2,8 +2,10 @@
 
 ``python run.py train --config configs/shapes_ckt.py[:VARIANT]`` where VARIANT is a model followed by options:
 
-- ``ckt`` (default): CK-T with the bag-of-words fact search (the Word2Vec-style search of Table 3.1; the learned
-  image-based retriever is not built yet), K = 3 facts per candidate, M = 2 fact-aware blocks;
+- ``ckt`` (default): CK-T with the image-based fact search (a retriever trained first, §3.3.1), K = 3 facts per
+  candidate, M = 2 fact-aware blocks;
+- ``uwo``: CK-T-Uw/oImage, the retriever without the image (candidate features replaced by their mean);
+- ``w2v``: CK-T-Word2Vec's analogue, facts ranked by the bag-of-words cosine with the expression;
 - ``nf``: CK-T-nf, every fact replaced by one mask token (Table 3.1, top);
 - ``oracle``: the ground-truth fact ranked first (an upper bound, not in the thesis).
 
@@ -23,18 +25,20 @@ Example:
     >>> c = load_config_file("configs/shapes_ckt.py", "nf,k=5")
     >>> c.data.facts, c.data.top_k, c.model.num_blocks
     ('none', 5, 2)
+    >>> load_config_file("configs/shapes_ckt.py").data.facts
+    'image'
 """
 
 import ml_collections
 
 from configs import common
 
-MODELS = {"ckt": "bow", "nf": "none", "oracle": "oracle"}
+MODELS = {"ckt": "image", "uwo": "text", "w2v": "bow", "nf": "none", "oracle": "oracle"}
 KBS = ("kbref", "contextual", "conventional")
 SWEEPS = {
-    "table31": ["nf", "ckt", "oracle"],
-    "table33": ["nf,kb=conventional", "ckt,kb=conventional"],
-    "contextual": ["nf,kb=contextual", "ckt,kb=contextual", "oracle,kb=contextual"],
+    "table31": ["nf", "w2v", "uwo", "ckt", "oracle"],
+    "table33": ["nf,kb=conventional", "w2v,kb=conventional"],
+    "contextual": ["nf,kb=contextual", "w2v,kb=contextual", "uwo,kb=contextual", "ckt,kb=contextual"],
     "fig1_k": [f"ckt,k={k},m=1" for k in (1, 3, 5)],
     "fig2_m": [f"ckt,k=3,m={m}" for m in (1, 2, 3)],
 }
@@ -65,6 +69,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.pretrain = dict(config="", cache_dir=".cache/pretrained")
     if opts["smoke"]:
         c.data.refexp.update(num_train=16, num_val=8, num_test=8)
+        if c.data.facts in ("image", "text"):
+            c.data.retriever = dict(steps=4, hidden_size=16, num_hidden_layers=1, intermediate_size=32)
         c.model.update(hidden_size=32, num_hidden_layers=1, intermediate_size=64, block_intermediate_size=64)
         c.stages[0]["steps"] = 4
         c.stages[0]["optimizer"]["warmup_steps"] = 0

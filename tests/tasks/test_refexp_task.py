@@ -14,13 +14,13 @@ from vlpeft_jax.tasks.refexp import RefExpTask, bow_cosine, roi_features
 @pytest.fixture(scope="module")
 def tasks():
     out = {}
-    for v in ("ckt", "nf", "oracle"):
+    for v in ("w2v", "nf", "oracle", "ckt"):
         out[v] = RefExpTask(load_config_file("configs/shapes_ckt.py", f"{v},smoke"))
     return out
 
 
 def test_encoded_inputs_follow_the_examples(tasks):
-    task = tasks["ckt"]
+    task = tasks["w2v"]
     arrays = task.encode("train")
     kb = task.data.fact_base
     for i, ex in enumerate(task.data.splits["train"]):
@@ -56,10 +56,30 @@ def test_fact_modes(tasks):
             ids = arrays["fact_ids"][i, first][arrays["fact_mask"][i, first]]
             assert oracle.tokenizer.decode(ids) == kb.by_id(ex.fact_id).text.lower()
     # recall@K by hand: the ground-truth fact among the target's top-K
-    task = tasks["ckt"]
+    task = tasks["w2v"]
     hits = [ex.fact_id in [f for f in task.top_facts(ex)[ex.target]] for ex in task.data.splits["val"]]
     task.encode("val")
     assert task._recall["val"] == pytest.approx(np.mean(hits))
+
+
+def test_learned_fact_search_uses_the_retrievers_ranking(tasks):
+    """``ckt`` (image-based search): each candidate's facts are the trained retriever's top-K of its category,
+    and a retriever trained again with the same settings ranks the same way (deterministic)."""
+    from vlpeft_jax.tasks.refexp_retrieval import Retriever
+
+    task = tasks["ckt"]
+    arrays = task.encode("val")
+    again = Retriever(task.retriever_settings, task.data.fact_base, task.tokenizer, task.grid)
+    again.fit(task.data.splits["train"])
+    kb = task.data.fact_base
+    for i, (ex, ranked) in enumerate(zip(task.data.splits["val"], again.rank_many(task.data.splits["val"]),
+                                         strict=True)):
+        texts = [task.tokenizer.decode(arrays["fact_ids"][i, j][arrays["fact_mask"][i, j]])
+                 for j in range(arrays["fact_ids"].shape[1])]
+        for c in range(len(ex.boxes)):
+            chosen = [texts[j] for j in arrays["fact_index"][i, c] if j >= 0]
+            assert chosen == [kb.by_id(f).text.lower() for f in ranked[c][:task.top_k]]
+            assert set(ranked[c]) == {f.fact_id for f in kb.of_category(ex.categories[c])}
 
 
 def test_roi_features_by_hand():
@@ -78,6 +98,7 @@ def test_roi_features_by_hand():
     ({"top_k": 50}, "exceeds the facts any category has"),
     ({"regions": "rcnn"}, "data.regions='rcnn'"),
     ({"colour": 1}, "unknown key"),
+    ({"facts": "bow", "retriever": {"steps": 3}}, "trains no retriever"),
 ])
 def test_bad_settings_are_one_error_each(override, match):
     cfg = load_config_file("configs/shapes_ckt.py", "ckt,smoke")

@@ -20,6 +20,11 @@ Inputs of the model (:class:`vlpeft_jax.models.ckt.CKTransformer`), built here o
 
 Fact search (``peft``-independent, ``data.facts``):
 
+- ``image``: CK-T's image-based search (§3.3.1): a separate encoder trained first on the training split to give the
+  cosine of the [CLS] outputs of (image, expression) and (image, fact) (target 1 for the ground-truth fact, 0 for a
+  random fact replacing it half of the time, spec B1-B4), then frozen; each candidate's category facts ranked by
+  it (:mod:`vlpeft_jax.tasks.refexp_retrieval`; ``data.retriever`` holds its settings, default 1500 steps);
+- ``text``: CK-T-Uw/oImage, the same with every candidate's region feature replaced by the image's mean (B17);
 - ``bow``: the facts of the candidate's category ranked by the cosine between bag-of-words vectors of the fact
   and the expression — the Word2Vec-style search of Table 3.1 ("CK-T-Word2Vec": averaged word vectors; counts
   of the world's words are the synthetic stand-in);
@@ -27,8 +32,9 @@ Fact search (``peft``-independent, ``data.facts``):
   maps to), so the model cannot read facts;
 - ``oracle``: the ground-truth fact first, then ``bow`` (an upper bound, not in the thesis).
 
-The learned image-based retriever (§3.3.1; CK-T proper and CK-T-Uw/oImage) is not built yet.
-``fact recall@K`` is the share of examples whose ground-truth fact is among the target's top-K.
+The retriever is trained when the task first encodes a split, deterministically from its seed (a task built
+again, e.g. by ``run.py eval``, trains it again and gets the same rankings). ``fact recall@K`` is the share of
+examples whose ground-truth fact is among the target's top-K.
 
 Example (bag-of-words cosine):
     >>> round(bow_cosine("the thing you can eat", "a red circle is something you can eat"), 3)
@@ -54,11 +60,11 @@ from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.peft import base as peft_base
 from vlpeft_jax.tasks import base
 
-FACT_MODES = ("bow", "none", "oracle")
+FACT_MODES = ("image", "text", "bow", "none", "oracle")
 REGION_MODES = ("pixels",)
 REPORT_METRICS = ("accuracy", "fact recall@K")
 MODEL_FAMILY = "ckt"
-DATA_KEYS = ("kind", "refexp", "facts", "top_k", "regions", "roi_grid", "max_candidates")
+DATA_KEYS = ("kind", "refexp", "facts", "top_k", "regions", "roi_grid", "max_candidates", "retriever")
 
 
 def bow_cosine(a: str, b: str) -> float:
@@ -163,6 +169,15 @@ class RefExpTask:
             raise ConfigError(f"eval.split={split!r}; valid: {', '.join(self.data.splits)}")
         self._encoded: dict[str, dict[str, np.ndarray]] = {}
         self._recall: dict[str, float] = {}
+        self._ranked: dict[str, list[list[str]]] = {}  # expr_id -> per candidate, its facts best first
+        self._retriever_log: dict[str, Any] = {}
+        given = dict(d.get("retriever") or {})
+        if self.facts in ("image", "text"):
+            from vlpeft_jax.tasks.refexp_retrieval import RetrieverSettings
+
+            self.retriever_settings = RetrieverSettings(**{"steps": 1500, **given, "mode": self.facts})
+        elif given:
+            raise ConfigError(f"data.retriever is set but data.facts={self.facts!r} trains no retriever (image, text)")
 
     @classmethod
     def groups_for(cls, cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -183,8 +198,24 @@ class RefExpTask:
         m.update(vocab_size=self.tokenizer.vocab_size, region_feature_size=self.grid * self.grid * 3)
         return m
 
+    def learned_rankings(self) -> None:
+        """Trains the retriever (``image``/``text`` modes) on the training split and ranks every split's facts."""
+        if self._ranked or self.facts not in ("image", "text"):
+            return
+        from vlpeft_jax.tasks.refexp_retrieval import Retriever
+
+        retriever = Retriever(self.retriever_settings, self.data.fact_base, self.tokenizer, self.grid)
+        print(f"fact search: training the {self.facts} retriever ({self.retriever_settings.steps} steps)")
+        self._retriever_log = retriever.fit(self.data.splits["train"])
+        for examples in self.data.splits.values():
+            for ex, ranked in zip(examples, retriever.rank_many(examples), strict=True):
+                self._ranked[ex.expr_id] = ranked
+
     def top_facts(self, ex: Any) -> list[list[str]]:
         """Per candidate, the ids of its top-K facts (fewer when its category has fewer; see the docstring)."""
+        if self.facts in ("image", "text"):
+            self.learned_rankings()
+            return [ranked[:self.top_k] for ranked in self._ranked[ex.expr_id]]
         kb = self.data.fact_base
         out = []
         for cat in ex.categories:
