@@ -64,6 +64,7 @@ FACT_MODES = ("image", "text", "bow", "none", "oracle")
 REGION_MODES = ("pixels",)
 REPORT_METRICS = ("accuracy", "fact recall@K")
 MODEL_FAMILY = "ckt"
+_RANKINGS: dict[Any, tuple[dict[str, list[list[str]]], dict[str, Any]]] = {}  # see RefExpTask.learned_rankings
 DATA_KEYS = ("kind", "refexp", "facts", "top_k", "regions", "roi_grid", "max_candidates", "retriever")
 
 
@@ -204,12 +205,16 @@ class RefExpTask:
             return
         from vlpeft_jax.tasks.refexp_retrieval import Retriever
 
-        retriever = Retriever(self.retriever_settings, self.data.fact_base, self.tokenizer, self.grid)
-        print(f"fact search: training the {self.facts} retriever ({self.retriever_settings.steps} steps)")
-        self._retriever_log = retriever.fit(self.data.splits["train"])
-        for examples in self.data.splits.values():
-            for ex, ranked in zip(examples, retriever.rank_many(examples), strict=True):
-                self._ranked[ex.expr_id] = ranked
+        # the runner builds a task more than once in a process (training, then evaluation): train once per data
+        key = (self.retriever_settings, repr(self.data.config), self.grid, tuple(sorted(self.tokenizer.get_vocab())))
+        if key not in _RANKINGS:
+            retriever = Retriever(self.retriever_settings, self.data.fact_base, self.tokenizer, self.grid)
+            print(f"fact search: training the {self.facts} retriever ({self.retriever_settings.steps} steps)")
+            log = retriever.fit(self.data.splits["train"])
+            ranked = {ex.expr_id: r for examples in self.data.splits.values()
+                      for ex, r in zip(examples, retriever.rank_many(examples), strict=True)}
+            _RANKINGS[key] = (ranked, log)
+        self._ranked, self._retriever_log = _RANKINGS[key]
 
     def top_facts(self, ex: Any) -> list[list[str]]:
         """Per candidate, the ids of its top-K facts (fewer when its category has fewer; see the docstring)."""
