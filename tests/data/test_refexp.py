@@ -373,3 +373,20 @@ def test_load_kbref_missing_files(tmp_path):
     (tmp_path / "image.json").unlink()
     with pytest.raises(InputError, match="no image and no meta width/height"):
         load_kbref(tmp_path)[0].box_geometry()
+
+
+def test_pixels_of_generated_and_loaded_examples(tmp_path):
+    """Generated examples hold their image; loaded ones decode ``image_path``; neither is an error."""
+    import dataclasses as dc
+
+    from PIL import Image
+
+    from vlpeft_jax.data.refexp import RefExpConfig, build_refexp
+
+    ex = build_refexp(RefExpConfig(num_train=2, num_val=1, num_test=1)).splits["train"][0]
+    np.testing.assert_array_equal(ex.pixels(), ex.image)
+    path = tmp_path / "im.png"
+    Image.fromarray(ex.image).save(path)
+    np.testing.assert_array_equal(dc.replace(ex, image=None, image_path=str(path)).pixels(), ex.image)
+    with pytest.raises(InputError, match="neither an image nor an image_path"):
+        dc.replace(ex, image=None, image_path=None).pixels()

@@ -440,6 +440,16 @@ class RefExample:
     def num_candidates(self) -> int:
         return len(self.categories)
 
+    def pixels(self) -> np.ndarray:
+        """The ``uint8 [H, W, 3]`` image: ``image`` when held, else decoded from ``image_path`` (loaded KB-Ref)."""
+        if self.image is not None:
+            return np.asarray(self.image)
+        if self.image_path is None:
+            raise InputError(f"expression {self.expr_id!r} has neither an image nor an image_path")
+        from vlpeft_jax.data.images import decode_image
+
+        return decode_image(self.image_path)
+
     def box_geometry(self) -> np.ndarray:
         """:func:`geometry` of the candidate boxes, with the image size from ``image`` or ``meta`` width/height."""
         if self.image is not None:

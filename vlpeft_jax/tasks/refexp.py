@@ -100,15 +100,6 @@ def roi_features(image: np.ndarray, boxes: np.ndarray, grid: int) -> np.ndarray:
     return out
 
 
-def _image(ex: Any) -> np.ndarray:
-    """An example's uint8 image (decoded from its file when it was loaded without pixels)."""
-    if getattr(ex, "image", None) is not None:
-        return np.asarray(ex.image)
-    from vlpeft_jax.data.images import decode_image
-
-    return decode_image(ex.meta["image_path"])
-
-
 class RefExpBatches:
     """Shuffled training batches of encoded examples (a :class:`~vlpeft_jax.tasks.base.Batches`)."""
 
@@ -264,7 +255,7 @@ class RefExpTask:
             m = len(ex.boxes)
             if m > n:
                 raise ConfigError(f"{ex.expr_id}: {m} candidates exceed data.max_candidates={n}")
-            image = _image(ex)
+            image = ex.pixels()
             arrays["regions"][i, :m] = roi_features(image, ex.boxes, self.grid)
             arrays["geometry"][i, :m] = rx.geometry(ex.boxes, image.shape[1], image.shape[0])
             arrays["region_mask"][i, :m] = True
@@ -352,7 +343,7 @@ class RefExpTask:
                 choice = res.get("outputs", {}).get(ex.expr_id)
                 if choice is not None:
                     lines.append(f"{label}: candidate {choice} ({ex.categories[choice]})")
-            out.append(base.Sample(image=_image(ex), lines=lines))
+            out.append(base.Sample(image=ex.pixels(), lines=lines))
         return out
 
 

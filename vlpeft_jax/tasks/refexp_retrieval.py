@@ -56,7 +56,7 @@ import optax
 from vlpeft_jax.data import refexp as rx
 from vlpeft_jax.errors import ConfigError, InputError
 from vlpeft_jax.models.ckt import CKTConfig, FactRetriever, retriever_loss
-from vlpeft_jax.tasks.refexp import _image, roi_features
+from vlpeft_jax.tasks.refexp import roi_features
 
 MODES = ("image", "text")
 NEGATIVES = ("any", "category")
@@ -244,7 +244,7 @@ class Retriever:
     # ------------------------------------------------------------------------------------ inputs
     def visual_inputs(self, ex: rx.RefExample) -> tuple[np.ndarray, np.ndarray]:
         """``(regions [n, grid*grid*3], geometry [n, 7])`` of an example's candidates (before the mode applies)."""
-        image = _image(ex)
+        image = ex.pixels()
         return (roi_features(image, ex.boxes, self.grid),
                 rx.geometry(ex.boxes, image.shape[1], image.shape[0]))
 
