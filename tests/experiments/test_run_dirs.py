@@ -5,6 +5,7 @@ one warning, and SIGINT always stops training cleanly with a checkpoint (exit 13
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,18 +119,21 @@ def test_a_shape_mismatch_in_checkpoints_is_refused_not_quarantined(tmp_path):
 
 
 def test_a_damaged_pretrain_cache_is_rebuilt_with_one_warning(tmp_path, shapes_caches):
+    # the session's cached base (built here if no test built it yet), copied so the damage stays in this test
+    digest = runner.tree_digest(runner.build(_cfg(tmp_path / "a", shapes_caches)).base)
     caches = {"data": shapes_caches["data"], "pretrain": tmp_path / "cache"}
-    runner.run(_cfg(tmp_path / "a", caches))
-    (entry,) = [p for p in caches["pretrain"].iterdir() if p.is_dir()]
-    digest = (entry / "params.sha256").read_text()
+    shutil.copytree(shapes_caches["pretrain"], caches["pretrain"])
+    (entry,) = [p for p in caches["pretrain"].iterdir() if (p / "params.sha256").is_file()
+                and (p / "params.sha256").read_text().strip() == digest]
     # damage the stored parameters: flip bytes in the largest array file
     largest = max((p for p in (entry / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     data = bytearray(largest.read_bytes())
     data[len(data) // 2: len(data) // 2 + 8] = b"\xff" * 8
     largest.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match="not usable"):
-        runner.run(_cfg(tmp_path / "b", caches))
-    assert (entry / "params.sha256").read_text() == digest  # rebuilt: the same base (same seed and data)
+        setup = runner.build(_cfg(tmp_path / "b", caches))
+    assert (entry / "params.sha256").read_text().strip() == digest  # rebuilt: the same base (same seed and data)
+    assert runner.tree_digest(setup.base) == digest
     assert list(entry.glob("params.corrupt*"))
 
 

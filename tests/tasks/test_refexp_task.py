@@ -92,6 +92,78 @@ def test_roi_features_by_hand():
     np.testing.assert_allclose(f[1], np.tile([-0.5, -0.5, 0.5], 4), atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def detected():
+    """Smoke tasks evaluated on the simulated detector's boxes (``det=4``: at most 4 of the 4-9 objects + 3
+    spurious boxes, so some targets are lost)."""
+    return {v: RefExpTask(load_config_file("configs/shapes_ckt.py", f"{v},smoke,det=4")) for v in ("w2v", "ckt")}
+
+
+def test_detected_candidates_are_encoded_from_the_detector(detected, tasks):
+    from vlpeft_jax.data import refexp as rx
+
+    task = detected["w2v"]
+    assert RefExpTask.metrics_for(task.cfg)[-2:] == ("target detected", "category correct")
+    assert RefExpTask.metrics_for(tasks["w2v"].cfg) == ("accuracy", "fact recall@K")
+    # training keeps the ground-truth boxes; the evaluation split gets the detections
+    np.testing.assert_array_equal(task.encode("train")["regions"], tasks["w2v"].encode("train")["regions"])
+    arrays = task.encode("val")
+    kb = task.data.fact_base
+    noise = rx.DetectionNoise.from_config(dict(task.cfg.eval.detect))
+    hits = found = kept = 0
+    for i, ex in enumerate(task.data.splits["val"]):
+        d = rx.detect(ex, noise, kb.categories)
+        n = len(d.boxes)
+        assert n <= 4 and arrays["region_mask"][i].sum() == n
+        np.testing.assert_allclose(arrays["regions"][i, :n], roi_features(ex.pixels(), d.boxes, task.grid))
+        np.testing.assert_allclose(arrays["boxes"][i, :n], d.boxes)
+        np.testing.assert_allclose(arrays["gt_box"][i], np.asarray(ex.boxes)[ex.target])
+        facts = [task.tokenizer.decode(arrays["fact_ids"][i, j][arrays["fact_mask"][i, j]])
+                 for j in range(arrays["fact_ids"].shape[1])]
+        for c in range(n):  # facts are searched under the detector's (possibly wrong) category
+            chosen = {facts[j] for j in arrays["fact_index"][i, c] if j >= 0}
+            assert chosen <= {f.text.lower() for f in kb.of_category(d.categories[c])}
+        found += d.target >= 0
+        kept += d.target >= 0 and d.categories[d.target] == ex.categories[ex.target]
+        hits += d.target >= 0 and ex.fact_id in task.top_facts(d)[d.target]
+    assert task._detection_counts["val"]["target detected"] == pytest.approx(found / len(task.data.splits["val"]))
+    assert task._detection_counts["val"]["category correct"] == pytest.approx(kept / found)
+    with_fact = sum(ex.fact_id is not None for ex in task.data.splits["val"])
+    assert task._recall["val"] == pytest.approx(hits / with_fact)
+
+
+def test_detected_choices_are_scored_by_iou(detected, monkeypatch):
+    from vlpeft_jax.data import refexp as rx
+
+    task = detected["w2v"]
+    arrays = task.encode("val")
+    examples = task.examples("val")
+    for rule in ("first", "best", "worst"):
+        iou = [rx.box_iou(ex.boxes, [ex.meta["gt_box"]])[:, 0] for ex in examples]
+        pred = np.array([0 if rule == "first" else int(v.argmax() if rule == "best" else v.argmin()) for v in iou])
+        monkeypatch.setattr(task, "predict", lambda *a, pred=pred: pred)
+        res = task.evaluate(None, None, {})
+        want = [v[p] >= 0.5 for v, p in zip(iou, pred, strict=True)]
+        assert res["correct"] == want and res["all"]["metrics"]["accuracy"] == pytest.approx(np.mean(want))
+        if rule == "best":  # the best box is right exactly when the target was detected
+            assert want == [ex.target >= 0 for ex in examples]
+    assert arrays["target"].min() >= -1
+
+
+def test_detected_candidates_use_the_learned_search(detected):
+    task = detected["ckt"]
+    arrays = task.encode("val")
+    ranked = task._retriever.rank_many(task.examples("val"))
+    kb = task.data.fact_base
+    for i, ex in enumerate(task.examples("val")):
+        texts = [task.tokenizer.decode(arrays["fact_ids"][i, j][arrays["fact_mask"][i, j]])
+                 for j in range(arrays["fact_ids"].shape[1])]
+        for c in range(len(ex.boxes)):
+            chosen = [texts[j] for j in arrays["fact_index"][i, c] if j >= 0]
+            assert chosen == [kb.by_id(f).text.lower() for f in ranked[i][c][:task.top_k]]
+            assert set(ranked[i][c]) == {f.fact_id for f in kb.of_category(ex.categories[c])}
+
+
 @pytest.mark.parametrize("override, match", [
     ({"facts": "word2vec"}, "data.facts='word2vec'"),
     ({"top_k": 0}, "must be >= 1"),
@@ -99,9 +171,15 @@ def test_roi_features_by_hand():
     ({"regions": "rcnn"}, "data.regions='rcnn'"),
     ({"colour": 1}, "unknown key"),
     ({"facts": "bow", "retriever": {"steps": 3}}, "trains no retriever"),
+    ({"detect": {"max_boxes": 0}}, "eval.detect.max_boxes=0"),
+    ({"detect": {"boxes": 3}}, "eval.detect: unknown key"),
+    ({"detect": {"max_boxes": 3}, "split": "train"}, "eval.detect replaces the candidates"),
 ])
 def test_bad_settings_are_one_error_each(override, match):
     cfg = load_config_file("configs/shapes_ckt.py", "ckt,smoke")
+    for key in ("detect", "split"):
+        if key in override:
+            cfg.eval[key] = override.pop(key)
     cfg.data.update(override)
     with pytest.raises(ConfigError, match=match):
         RefExpTask(cfg)
@@ -120,6 +198,14 @@ def test_smoke_run_through_the_runner(tmp_path):
     assert predictions["task"] == "refexp"
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("accuracy" in r for r in rows if "loss" in r)
+    # the same parameters evaluated on detected boxes (the sweep's eval-only path of Table 3.2's analogue)
+    det = load_config_file("configs/shapes_ckt.py", "ckt,smoke,det=3")
+    det.run_dir = str(tmp_path / "det")
+    assert runner.training_key(det) == runner.training_key(cfg)
+    metrics = runner.evaluate_trained(det, tmp_path / "run")["adapted"]["all"]["metrics"]
+    assert set(metrics) == {"accuracy", "fact recall@K", "target detected", "category correct"}
+    assert metrics["accuracy"] <= metrics["target detected"] < 1.0
+    assert "| target detected |" in (tmp_path / "det" / "report.md").read_text()
 
 
 def test_compare_runs_pairs_the_expressions(tmp_path):

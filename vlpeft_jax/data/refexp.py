@@ -43,6 +43,7 @@ import json
 import math
 import os
 import random
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -664,6 +665,116 @@ def geometry(boxes: np.ndarray | Sequence[Sequence[float]], width: float, height
     feats = np.stack([b[:, 0] / width, b[:, 1] / height, b[:, 2] / width, b[:, 3] / height,
                       w / width, h / height, (w * h) / (width * height)], axis=1)
     return feats.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ detection
+def box_iou(a: np.ndarray | Sequence[Sequence[float]], b: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+    """Intersection over union of every box of ``a [n, 4]`` with every box of ``b [m, 4]`` (``(x1, y1, x2, y2)``);
+    returns float64 ``[n, m]`` (0 where both boxes are empty).
+
+    Example:
+        >>> box_iou([[0, 0, 2, 2]], [[1, 0, 3, 2], [0, 0, 2, 2], [5, 5, 6, 6]]).round(3).tolist()
+        [[0.333, 1.0, 0.0]]
+    """
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    ix = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    iy = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = ix * iy
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    union = area(a)[:, None] + area(b)[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+DETECTION_KEYS = ("max_boxes", "jitter", "flip", "spurious", "seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionNoise:
+    """A simulated detector for the detected-box setting of Table 3.2 (seed 004 §3.4; spec §4.4 CK-T-m10/m100,
+    B9-B10 and §11.9 "jittered boxes, category flips with probability q, spurious boxes, top-3 vs top-9 boxes").
+
+    Every ground-truth object becomes a detection whose edges move by Gaussian noise of ``jitter`` x the box's
+    width (x) or height (y), with a confidence drawn from U(0.3, 1) and its category replaced by another of the
+    fact base's categories with probability ``flip`` (the detector's class error; the facts are then searched under
+    the wrong category, as in the thesis). ``spurious`` boxes per image (random position, side 8-35 % of the
+    image, confidence U(0, 0.6), a random category) are added; the ``max_boxes`` most confident detections are the
+    candidates (the thesis keeps at most 10 or 100). The noise depends only on ``seed`` and the image id, so the
+    expressions of one image see the same detections.
+
+    Example:
+        >>> DetectionNoise(max_boxes=3).flip
+        0.2
+    """
+
+    max_boxes: int = 9
+    jitter: float = 0.1
+    flip: float = 0.2
+    spurious: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [(k, m) for k, ok, m in (
+            ("max_boxes", self.max_boxes >= 1, ">= 1"), ("jitter", self.jitter >= 0, ">= 0"),
+            ("flip", 0 <= self.flip <= 1, "in [0, 1]"), ("spurious", self.spurious >= 0, ">= 0")) if not ok]
+        if bad:
+            k, m = bad[0]
+            raise ConfigError(f"eval.detect.{k}={getattr(self, k)!r}: must be {m}")
+
+    @classmethod
+    def from_config(cls, settings: Mapping[str, Any]) -> DetectionNoise:
+        """From a config dict (``eval.detect``); an unknown key raises :class:`ConfigError` naming the valid ones."""
+        unknown = sorted(set(settings) - set(DETECTION_KEYS))
+        if unknown:
+            raise ConfigError(f"eval.detect: unknown key(s) {', '.join(unknown)}; valid: {', '.join(DETECTION_KEYS)}")
+        return cls(**dict(settings))
+
+
+def detect(ex: RefExample, noise: DetectionNoise, categories: Sequence[str]) -> RefExample:
+    """``ex`` with its candidates replaced by :class:`DetectionNoise`'s detections (most confident first).
+
+    The returned example's ``target`` is the detection with the largest IoU with the ground-truth target box when
+    that IoU is >= 0.5, else -1 (the target was not detected: no choice can be right, spec B9). ``meta`` adds
+    ``gt_box`` (the target's ground-truth box, for IoU scoring), ``target_detected`` and ``category_correct``
+    (whether the matched detection kept the target's category; the two counts the thesis gives for Table 3.2).
+
+    Example (no noise, no spurious boxes: the candidates are the ground truth, sorted by confidence):
+        >>> ex = RefExample("e0", "img7", np.zeros((32, 32, 3), np.uint8), "the red circle",
+        ...                 np.array([[0, 0, 8, 8], [10, 10, 20, 20]], np.float32), ("red circle", "blue square"), 1)
+        >>> d = detect(ex, DetectionNoise(jitter=0.0, flip=0.0, spurious=0), ["red circle", "blue square"])
+        >>> d.categories[d.target], d.meta["target_detected"], d.meta["category_correct"]
+        ('blue square', True, True)
+    """
+    cats = list(dict.fromkeys(categories))
+    unknown = sorted(set(ex.categories) - set(cats))
+    if unknown:
+        raise InputError(f"expression {ex.expr_id!r}: categories {unknown} are not among the detector's categories")
+    image = ex.pixels()
+    h, w = image.shape[:2]
+    rng = np.random.default_rng([noise.seed, zlib.crc32(str(ex.image_id).encode())])
+    gt = np.asarray(ex.boxes, np.float64)
+    size = np.stack([gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]], 1)
+    boxes = gt + rng.normal(0.0, noise.jitter, gt.shape) * np.tile(size, 2)
+    conf = rng.uniform(0.3, 1.0, len(gt))
+    labels = list(ex.categories)
+    for i in range(len(labels)):
+        if rng.random() < noise.flip and len(cats) > 1:
+            labels[i] = str(rng.choice([c for c in cats if c != labels[i]]))
+    if noise.spurious:
+        side = rng.uniform(0.08, 0.35, (noise.spurious, 2)) * np.array([w, h])
+        x1y1 = rng.uniform(0.0, 1.0, (noise.spurious, 2)) * (np.array([w, h]) - side)
+        boxes = np.concatenate([boxes, np.concatenate([x1y1, x1y1 + side], 1)])
+        conf = np.concatenate([conf, rng.uniform(0.0, 0.6, noise.spurious)])
+        labels += [str(c) for c in rng.choice(cats, noise.spurious)]
+    boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, w)
+    boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, h)
+    boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1.0)  # at least one pixel
+    keep = np.argsort(-conf, kind="stable")[:noise.max_boxes]
+    boxes, labels = boxes[keep].astype(np.float32), tuple(labels[i] for i in keep)
+    iou = box_iou(boxes, gt[ex.target:ex.target + 1])[:, 0]
+    target = int(iou.argmax()) if iou.max() >= 0.5 else -1
+    meta = dict(ex.meta, gt_box=gt[ex.target].astype(np.float32).tolist(), target_detected=target >= 0,
+                category_correct=target >= 0 and labels[target] == ex.categories[ex.target])
+    return dataclasses.replace(ex, boxes=boxes, categories=labels, target=target, meta=meta)
 
 
 # ------------------------------------------------------------------------------------- KB-Ref loader

@@ -63,8 +63,9 @@ from vlpeft_jax.tasks import base
 FACT_MODES = ("image", "text", "bow", "none", "oracle")
 REGION_MODES = ("pixels",)
 REPORT_METRICS = ("accuracy", "fact recall@K")
+DETECTION_METRICS = ("target detected", "category correct")
 MODEL_FAMILY = "ckt"
-_RANKINGS: dict[Any, tuple[dict[str, list[list[str]]], dict[str, Any]]] = {}  # see RefExpTask.learned_rankings
+_RANKINGS: dict[Any, tuple[dict[str, list[list[str]]], dict[str, Any], Any]] = {}  # see learned_rankings
 DATA_KEYS = ("kind", "refexp", "facts", "top_k", "regions", "roi_grid", "max_candidates", "retriever")
 
 
@@ -159,7 +160,14 @@ class RefExpTask:
         split = cfg.eval.get("split", "val")
         if split not in self.data.splits:
             raise ConfigError(f"eval.split={split!r}; valid: {', '.join(self.data.splits)}")
+        self.detection = rx.DetectionNoise.from_config(dict(cfg.eval.detect)) if cfg.eval.get("detect") else None
+        if self.detection is not None and split == "train":
+            raise ConfigError("eval.detect replaces the candidates of an evaluation split; eval.split='train' is the "
+                              "training split (ground-truth boxes); use val or test")
+        self.report_metrics = self.metrics_for(cfg)
         self._encoded: dict[str, dict[str, np.ndarray]] = {}
+        self._detected: dict[str, list[Any]] = {}
+        self._detection_counts: dict[str, dict[str, float]] = {}
         self._recall: dict[str, float] = {}
         self._ranked: dict[str, list[list[str]]] = {}  # expr_id -> per candidate, its facts best first
         self._retriever_log: dict[str, Any] = {}
@@ -174,6 +182,11 @@ class RefExpTask:
     @classmethod
     def groups_for(cls, cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
         return cls.groups
+
+    @classmethod
+    def metrics_for(cls, cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+        """The report metrics; with ``eval.detect`` also the detector's two counts (Table 3.2's explanation)."""
+        return REPORT_METRICS + (DETECTION_METRICS if cfg.eval.get("detect") else ())
 
     # ------------------------------------------------------------------------------------ data
 
@@ -204,14 +217,27 @@ class RefExpTask:
             log = retriever.fit(self.data.splits["train"])
             ranked = {ex.expr_id: r for examples in self.data.splits.values()
                       for ex, r in zip(examples, retriever.rank_many(examples), strict=True)}
-            _RANKINGS[key] = (ranked, log)
-        self._ranked, self._retriever_log = _RANKINGS[key]
+            _RANKINGS[key] = (ranked, log, retriever)
+        self._ranked, self._retriever_log, self._retriever = _RANKINGS[key]
 
-    def top_facts(self, ex: Any) -> list[list[str]]:
-        """Per candidate, the ids of its top-K facts (fewer when its category has fewer; see the docstring)."""
+    def examples(self, split: str) -> list[Any]:
+        """The examples :meth:`encode` encodes: the split's, or with ``eval.detect`` (evaluation splits only) the
+        same expressions over the simulated detector's candidates (:func:`vlpeft_jax.data.refexp.detect`)."""
+        if self.detection is None or split == "train":
+            return self.data.splits[split]
+        if split not in self._detected:
+            cats = self.data.fact_base.categories
+            self._detected[split] = [rx.detect(ex, self.detection, cats) for ex in self.data.splits[split]]
+        return self._detected[split]
+
+    def top_facts(self, ex: Any, ranked: list[list[str]] | None = None) -> list[list[str]]:
+        """Per candidate, the ids of its top-K facts (fewer when its category has fewer; see the docstring);
+        ``ranked``: the learned search's ranking of this example's candidates (default: looked up by its id)."""
         if self.facts in ("image", "text"):
-            self.learned_rankings()
-            return [ranked[:self.top_k] for ranked in self._ranked[ex.expr_id]]
+            if ranked is None:
+                self.learned_rankings()
+                ranked = self._ranked[ex.expr_id]
+            return [r[:self.top_k] for r in ranked]
         kb = self.data.fact_base
         out = []
         for cat in ex.categories:
@@ -225,19 +251,23 @@ class RefExpTask:
         """The model's inputs and the targets of every example of ``split`` (cached)."""
         if split in self._encoded:
             return self._encoded[split]
-        examples = self.data.splits[split]
-        n, k = self.max_candidates, self.top_k
+        examples = self.examples(split)
+        rankings: list[Any] = [None] * len(examples)
+        if self.facts in ("image", "text") and examples is not self.data.splits[split]:
+            self.learned_rankings()  # the detected candidates' categories are ranked by the same frozen retriever
+            rankings = self._retriever.rank_many(examples)
+        n, k = max(self.max_candidates, self.detection.max_boxes if self.detection else 0), self.top_k
         kb = self.data.fact_base
         texts = {f.fact_id: f.text for f in kb.facts}
         expr = [self.tokenizer.encode(ex.expression) for ex in examples]
         fact_lists, unique = [], []
         hits = 0
-        for ex in examples:
-            top = [["<mask>"]] * len(ex.categories) if self.facts == "none" else self.top_facts(ex)
+        for ex, ranked in zip(examples, rankings, strict=True):
+            top = [["<mask>"]] * len(ex.categories) if self.facts == "none" else self.top_facts(ex, ranked)
             order = list(dict.fromkeys(f for per in top for f in per))
             unique.append(order)
             fact_lists.append(top)
-            hits += ex.fact_id is not None and ex.fact_id in top[ex.target]
+            hits += ex.fact_id is not None and ex.target >= 0 and ex.fact_id in top[ex.target]
         mask_ids = [self.tokenizer.token_to_id("<bos>"), self.tokenizer.token_to_id("<unk>"),
                     self.tokenizer.token_to_id("<eos>")]
         fact_tokens = {fid: self.tokenizer.encode(texts[fid]) for fid in {f for u in unique for f in u} - {"<mask>"}}
@@ -269,6 +299,16 @@ class RefExpTask:
             for c, per in enumerate(fact_lists[i]):
                 arrays["fact_index"][i, c, :len(per)] = [slot[f] for f in per]
             arrays["target"][i] = ex.target
+        if examples is not self.data.splits[split]:  # detected: scored by IoU with the ground-truth box (B9)
+            arrays["boxes"] = np.zeros((b, n, 4), np.float32)
+            arrays["gt_box"] = np.asarray([ex.meta["gt_box"] for ex in examples], np.float32)
+            for i, ex in enumerate(examples):
+                arrays["boxes"][i, :len(ex.boxes)] = ex.boxes
+            found = [ex.meta["target_detected"] for ex in examples]
+            self._detection_counts[split] = {
+                "target detected": float(np.mean(found)),
+                "category correct": (sum(ex.meta["category_correct"] for ex in examples) / sum(found)
+                                     if any(found) else float("nan"))}
         self._encoded[split] = arrays
         with_fact = sum(ex.fact_id is not None for ex in examples)
         self._recall[split] = hits / with_fact if with_fact and self.facts != "none" else float("nan")
@@ -314,19 +354,26 @@ class RefExpTask:
 
         out = []
         total = len(arrays["target"])
+        inputs = self.model_inputs(arrays)
         for start in range(0, total, size):
             idx = np.arange(start, start + size) % total  # a full last batch (one compile), cut below
-            out.append(np.asarray(scores(params, {k: jnp.asarray(v[idx]) for k, v in arrays.items()})).argmax(-1))
+            out.append(np.asarray(scores(params, {k: jnp.asarray(v[idx]) for k, v in inputs.items()})).argmax(-1))
         return np.concatenate(out)[:total]
 
     def evaluate(self, module: Any, params: Any, methods: base.Methods) -> dict[str, Any]:
         split = self.cfg.eval.get("split", "val")
-        examples = self.data.splits[split]
+        examples = self.examples(split)
         count = base.eval_count(self.cfg, len(examples))
         pred = self.predict(module, params, methods, split)[:count]
-        target = self.encode(split)["target"][:count]
-        correct = pred == target
-        metrics = {"accuracy": float(correct.mean()), "fact recall@K": self._recall[split]}
+        arrays = self.encode(split)
+        if "gt_box" in arrays:  # detected candidates: right when the chosen box has IoU >= 0.5 with the target's
+            chosen = arrays["boxes"][np.arange(count), pred]
+            correct = np.array([rx.box_iou(c[None], g[None])[0, 0] >= 0.5
+                                for c, g in zip(chosen, arrays["gt_box"][:count], strict=True)], bool)
+        else:
+            correct = pred == arrays["target"][:count]
+        metrics = {"accuracy": float(correct.mean()), "fact recall@K": self._recall[split],
+                   **self._detection_counts.get(split, {})}
         outputs = {ex.expr_id: int(p) for ex, p in zip(examples[:count], pred, strict=True)}
         return {"all": {"metrics": metrics, "count": int(count)}, "outputs": outputs,
                 "correct": correct.tolist(), "samples": []}
@@ -337,8 +384,9 @@ class RefExpTask:
     def samples(self, results: Mapping[str, Mapping[str, Any]], n: int) -> list[base.Sample]:
         split = self.cfg.eval.get("split", "val")
         out = []
-        for ex in self.data.splits[split][:n]:
-            lines = [f"expression: {ex.expression}", f"target: candidate {ex.target} ({ex.categories[ex.target]})"]
+        for ex in self.examples(split)[:n]:
+            lines = [f"expression: {ex.expression}", f"target: candidate {ex.target} ({ex.categories[ex.target]})"
+                     if ex.target >= 0 else "target: not detected (no candidate has IoU >= 0.5 with it)"]
             for label, res in results.items():
                 choice = res.get("outputs", {}).get(ex.expr_id)
                 if choice is not None:
