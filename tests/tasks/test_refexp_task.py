@@ -208,7 +208,7 @@ def test_smoke_run_through_the_runner(tmp_path):
     assert "| target detected |" in (tmp_path / "det" / "report.md").read_text()
 
 
-def test_compare_runs_pairs_the_expressions(tmp_path):
+def test_compare_runs_pairs_the_expressions(tmp_path, capsys):
     from vlpeft_jax.tasks.refexp import compare_runs
 
     a = [True] * 10 + [False] * 2 + [True] * 5   # b = 10 (only a right), c = 2 (only b right), 5 both right
@@ -219,6 +219,13 @@ def test_compare_runs_pairs_the_expressions(tmp_path):
     out = compare_runs(tmp_path / "a", tmp_path / "b")
     assert (out["b"], out["c"], out["n"]) == (10, 2, 17)
     assert out["p"] == pytest.approx(2 * 79 / 4096)  # exact two-sided binomial: 2 * P(X <= 2), X ~ Bin(12, 1/2)
+    import run as cli
+
+    capsys.readouterr()
+    assert cli.main(["analyze", "mcnemar", str(tmp_path / "a"), str(tmp_path / "b"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == pytest.approx(out)
+    assert cli.main(["analyze", "mcnemar", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "only A right 10, only B right 2" in capsys.readouterr().out
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "results.json").write_text(json.dumps({"adapted": {"correct": a[:5]}}))
     with pytest.raises(ConfigError, match="McNemar's test pairs"):
