@@ -549,3 +549,83 @@ class FactRetriever(nn.Module):
         u_e, u_f = u[:b], u[b:].reshape(b, p, -1)
         cos = cosine(u_e[:, None].astype(jnp.float32), u_f.astype(jnp.float32))
         return cos[:, 0] if single else cos
+
+
+# --------------------------------------------------------------------------------------------------
+# Pretraining heads (UNITER's MLM and ITM; spec §11.6, thesis App. A.5); used by tasks.refexp_pretrain
+
+
+@flax.struct.dataclass
+class PretrainOutput:
+    """What :class:`BiModalPretrainer` returns.
+
+    Attributes:
+      mlm_logits: ``[b, m, vocab]`` word logits at the ``m`` gathered text positions (``mlm_positions``).
+      itm_logits: ``[b, 2]`` image-text matching logits (class 1 = the caption belongs to the image).
+    """
+
+    mlm_logits: Array
+    itm_logits: Array
+
+
+class BiModalPretrainer(nn.Module):
+    """The bi-modal encoder with UNITER's pretraining heads, masked language modelling (MLM) and image-text
+    matching (ITM) (spec §11.6 "pretrain it briefly with MLM + ITM"; thesis App. A.5, CK-T's encoder is UNITER).
+
+    ``__call__(regions, geometry, region_mask, text_ids, text_mask, mlm_positions)`` runs :class:`BiModalEncoder`
+    once and returns :class:`PretrainOutput`:
+
+    - MLM head (BERT's ``BertLMPredictionHead``): ``LN(act(dense(h)))`` at the language outputs gathered at
+      ``mlm_positions [b, m]`` (indices into the text, 0 = [CLS]), then the product with the encoder's word
+      embeddings (tied weights) plus a per-word bias.
+    - ITM head (UNITER's ``itm_output`` on its pooler): ``linear_2(tanh(dense(cls)))`` on the [CLS] output.
+
+    Parameters: ``bimodal`` (the encoder, the same tree as :class:`CKTransformer`'s ``bimodal``),
+    ``mlm_transform``, ``mlm_norm``, ``mlm_bias``, ``itm_pooler``, ``itm_classifier``. No ``embed`` hook is
+    expected here (positions index the text as given).
+
+    Example:
+        >>> cfg = CKTConfig(vocab_size=30, region_feature_size=6, hidden_size=16, num_hidden_layers=1,
+        ...                 num_attention_heads=2, intermediate_size=32)
+        >>> args = (jnp.ones((2, 3, 6)), jnp.ones((2, 3, 7)), jnp.ones((2, 3)), jnp.ones((2, 5), jnp.int32),
+        ...         jnp.ones((2, 5)), jnp.zeros((2, 4), jnp.int32))
+        >>> out = jax.eval_shape(lambda: BiModalPretrainer(cfg).init_with_output(jax.random.key(0), *args)[0])
+        >>> out.mlm_logits.shape, out.itm_logits.shape
+        ((2, 4, 30), (2, 2))
+    """
+
+    config: CKTConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.bimodal = BiModalEncoder(cfg)
+        self.mlm_transform = _dense(cfg, cfg.hidden_size, ("embed", "mlp"), "mlm_transform")
+        self.mlm_norm = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="mlm_norm")
+        self.mlm_bias = self.param("mlm_bias", nn.initializers.zeros, (cfg.vocab_size,), jnp.float32)
+        self.itm_pooler = _dense(cfg, cfg.hidden_size, ("embed", "mlp"), "itm_pooler")
+        self.itm_classifier = _dense(cfg, 2, ("embed", None), "itm_classifier")
+
+    def __call__(self, regions: Array, geometry: Array, region_mask: Array | None, text_ids: Array,
+                 text_mask: Array | None, mlm_positions: Array, deterministic: bool = True) -> PretrainOutput:
+        cfg = self.config
+        _check("mlm_positions", mlm_positions, 2, {0: text_ids.shape[0]}, f"[{text_ids.shape[0]}, m]")
+        out = self.bimodal(regions, geometry, region_mask, text_ids, text_mask, deterministic)
+        h = jnp.take_along_axis(out.language, mlm_positions.astype(jnp.int32)[..., None], axis=1)  # [b, m, d]
+        h = self.mlm_norm(layers.activation(cfg.hidden_act)(self.mlm_transform(h)))
+        table = nn.meta.unbox(self.bimodal.variables["params"]["embeddings"]["word_embeddings"]["embedding"])
+        mlm = jnp.einsum("bmd,vd->bmv", h.astype(jnp.float32), table.astype(jnp.float32)) + self.mlm_bias
+        itm = self.itm_classifier(jnp.tanh(self.itm_pooler(out.cls))).astype(jnp.float32)
+        return PretrainOutput(mlm_logits=mlm, itm_logits=itm)
+
+    def heads(self, h: Array) -> Array:
+        """Runs only the heads' layers on features ``h [b, d]``: ``init(..., method=BiModalPretrainer.heads)``
+        initialises the heads without the encoder (whose parameters come from elsewhere).
+
+        Example:
+            >>> cfg = CKTConfig(vocab_size=30, region_feature_size=6, hidden_size=16, num_attention_heads=2)
+            >>> p = BiModalPretrainer(cfg).init(jax.random.key(0), jnp.zeros((1, 16)), method="heads")["params"]
+            >>> sorted(p)
+            ['itm_classifier', 'itm_pooler', 'mlm_bias', 'mlm_norm', 'mlm_transform']
+        """
+        x = self.mlm_norm(layers.activation(self.config.hidden_act)(self.mlm_transform(h)))
+        return x.sum() + self.mlm_bias.sum() + self.itm_classifier(jnp.tanh(self.itm_pooler(h))).sum()
