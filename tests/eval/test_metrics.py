@@ -324,6 +324,21 @@ def test_meteor_matches_jar_and_corpus_is_jar_aggregate(tmp_path):
     np.testing.assert_allclose(each, want_each, atol=TOL)
     assert abs(corpus - want_corpus) <= TOL
     assert abs(corpus - float(np.mean(each))) > 1e-3  # the jar's aggregate is not the mean of images
+    # the jar is reused: a second call (other captions, then the first ones again) runs in the same JVM and
+    # gives each set exactly the scores it gets alone (each EVAL line is self-contained)
+    pid = captions._METEOR_SCORER.meteor_p.pid
+    other = {1: "a dog on a mat", 2: "cats in a park"}
+    corpus2, each2 = captions.meteor({k: refs[k] for k in other}, other)
+    assert captions._METEOR_SCORER.meteor_p.pid == pid and not np.allclose(each2, each[:2])
+    again, each_again = captions.meteor(refs, cands)
+    np.testing.assert_array_equal(each_again, each)
+    assert again == corpus
+    # a jar that died is replaced by a fresh one on the next call
+    captions._METEOR_SCORER.meteor_p.kill()
+    captions._METEOR_SCORER.meteor_p.wait()
+    third, each_third = captions.meteor({k: refs[k] for k in other}, other)
+    assert captions._METEOR_SCORER.meteor_p.pid != pid
+    np.testing.assert_array_equal(each_third, each2)
 
 
 def test_spice_unavailable_is_reported_not_raised(monkeypatch):

@@ -46,6 +46,7 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import itertools
 import json
@@ -520,39 +521,63 @@ def meteor_status() -> tuple[bool, str]:
     return True, ""
 
 
+_METEOR_SCORER: Any = None  # the jar of this process (see meteor)
+
+
+def _meteor_scorer() -> Any:
+    """The process's METEOR jar, started on first use (and again if it died); stopped at interpreter exit."""
+    global _METEOR_SCORER
+    if _METEOR_SCORER is None or _METEOR_SCORER.meteor_p.poll() is not None:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        _METEOR_SCORER = Meteor()
+        atexit.register(_close_meteor, _METEOR_SCORER)
+    return _METEOR_SCORER
+
+
 def meteor(refs: Refs, cands: Cands) -> tuple[float, np.ndarray]:
     """METEOR 1.5 via pycocoevalcap's jar: ``(corpus score from the jar's aggregate, per_image)``.
+
+    The jar (a JVM that loads its paraphrase tables, ~5 s) is started once per process and reused by every
+    later call: a sweep or a test session evaluating many runs pays for it once. Each call sends its own
+    ``EVAL`` line, so the scores do not depend on earlier calls. A jar that fails is stopped and the next call
+    starts a fresh one.
 
     Raises:
       MetricUnavailable: without Java or the jar, or when the jar fails (its error attached).
     """
+    global _METEOR_SCORER
     available, reason = meteor_status()
     if not available:
         raise MetricUnavailable(reason)
-    from pycocoevalcap.meteor.meteor import Meteor
-
     ids, cand_strings = check_captions(refs, cands)
     # '|||' separates fields in the jar's protocol; pycocoevalcap strips it from hypotheses only.
     gts = {i: [r.replace("|||", "") for r in refs[i]] for i in ids}
     res = {i: [c] for i, c in zip(ids, cand_strings, strict=True)}
-    scorer = None
     try:
-        scorer = Meteor()
-        score, scores = scorer.compute_score(gts, res)
+        score, scores = _meteor_scorer().compute_score(gts, res)
     except Exception as e:  # the JVM failed to start or died (memory, Java version): report, don't crash
+        if _METEOR_SCORER is not None:
+            _close_meteor(_METEOR_SCORER)
+            _METEOR_SCORER = None
         raise MetricUnavailable(f"METEOR failed: {type(e).__name__}: {e}") from e
-    finally:
-        if scorer is not None:
-            _close_meteor(scorer)
     return float(score), np.asarray(scores, dtype=np.float64)
 
 
 def _close_meteor(scorer: Any) -> None:
-    """Stops the jar now rather than whenever pycocoevalcap's ``__del__`` runs (which then finds it stopped)."""
-    with scorer.lock:
-        scorer.meteor_p.stdin.close()
+    """Stops a jar (pycocoevalcap's ``__del__`` later finds it stopped). The lock is waited for briefly only:
+    a call that failed half-way leaves it held."""
+    held = scorer.lock.acquire(timeout=5)
+    try:
+        if scorer.meteor_p.stdin is not None:
+            scorer.meteor_p.stdin.close()
         scorer.meteor_p.kill()
         scorer.meteor_p.wait()
+    except OSError:
+        pass
+    finally:
+        if held:
+            scorer.lock.release()
 
 
 def spice_status() -> tuple[bool, str]:
