@@ -103,14 +103,18 @@ def test_patch_labels_tie_goes_to_lower_index():
 
 
 def test_tower_labels_from_categories(data):
-    tower = rr.RegionTower(rr.TowerSettings(**TINY), ("red circle", "blue square"), (16, 16))
-    ex = RefExample("e0", "i0", np.zeros((16, 16, 3), np.uint8), "the thing", np.array([[0, 0, 8, 8], [8, 8, 16, 16]],
-                    np.float32), ("blue square", "red circle"), 0)
-    assert tower.labels(ex).tolist() == [2, 0, 0, 1]
-    bad = dataclasses.replace(ex, categories=("blue square", "green cross"))
-    with pytest.raises(InputError, match="'green cross'"):
+    cats = data.fact_base.categories
+    tower = rr.RegionTower(rr.TowerSettings(**TINY), cats, (64, 64))  # the fixture's config: no new compile
+    boxes = np.array([[0, 0, 8, 8], [56, 56, 64, 64], [20, 0, 28, 6]], np.float32)
+    ex = RefExample("e0", "i0", np.zeros((64, 64, 3), np.uint8), "the thing", boxes, (cats[3], cats[0], cats[7]), 0)
+    want = np.zeros(64, int)
+    want[0], want[63] = 4, 1  # label = 1 + the category's index; patch centres at 4, 12, ..., 60
+    want[2] = 8  # patch (0, 2): centre (20, 4) inside box 2; patch (0, 3)'s centre (28, 4) is not (x2 = 28)
+    assert tower.labels(ex).tolist() == want.tolist()
+    bad = dataclasses.replace(ex, categories=(cats[0], cats[1], "golden unicorn"))
+    with pytest.raises(InputError, match="'golden unicorn'"):
         tower.labels(bad)
-    with pytest.raises(InputError, match="'green cross'"):
+    with pytest.raises(InputError, match="'golden unicorn'"):
         tower.fit([bad])
 
 

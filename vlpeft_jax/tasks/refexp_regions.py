@@ -23,14 +23,10 @@ permutation-equivariant over the candidates, as the encoder is (spec B16).
 :func:`tower_region_features` trains a tower once per process for a data set and settings (the runner builds
 the task twice: training, then evaluation) and returns every split's features.
 
-Example (a tiny untrained tower):
-    >>> from vlpeft_jax.data.refexp import RefExpConfig, build_refexp
-    >>> data = build_refexp(RefExpConfig(num_train=2, num_val=0, num_test=0))
-    >>> s = TowerSettings(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
-    >>> tower = RegionTower(s, data.fact_base.categories, (64, 64))
-    >>> feats = tower.features(data["train"])
-    >>> [f.shape for f in feats] == [(len(ex.boxes), 8) for ex in data["train"]]
-    True
+Example (the pooling weights of a box over the middle of a 16x16 image of 8x8 patches; see
+:func:`tower_region_features` for the features of a data set):
+    >>> box_patch_weights(np.array([[4, 4, 12, 12]]), (16, 16), 8).tolist()
+    [[0.25, 0.25, 0.25, 0.25]]
 """
 
 from __future__ import annotations
@@ -65,7 +61,11 @@ class TowerSettings:
         patch_size: the ViT's square patch side in pixels (must divide the image sides).
         hidden_size, num_hidden_layers, num_attention_heads, intermediate_size: the ViT.
         steps, batch_size, learning_rate: AdamW training (weight decay 0.01) on patch classification;
-            ``batch_size`` counts images.
+            ``batch_size`` counts images. Measured on ``RefExpConfig(num_train=3000, num_val=500, num_test=500)``
+            (1501 training images, 30 categories, 8x8 patches, 2 CPU cores): 300 steps (12-18 s) reach a val patch
+            accuracy of 0.80 (majority 0.71) but only 0.32 on object patches, i.e. little beyond colour; 1500
+            steps (60 s) reach 0.97 (0.93 on object patches), hence the default. ``patch_size=4`` is 5x slower
+            per step and no better at 300 steps.
         seed: parameter init and batch order.
         concat_pixels: append each box's ``roi_grid x roi_grid`` RGB-pooled pixels to its tower feature.
         roi_grid: the pixel grid of ``concat_pixels``.
@@ -84,7 +84,7 @@ class TowerSettings:
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     intermediate_size: int = 128
-    steps: int = 300
+    steps: int = 1500
     batch_size: int = 32
     learning_rate: float = 1e-3
     seed: int = 0
@@ -229,11 +229,14 @@ class RegionTower:
     features and logits; ``patch_accuracy(examples)`` the share of patches labelled right and the majority-class
     baseline.
 
-    Example:
-        >>> t = RegionTower(TowerSettings(hidden_size=8, num_attention_heads=2, concat_pixels=True),
-        ...                 ("red circle", "blue square"), (16, 16))
-        >>> t.num_patches, t.feature_size, t.label_of["blue square"]
-        (4, 56, 2)
+    Example (a tiny untrained tower on the shapes world's 64x64 images):
+        >>> from vlpeft_jax.data.refexp import RefExpConfig, build_refexp
+        >>> data = build_refexp(RefExpConfig(num_train=2, num_val=0, num_test=0))
+        >>> s = TowerSettings(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+        ...                   concat_pixels=True)
+        >>> t = RegionTower(s, data.fact_base.categories, (64, 64))
+        >>> t.num_patches, t.feature_size, t.label_of[data.fact_base.categories[1]]
+        (64, 56, 2)
     """
 
     def __init__(self, settings: TowerSettings, categories: Sequence[str], image_size: tuple[int, int]) -> None:
