@@ -233,6 +233,26 @@ def test_pretraining_lowers_the_loss(loaded, data, tokenizer):
         rp.pretrain_encoder(cfg, enc, data["train"], lambda ex: np.zeros((1, 3)), tokenizer, settings)
 
 
+def test_word_tokenizer_corpus_masks_with_unk(data):
+    """A WordTokenizer (no <mask>) works too: its <unk> is the mask token; [CLS]/[SEP]/pad are never masked."""
+    from vlpeft_jax.data.tokenizer import WordTokenizer
+
+    tok = WordTokenizer.train(data.texts(), extra_words=language.vocabulary_words())
+    cfg = CKTConfig(vocab_size=tok.vocab_size, region_feature_size=3, num_hidden_layers=1)
+    settings = rp.PretrainSettings(batch_size=6, itm_negative_prob=0.5)
+    corpus = rp._Corpus(cfg, data["train"], FEATS, tok, settings)
+    assert corpus.mask_id == tok.unk_id and corpus.num_images == len({ex.image_id for ex in data["train"]})
+    batch = corpus.batch(np.random.default_rng(0), settings)
+    b = 6
+    pos, w = batch["positions"][:b], batch["weights"] > 0
+    assert np.take_along_axis(batch["text_mask"][:b], pos, axis=1)[w].all()  # inside the caption
+    assert not np.isin(batch["labels"][w], [tok.bos_id, tok.eos_id, tok.pad_id]).any()
+    # the ITM half: label 1 rows carry the same caption as their MLM row (before masking)
+    np.testing.assert_array_equal(batch["regions"][:b], batch["regions"][b:])
+    same = (batch["text_mask"][:b] == batch["text_mask"][b:]).all(1)
+    assert same[batch["itm_labels"] == 1].all()
+
+
 # ------------------------------------------------------------------------------------------- real weights
 
 

@@ -507,18 +507,21 @@ def pretrain_encoder(cfg: CKTConfig, encoder_params: Params, examples: Sequence[
       loss of a fixed evaluation batch before and after (``eval_before``/``eval_after``, with ``mlm``/``itm``
       parts), ``images``, ``seconds`` (training, compile included) and the heads' params (``heads``).
 
-    Example:
-        >>> from vlpeft_jax.data.tokenizer import WordTokenizer
+    Cost: one compile of the train step per (config, learning rate, steps), then per step one encoder call on
+    ``2 * batch_size`` rows. Measured on 2 shared CPU cores (load ~5): all-MiniLM-L6-v2, the 151 images of
+    ``RefExpConfig(num_train=300)``, 4x4 RoI pixels, 50 steps of batch 16: 128 s (compile included); the fixed
+    evaluation batch's loss went from 12.1 (MLM 11.4 with a fresh head, ITM 0.71) to 4.05 (MLM 3.43, ITM 0.63).
+
+    Example (compiles a train step, a few seconds, so not run by the doctests; tests/tasks/test_refexp_pretrain.py
+    runs it):
         >>> from vlpeft_jax.tasks.refexp import roi_features
-        >>> data = rx.build_refexp(rx.RefExpConfig(num_train=4, num_val=0, num_test=0))
-        >>> tok = WordTokenizer.train(data.texts(), extra_words=language.vocabulary_words())
-        >>> cfg = CKTConfig(vocab_size=tok.vocab_size, region_feature_size=3, hidden_size=16, num_hidden_layers=1,
-        ...                 num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
-        >>> enc = BiModalEncoder(cfg).init(jax.random.key(0), *_dummy(cfg))["params"]
-        >>> feats = lambda ex: roi_features(ex.pixels(), ex.boxes, 1)
-        >>> params, log = pretrain_encoder(cfg, enc, data["train"], feats, tok, PretrainSettings(steps=2, batch_size=2))
-        >>> len(log["loss"]), sorted(params) == sorted(enc)
-        (2, True)
+        >>> sizes, enc = encoder_from_bert("path/to/all-MiniLM-L6-v2", region_feature_size=48)  # doctest: +SKIP
+        >>> tok = BertTokenizerAdapter.from_checkpoint("path/to/all-MiniLM-L6-v2")  # doctest: +SKIP
+        >>> feats = lambda ex: roi_features(ex.pixels(), ex.boxes, 4)
+        >>> enc, log = pretrain_encoder(CKTConfig(**sizes), enc, data["train"], feats, tok,
+        ...                             PretrainSettings(steps=50, batch_size=16))  # doctest: +SKIP
+        >>> log["eval_after"]["loss"] < log["eval_before"]["loss"]  # doctest: +SKIP
+        True
     """
     corpus = _Corpus(cfg, examples, region_features, tokenizer, settings)
     step, opt = _functions(cfg, float(settings.learning_rate), int(settings.steps))
