@@ -12,7 +12,10 @@
 Options: ``kb=kbref|contextual|conventional`` (the data variant of :mod:`vlpeft_jax.data.refexp`: facts keyed by
 (colour, shape); facts whose use depends on the object's colour; purely visual/spatial expressions, the analogue
 of RefCOCO in Table 3.3), ``k=N`` (facts per candidate), ``m=N`` (fact-aware blocks), ``steps=N``, ``lr=X``,
-``det=N`` (evaluate on a simulated detector's N most confident boxes instead of the ground-truth boxes, scored by
+``regions=pixels|tower|tower+pixels`` (the region features: each box's pixels pooled to 4 x 4 RGB cells, or the
+RoI-pooled patch features of a frozen ViT trained first to classify each patch's object category,
+:mod:`vlpeft_jax.tasks.refexp_regions`, optionally with the pixels appended), ``det=N`` (evaluate on a simulated
+detector's N most confident boxes instead of the ground-truth boxes, scored by
 IoU >= 0.5: the Table 3.2 analogue, :class:`vlpeft_jax.data.refexp.DetectionNoise`; training is unchanged, so a sweep
 evaluates the same trained parameters with and without it), ``smoke`` (seconds long, for tests).
 
@@ -37,6 +40,7 @@ from configs import common
 
 MODELS = {"ckt": "image", "uwo": "text", "w2v": "bow", "nf": "none", "oracle": "oracle"}
 KBS = ("kbref", "contextual", "conventional")
+REGIONS = ("pixels", "tower", "tower+pixels")
 SWEEPS = {
     "table31": ["nf", "w2v", "uwo", "ckt", "oracle"],
     "table33": ["nf,kb=conventional", "w2v,kb=conventional"],
@@ -44,6 +48,7 @@ SWEEPS = {
     "fig1_k": [f"ckt,k={k},m=1" for k in (1, 3, 5)],
     "fig2_m": [f"ckt,k=3,m={m}" for m in (1, 2, 3)],
     "fig_km": [f"ckt,k={k},m=1" for k in (1, 3, 5)] + [f"ckt,k=3,m={m}" for m in (2, 3)],  # both figures
+    "regions": ["ckt", "ckt,regions=tower", "ckt,regions=tower+pixels"],
     "table32": ["ckt", "ckt,det=3", "ckt,det=9", "nf", "nf,det=3", "nf,det=9"],
 }
 
@@ -51,8 +56,12 @@ SWEEPS = {
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     name, opts = common.parse_variant(variant, "configs/shapes_ckt.py", tuple(MODELS),
                                       {"smoke": False, "kb": "kbref", "k": 3, "m": 2, "steps": 1000, "lr": 1e-3,
-                                       "det": 0},
+                                       "det": 0, "regions": "pixels"},
                                       default="ckt")
+    if opts["regions"] not in REGIONS:
+        from vlpeft_jax.errors import ConfigError
+
+        raise ConfigError(f"configs/shapes_ckt.py: regions={opts['regions']!r}; valid: {', '.join(REGIONS)}")
     if opts["kb"] not in KBS:
         from vlpeft_jax.errors import ConfigError
 
@@ -72,12 +81,19 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.train = dict(batch_size=32, checkpoint_every=0, progress=True)
     c.eval = dict(split="val", max_examples=0, batch_size=64, zero_shot=False)
     c.pretrain = dict(config="", cache_dir=".cache/pretrained")
+    if opts["regions"] != "pixels":
+        c.data.regions = "tower"
+        if opts["regions"] == "tower+pixels":
+            c.data.tower = dict(concat_pixels=True)
     if int(opts["det"]):
         c.eval.detect = dict(max_boxes=int(opts["det"]), jitter=0.1, flip=0.2, spurious=3, seed=0)
     if opts["smoke"]:
         c.data.refexp.update(num_train=16, num_val=8, num_test=8)
         if c.data.facts in ("image", "text"):
             c.data.retriever = dict(steps=4, hidden_size=16, num_hidden_layers=1, intermediate_size=32)
+        if c.data.regions == "tower":
+            c.data.tower = dict(c.data.get("tower") or {}, steps=4, hidden_size=16, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=32)
         c.model.update(hidden_size=32, num_hidden_layers=1, intermediate_size=64, block_intermediate_size=64)
         c.stages[0]["steps"] = 4
         c.stages[0]["optimizer"]["warmup_steps"] = 0

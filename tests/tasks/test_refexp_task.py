@@ -164,6 +164,33 @@ def test_detected_candidates_use_the_learned_search(detected):
             assert set(ranked[i][c]) == {f.fact_id for f in kb.of_category(ex.categories[c])}
 
 
+def test_tower_region_features_are_the_frozen_towers():
+    """``regions=tower``: the encoded regions are the frozen tower's RoI-pooled features, on the ground-truth
+    boxes and on a detector's boxes alike, and the model is built for their width."""
+    from vlpeft_jax.data import refexp as rx
+    from vlpeft_jax.tasks.refexp_regions import tower_region_features, trained_tower
+
+    task = RefExpTask(load_config_file("configs/shapes_ckt.py", "w2v,smoke,regions=tower+pixels,det=4"))
+    s = task.tower_settings
+    assert s.concat_pixels and task.model_config()["region_feature_size"] == s.hidden_size + 48
+    train = task.encode("train")
+    feats, _ = tower_region_features(task.data, s)
+    for i, ex in enumerate(task.data.splits["train"]):
+        np.testing.assert_array_equal(train["regions"][i, :len(ex.boxes)], feats["train"][i])
+        # the appended part is the pixel feature of the same box
+        np.testing.assert_allclose(feats["train"][i][:, s.hidden_size:], roi_features(ex.pixels(), ex.boxes, 4))
+    val = task.encode("val")
+    tower = trained_tower(task.data, s)
+    noise = rx.DetectionNoise.from_config(dict(task.cfg.eval.detect))
+    for i, ex in enumerate(task.data.splits["val"]):
+        d = rx.detect(ex, noise, task.data.fact_base.categories)
+        np.testing.assert_allclose(val["regions"][i, :len(d.boxes)], tower.features([d])[0], atol=1e-6)
+    cfg = load_config_file("configs/shapes_ckt.py", "w2v,smoke")
+    cfg.data.tower = {"steps": 3}
+    with pytest.raises(ConfigError, match="data.tower is set but data.regions='pixels'"):
+        RefExpTask(cfg)
+
+
 @pytest.mark.parametrize("override, match", [
     ({"facts": "word2vec"}, "data.facts='word2vec'"),
     ({"top_k": 0}, "must be >= 1"),
@@ -189,7 +216,7 @@ def test_bad_settings_are_one_error_each(override, match):
 def test_smoke_run_through_the_runner(tmp_path):
     from vlpeft_jax.experiments import runner
 
-    cfg = load_config_file("configs/shapes_ckt.py", "ckt,smoke")
+    cfg = load_config_file("configs/shapes_ckt.py", "ckt,smoke,regions=tower")
     cfg.run_dir = str(tmp_path / "run")
     results = runner.run(cfg)
     acc = results["adapted"]["all"]["metrics"]["accuracy"]
@@ -199,13 +226,16 @@ def test_smoke_run_through_the_runner(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("accuracy" in r for r in rows if "loss" in r)
     # the same parameters evaluated on detected boxes (the sweep's eval-only path of Table 3.2's analogue)
-    det = load_config_file("configs/shapes_ckt.py", "ckt,smoke,det=3")
+    det = load_config_file("configs/shapes_ckt.py", "ckt,smoke,regions=tower,det=3")
     det.run_dir = str(tmp_path / "det")
     assert runner.training_key(det) == runner.training_key(cfg)
     metrics = runner.evaluate_trained(det, tmp_path / "run")["adapted"]["all"]["metrics"]
     assert set(metrics) == {"accuracy", "fact recall@K", "target detected", "category correct"}
     assert metrics["accuracy"] <= metrics["target detected"] < 1.0
     assert "| target detected |" in (tmp_path / "det" / "report.md").read_text()
+    # the two networks trained inside the task are on record
+    res = json.loads((tmp_path / "run" / "results.json").read_text())["adapted"]
+    assert res["region_tower"]["steps"] == 4 and res["retriever"]
 
 
 def test_compare_runs_pairs_the_expressions(tmp_path, capsys):

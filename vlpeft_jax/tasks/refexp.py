@@ -11,7 +11,11 @@ Inputs of the model (:class:`vlpeft_jax.models.ckt.CKTransformer`), built here o
 
 - ``regions [B, n, f]``: region features. ``data.regions="pixels"``: the RoI of each box in the image,
   average-pooled to a ``g x g`` grid of RGB values (``data.roi_grid``, default 4: 48 numbers), centred — a stand-in
-  for the Faster R-CNN RoI features of the thesis (App. A.5) that keeps colour and coarse shape; ``geometry
+  for the Faster R-CNN RoI features of the thesis (App. A.5) that keeps colour and coarse shape.
+  ``data.regions="tower"``: each box's overlap-weighted mean of the last-layer patch features of a frozen ViT
+  trained first on the training images to classify each patch's object category (the VG object/attribute
+  supervision of the thesis' detector; :mod:`vlpeft_jax.tasks.refexp_regions`, settings in ``data.tower``,
+  e.g. ``concat_pixels=True`` appends the pixel feature); ``geometry
   [B, n, 7]`` the 7-d box geometry of App. Eq. (1) (spec B15); ``region_mask [B, n]``.
 - ``expr_ids [B, T]``, ``expr_mask``: ``<bos> expression <eos>`` (``<bos>`` is the [CLS] whose output the
   retriever reads).
@@ -45,7 +49,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +65,12 @@ from vlpeft_jax.peft import base as peft_base
 from vlpeft_jax.tasks import base
 
 FACT_MODES = ("image", "text", "bow", "none", "oracle")
-REGION_MODES = ("pixels",)
+REGION_MODES = ("pixels", "tower")
 REPORT_METRICS = ("accuracy", "fact recall@K")
 DETECTION_METRICS = ("target detected", "category correct")
 MODEL_FAMILY = "ckt"
 _RANKINGS: dict[Any, tuple[dict[str, list[list[str]]], dict[str, Any], Any]] = {}  # see learned_rankings
-DATA_KEYS = ("kind", "refexp", "facts", "top_k", "regions", "roi_grid", "max_candidates", "retriever")
+DATA_KEYS = ("kind", "refexp", "facts", "top_k", "regions", "roi_grid", "max_candidates", "retriever", "tower")
 
 
 def bow_cosine(a: str, b: str) -> float:
@@ -150,6 +154,13 @@ class RefExpTask:
         if self.top_k < 1:
             raise ConfigError(f"data.top_k={self.top_k}: must be >= 1 (facts per candidate)")
         self.grid = int(d.get("roi_grid", 4))
+        tower = dict(d.get("tower") or {})
+        if self.regions == "tower":
+            from vlpeft_jax.tasks.refexp_regions import TowerSettings
+
+            self.tower_settings = TowerSettings(**{"roi_grid": self.grid, **tower})
+        elif tower:
+            raise ConfigError(f"data.tower is set but data.regions={self.regions!r}; the tower needs regions='tower'")
         self.data = data if data is not None else rx.build_refexp(rx.RefExpConfig(**dict(d.get("refexp") or {})))
         most = max(len(f) for f in (self.data.fact_base.of_category(c) for c in self.data.fact_base.categories))
         if self.facts != "none" and self.top_k > most:
@@ -171,6 +182,7 @@ class RefExpTask:
         self._recall: dict[str, float] = {}
         self._ranked: dict[str, list[list[str]]] = {}  # expr_id -> per candidate, its facts best first
         self._retriever_log: dict[str, Any] = {}
+        self._tower_log: dict[str, Any] = {}
         given = dict(d.get("retriever") or {})
         if self.facts in ("image", "text"):
             from vlpeft_jax.tasks.refexp_retrieval import RetrieverSettings
@@ -200,8 +212,28 @@ class RefExpTask:
         m = self.cfg.model.to_dict()
         if m.get("family") != MODEL_FAMILY:
             raise ConfigError(f"task 'refexp' needs model.family={MODEL_FAMILY!r}; got {m.get('family')!r}")
-        m.update(vocab_size=self.tokenizer.vocab_size, region_feature_size=self.grid * self.grid * 3)
+        m.update(vocab_size=self.tokenizer.vocab_size, region_feature_size=self.region_feature_size)
         return m
+
+    @property
+    def region_feature_size(self) -> int:
+        """Numbers per region feature: ``roi_grid² x 3`` pooled pixels, or the tower's (see ``data.regions``)."""
+        if self.regions == "tower":
+            s = self.tower_settings
+            return s.hidden_size + (s.roi_grid * s.roi_grid * 3 if s.concat_pixels else 0)
+        return self.grid * self.grid * 3
+
+    def region_features(self, split: str, examples: Sequence[Any]) -> list[np.ndarray]:
+        """Per example of ``split`` (``examples``: :meth:`examples`), ``float32 [n_i, region_feature_size]``."""
+        if self.regions == "pixels":
+            return [roi_features(ex.pixels(), ex.boxes, self.grid) for ex in examples]
+        from vlpeft_jax.tasks.refexp_regions import tower_region_features, trained_tower
+
+        if examples is self.data.splits[split]:
+            feats, log = tower_region_features(self.data, self.tower_settings)
+            self._tower_log = log
+            return feats[split]
+        return trained_tower(self.data, self.tower_settings).features(examples)  # a detector's boxes
 
     def learned_rankings(self) -> None:
         """Trains the retriever (``image``/``text`` modes) on the training split and ranks every split's facts."""
@@ -276,7 +308,8 @@ class RefExpTask:
         tf = max(len(v) for v in fact_tokens.values())
         p = max(len(u) for u in unique)
         b = len(examples)
-        arrays = {"regions": np.zeros((b, n, self.grid * self.grid * 3), np.float32),
+        regions = self.region_features(split, examples)
+        arrays = {"regions": np.zeros((b, n, self.region_feature_size), np.float32),
                   "geometry": np.zeros((b, n, 7), np.float32), "region_mask": np.zeros((b, n), bool),
                   "expr_ids": np.zeros((b, t), np.int32), "expr_mask": np.zeros((b, t), bool),
                   "fact_ids": np.zeros((b, p, tf), np.int32), "fact_mask": np.zeros((b, p, tf), bool),
@@ -286,7 +319,7 @@ class RefExpTask:
             if m > n:
                 raise ConfigError(f"{ex.expr_id}: {m} candidates exceed data.max_candidates={n}")
             image = ex.pixels()
-            arrays["regions"][i, :m] = roi_features(image, ex.boxes, self.grid)
+            arrays["regions"][i, :m] = regions[i]
             arrays["geometry"][i, :m] = rx.geometry(ex.boxes, image.shape[1], image.shape[0])
             arrays["region_mask"][i, :m] = True
             arrays["expr_ids"][i, :len(expr[i])] = expr[i]
@@ -375,8 +408,12 @@ class RefExpTask:
         metrics = {"accuracy": float(correct.mean()), "fact recall@K": self._recall[split],
                    **self._detection_counts.get(split, {})}
         outputs = {ex.expr_id: int(p) for ex, p in zip(examples[:count], pred, strict=True)}
-        return {"all": {"metrics": metrics, "count": int(count)}, "outputs": outputs,
-                "correct": correct.tolist(), "samples": []}
+        out = {"all": {"metrics": metrics, "count": int(count)}, "outputs": outputs,
+               "correct": correct.tolist(), "samples": []}
+        for name, log in (("retriever", self._retriever_log), ("region_tower", self._tower_log)):
+            if log:  # the auxiliary networks trained inside the task: their scalar training records
+                out[name] = {k: v for k, v in log.items() if isinstance(v, (int, float, str))}
+        return out
 
     def outputs_file(self, outputs: Mapping[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         return "predictions", [{"expr_id": k, "candidate": v} for k, v in outputs.items()]

@@ -50,7 +50,7 @@ from vlpeft_jax.tasks.refexp import roi_features
 
 FORWARD_CHUNK = 128
 """Images per forward in :meth:`RegionTower.patch_outputs`; fewer images are padded to the next power of 2."""
-_CACHE: dict[Any, tuple[Any, dict[str, list[np.ndarray]], dict[str, Any]]] = {}  # see tower_region_features
+_CACHE: dict[Any, tuple[Any, dict[str, list[np.ndarray]], dict[str, Any], Any]] = {}  # see tower_region_features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,5 +418,12 @@ def tower_region_features(data: rx.RefExpData, settings: TowerSettings,
         start = time.perf_counter()
         feats = {split: tower.features(examples) for split, examples in data.splits.items()}
         log["feature_seconds"] = time.perf_counter() - start
-        _CACHE[key] = (data, feats, log)  # the data is held so that its id is not reused
+        _CACHE[key] = (data, feats, log, tower)  # the data is held so that its id is not reused
     return _CACHE[key][1], _CACHE[key][2]
+
+
+def trained_tower(data: rx.RefExpData, settings: TowerSettings, train_split: str = "train") -> RegionTower:
+    """The frozen tower behind :func:`tower_region_features` (trained then, once per process), for the features of
+    other boxes of the same images (e.g. a detector's, :func:`vlpeft_jax.data.refexp.detect`)."""
+    tower_region_features(data, settings, train_split)
+    return _CACHE[(settings, train_split, repr(data.config) if data.config is not None else id(data))][3]
