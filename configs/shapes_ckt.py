@@ -48,7 +48,7 @@ SWEEPS = {
     "fig1_k": [f"ckt,k={k},m=1" for k in (1, 3, 5)],
     "fig2_m": [f"ckt,k=3,m={m}" for m in (1, 2, 3)],
     "fig_km": [f"ckt,k={k},m=1" for k in (1, 3, 5)] + [f"ckt,k=3,m={m}" for m in (2, 3)],  # both figures
-    "regions": ["ckt", "ckt,regions=tower", "ckt,regions=tower+pixels"],
+    "regions": ["ckt", "ckt,regions=tower"],
     "table32": ["ckt", "ckt,det=3", "ckt,det=9", "nf", "nf,det=3", "nf,det=9"],
 }
 
