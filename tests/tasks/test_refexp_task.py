@@ -238,6 +238,27 @@ def test_smoke_run_through_the_runner(tmp_path):
     assert res["region_tower"]["steps"] == 4 and res["retriever"]
 
 
+@pytest.mark.slow
+def test_lora_on_the_encoder_through_the_runner(tmp_path):
+    """``peft=lora``: the encoder's weights stay as initialised, its LoRA factors and the heads train."""
+    import jax
+
+    from vlpeft_jax.experiments import runner
+
+    cfg = load_config_file("configs/shapes_ckt.py", "w2v,smoke,peft=lora")
+    cfg.run_dir = str(tmp_path / "run")
+    results = runner.run(cfg)
+    initial = runner.build(cfg).base
+    _, final = runner.load_final(tmp_path / "run", cfg)
+    enc0, enc1 = initial["bimodal"]["encoder"], final["base"]["bimodal"]["encoder"]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(enc0), jax.tree.leaves(enc1), strict=True))
+    assert not np.array_equal(initial["score"]["kernel"], final["base"]["score"]["kernel"])
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(final["peft"]["lora"])]
+    assert any("encoder" in k and "query" in k and "lora_b" in k for k in paths)
+    assert all("encoder" in k for k in paths)  # only the encoder's projections carry LoRA
+    assert 0 < results["params"]["trainable"] < results["params"]["total"]
+
+
 def test_compare_runs_pairs_the_expressions(tmp_path, capsys):
     from vlpeft_jax.tasks.refexp import compare_runs
 
