@@ -60,6 +60,10 @@ def test_fact_modes(tasks):
     hits = [ex.fact_id in [f for f in task.top_facts(ex)[ex.target]] for ex in task.data.splits["val"]]
     task.encode("val")
     assert task._recall["val"] == pytest.approx(np.mean(hits))
+    firsts = [task.top_facts(ex)[ex.target][0] == ex.fact_id for ex in task.data.splits["val"]]
+    assert task._recall1["val"] == pytest.approx(np.mean(firsts))
+    oracle.encode("val")
+    assert oracle._recall1["val"] == 1.0  # the ground-truth fact is put first
 
 
 def test_learned_fact_search_uses_the_retrievers_ranking(tasks):
@@ -104,7 +108,7 @@ def test_detected_candidates_are_encoded_from_the_detector(detected, tasks):
 
     task = detected["w2v"]
     assert RefExpTask.metrics_for(task.cfg)[-2:] == ("target detected", "category correct")
-    assert RefExpTask.metrics_for(tasks["w2v"].cfg) == ("accuracy", "fact recall@K")
+    assert RefExpTask.metrics_for(tasks["w2v"].cfg) == ("accuracy", "fact recall@K", "fact recall@1")
     # training keeps the ground-truth boxes; the evaluation split gets the detections
     np.testing.assert_array_equal(task.encode("train")["regions"], tasks["w2v"].encode("train")["regions"])
     arrays = task.encode("val")
@@ -230,7 +234,7 @@ def test_smoke_run_through_the_runner(tmp_path):
     det.run_dir = str(tmp_path / "det")
     assert runner.training_key(det) == runner.training_key(cfg)
     metrics = runner.evaluate_trained(det, tmp_path / "run")["adapted"]["all"]["metrics"]
-    assert set(metrics) == {"accuracy", "fact recall@K", "target detected", "category correct"}
+    assert set(metrics) == {"accuracy", "fact recall@K", "fact recall@1", "target detected", "category correct"}
     assert metrics["accuracy"] <= metrics["target detected"] < 1.0
     assert "| target detected |" in (tmp_path / "det" / "report.md").read_text()
     # the two networks trained inside the task are on record

@@ -5,7 +5,8 @@ Every example is an image whose objects are the candidates (ground-truth boxes, 
 needs at least one fact of the knowledge base to pick its target (KB-Ref's rule; :mod:`vlpeft_jax.data.refexp`
 generates and checks them), and the target's index. The task is classification over the candidates (§3.3):
 the model scores every candidate and the loss is the cross-entropy over the scores (§4.3); the metric is
-accuracy (the share of expressions whose best-scoring candidate is the target).
+accuracy (the share of expressions whose best-scoring candidate is the target), with the fact search's recall
+(``fact recall@K``: the ground-truth fact among the target's top K; ``fact recall@1``: ranked first).
 
 Inputs of the model (:class:`vlpeft_jax.models.ckt.CKTransformer`), built here on the host:
 
@@ -66,7 +67,7 @@ from vlpeft_jax.tasks import base
 
 FACT_MODES = ("image", "text", "bow", "none", "oracle")
 REGION_MODES = ("pixels", "tower")
-REPORT_METRICS = ("accuracy", "fact recall@K")
+REPORT_METRICS = ("accuracy", "fact recall@K", "fact recall@1")
 DETECTION_METRICS = ("target detected", "category correct")
 MODEL_FAMILY = "ckt"
 _PROCESS_CACHE: dict[Any, Any] = {}  # trained once per process: the retriever's rankings, the BERT encoder
@@ -194,6 +195,7 @@ class RefExpTask:
         self._detected: dict[str, list[Any]] = {}
         self._detection_counts: dict[str, dict[str, float]] = {}
         self._recall: dict[str, float] = {}
+        self._recall1: dict[str, float] = {}  # the ground-truth fact ranked first: the search alone, whatever K
         self._ranked: dict[str, list[list[str]]] = {}  # expr_id -> per candidate, its facts best first
         self._retriever_log: dict[str, Any] = {}
         self._tower_log: dict[str, Any] = {}
@@ -353,13 +355,14 @@ class RefExpTask:
         texts = {f.fact_id: f.text for f in kb.facts}
         expr = [self.tokenizer.encode(ex.expression) for ex in examples]
         fact_lists, unique = [], []
-        hits = 0
+        hits = firsts = 0
         for ex, ranked in zip(examples, rankings, strict=True):
             top = [["<mask>"]] * len(ex.categories) if self.facts == "none" else self.top_facts(ex, ranked)
             order = list(dict.fromkeys(f for per in top for f in per))
             unique.append(order)
             fact_lists.append(top)
             hits += ex.fact_id is not None and ex.target >= 0 and ex.fact_id in top[ex.target]
+            firsts += ex.fact_id is not None and ex.target >= 0 and top[ex.target][:1] == [ex.fact_id]
         mask_ids = [self.tokenizer.token_to_id("<bos>"), self.tokenizer.token_to_id("<unk>"),
                     self.tokenizer.token_to_id("<eos>")]
         fact_tokens = {fid: self.tokenizer.encode(texts[fid]) for fid in {f for u in unique for f in u} - {"<mask>"}}
@@ -404,7 +407,9 @@ class RefExpTask:
                                      if any(found) else float("nan"))}
         self._encoded[split] = arrays
         with_fact = sum(ex.fact_id is not None for ex in examples)
-        self._recall[split] = hits / with_fact if with_fact and self.facts != "none" else float("nan")
+        searched = with_fact and self.facts != "none"
+        self._recall[split] = hits / with_fact if searched else float("nan")
+        self._recall1[split] = firsts / with_fact if searched else float("nan")
         return arrays
 
     def train_batches(self, seed: int) -> base.Batches:
@@ -466,6 +471,7 @@ class RefExpTask:
         else:
             correct = pred == arrays["target"][:count]
         metrics = {"accuracy": float(correct.mean()), "fact recall@K": self._recall[split],
+                   "fact recall@1": self._recall1[split],
                    **self._detection_counts.get(split, {})}
         outputs = {ex.expr_id: int(p) for ex, p in zip(examples[:count], pred, strict=True)}
         out = {"all": {"metrics": metrics, "count": int(count)}, "outputs": outputs,
