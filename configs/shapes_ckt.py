@@ -51,8 +51,6 @@ SWEEPS = {
     "table31": ["nf", "w2v", "uwo", "ckt", "oracle"],
     "table33": ["nf,kb=conventional", "w2v,kb=conventional"],
     "contextual": ["nf,kb=contextual", "w2v,kb=contextual", "uwo,kb=contextual", "ckt,kb=contextual"],
-    "fig1_k": [f"ckt,k={k},m=1" for k in (1, 3, 5)],
-    "fig2_m": [f"ckt,k=3,m={m}" for m in (1, 2, 3)],
     "fig_km": [f"ckt,k={k},m=1" for k in (1, 3, 5)] + [f"ckt,k=3,m={m}" for m in (2, 3)],  # both figures
     "regions": ["ckt", "ckt,regions=tower"],
     "table32": ["ckt", "ckt,det=3", "ckt,det=9", "nf", "nf,det=3", "nf,det=9"],
