@@ -6,9 +6,10 @@ model (the analysis toolshed, :mod:`vlpeft_jax.analysis`).
   ``run.py analyze knockout --help`` lists the options (:mod:`vlpeft_jax.experiments.analyze`).
 - ``rank``: the effective rank of last-layer text and image features over runs (seed 002 §2.3, Table 1);
   ``run.py analyze rank --help`` (:mod:`vlpeft_jax.experiments.rank_runs`).
-- ``mcnemar RUN_A RUN_B``: McNemar's exact test (seed 004 App. A.8) between two finished runs evaluated on the
-  same expressions (their per-example correctness in ``results.json``), e.g. CK-T against CK-T-nf on the
-  conventional split (Table 3.3 / App. Table 2); ``--json`` prints the numbers as JSON.
+- ``mcnemar RUN_A RUN_B``: McNemar's test (seed 004 App. A.8; exact below 25 discordant pairs, else
+  chi-square) between two finished runs evaluated on the same expressions (their per-example correctness in
+  ``results.json``), e.g. CK-T against CK-T-nf on the conventional split (Table 3.3 / App. Table 2); ``--json``
+  prints the numbers as JSON.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def mcnemar_main(argv: list[str]) -> int:
         print(f"A = {args.run_a}: accuracy {100 * out['accuracy_a']:.1f} %\n"
               f"B = {args.run_b}: accuracy {100 * out['accuracy_b']:.1f} %\n"
               f"{out['n']} paired examples; only A right {out['b']}, only B right {out['c']}; "
-              f"McNemar exact two-sided p = {out['p']:.3g}")
+              f"McNemar's test ({out['method']}) two-sided p = {out['p']:.3g}")
     return 0
 
 
