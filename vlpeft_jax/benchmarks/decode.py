@@ -3,8 +3,14 @@
 Both run in this process on the same random GPT-2 weights (built with transformers, saved, and loaded
 through :func:`vlpeft_jax.hf.decoders.load_gpt2`), the same prompts and float32. Greedy decoding
 produces exactly ``--new-tokens`` tokens per sequence on both sides (no EOS). Each side is warmed up once
-(our compilation, PyTorch's first-call set-up), then timed ``--repeats`` times; the median is reported.
+(our compilation, PyTorch's first-call set-up), then the two are timed in ``--repeats`` alternating rounds (each
+side once per round, the order swapped every round: :func:`vlpeft_jax.benchmarks.timing.alternate`). Reported:
+each side's median and interquartile range, and the ratio as the median (and quartiles) of the per-round ratios.
 Tokens/s counts generated tokens (``batch * new_tokens / seconds``); the prefill is included in the time.
+
+How the numbers were taken is part of the result (:mod:`vlpeft_jax.benchmarks.timing`): the load average before
+and after, the share of CPU time other processes used meanwhile (a warning above 10 %: load slows PyTorch's
+threads more than XLA's, which once made a 1.2x ratio read 4.84x), and the thread settings of both sides.
 
 Example (a small run)::
 
@@ -15,17 +21,15 @@ Example (a small run)::
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import statistics
 import tempfile
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlpeft_jax.benchmarks import timing
 from vlpeft_jax.eval.decode import ModuleApply, generate
 
 PAD = 0
@@ -41,21 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="sequences decoded together")
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per sequence")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (median reported)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds, each side once per round (median reported)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads for the reference (default: PyTorch's own choice)")
     return p
-
-
-def _median_seconds(fn: Any, repeats: int) -> tuple[float, list[float], Any]:
-    result = fn()  # warm-up: compilation / first-call set-up, not timed
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times, result
 
 
 def run(argv: list[str]) -> dict[str, Any]:
@@ -105,22 +99,26 @@ def run(argv: list[str]) -> dict[str, Any]:
                                     eos_token_id=None, pad_token_id=PAD)
         return out[:, args.prompt_len:].numpy()
 
-    jax_s, jax_times, jax_tokens = _median_seconds(ours, args.repeats)
-    torch_s, torch_times, torch_tokens = _median_seconds(reference, args.repeats)
+    with timing.Monitor() as machine:
+        times, outputs = timing.alternate({"jax": ours, "torch": reference}, rounds=args.repeats)
+    jax_tokens, torch_tokens = outputs["jax"], outputs["torch"]
     n_tokens = args.batch * args.new_tokens
     assert torch_tokens.shape == jax_tokens.shape, (torch_tokens.shape, jax_tokens.shape)
+    sides = {}
+    for name in ("jax", "torch"):
+        summary = timing.time_summary(times[name])
+        sides[name] = {"tokens_per_s": n_tokens / summary["median_s"], **summary}
+    ratio = timing.paired_ratio(times["torch"], times["jax"])  # per round: transformers' time / ours
     results = {
         "config": {k: v for k, v in vars(args).items()} | {"dtype": "float32", "decoding": "greedy, no EOS"},
-        "jax": {"tokens_per_s": n_tokens / jax_s, "median_s": jax_s, "times_s": jax_times},
-        "torch": {"tokens_per_s": n_tokens / torch_s, "median_s": torch_s, "times_s": torch_times},
-        "jax_over_torch": torch_s / jax_s,
+        **sides,
+        "jax_over_torch": ratio["median"], "jax_over_torch_q1": ratio["q1"], "jax_over_torch_q3": ratio["q3"],
         # Same weights and prompts: the greedy tokens should agree (near-ties of a random model may not).
         "token_agreement": float((jax_tokens == torch_tokens).mean()),
-        "environment": {"jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": torch.__version__,
-                        "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
-                        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                        # other processes on the machine distort both timings; this says how busy it was
-                        "load_average_1min": os.getloadavg()[0]},
+        "machine": machine.record(),
+        "threads": timing.thread_settings(torch),
+        "environment": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                        "cpu": platform.processor() or platform.machine()},
     }
     _print(results, args)
     return results
@@ -129,13 +127,17 @@ def run(argv: list[str]) -> dict[str, Any]:
 def _print(r: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"decode benchmark: GPT-2 {args.layers} layers, width {args.width}, {args.heads} heads, vocab {args.vocab}, "
           f"batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, float32, greedy, "
-          f"median of {args.repeats}")
-    print(f"{'implementation':<42} {'median s':>10} {'tokens/s':>10}")
-    print(f"{'vlpeft_jax generate (jit, KV cache)':<42} {r['jax']['median_s']:>10.4f} "
-          f"{r['jax']['tokens_per_s']:>10.1f}")
-    print(f"{'transformers GPT2LMHeadModel.generate':<42} {r['torch']['median_s']:>10.4f} "
-          f"{r['torch']['tokens_per_s']:>10.1f}")
-    env = r["environment"]
-    print(f"ratio (ours / transformers tokens/s): {r['jax_over_torch']:.2f}x; "
-          f"greedy token agreement {100 * r['token_agreement']:.1f}%; torch threads {env['torch_threads']}, "
-          f"{env['cpu_count']} CPUs, load average {env['load_average_1min']:.1f}")
+          f"{args.repeats} alternating rounds")
+    print(f"{'implementation':<42} {'median s':>10} {'IQR s':>17} {'tokens/s':>10}")
+    for name, label in (("jax", "vlpeft_jax generate (jit, KV cache)"),
+                        ("torch", "transformers GPT2LMHeadModel.generate")):
+        s = r[name]
+        print(f"{label:<42} {s['median_s']:>10.4f} {s['q1_s']:>8.4f}-{s['q3_s']:<8.4f} {s['tokens_per_s']:>10.1f}")
+    m, t = r["machine"], r["threads"]
+    other = "n/a" if m["other_cpu_share"] is None else f"{100 * m['other_cpu_share']:.0f} %"
+    print(f"ratio (ours / transformers tokens/s, median of per-round ratios): {r['jax_over_torch']:.2f}x "
+          f"[{r['jax_over_torch_q1']:.2f}-{r['jax_over_torch_q3']:.2f}]; greedy token agreement "
+          f"{100 * r['token_agreement']:.1f}%")
+    print(f"machine: load average {m['load_average_before'][0]:.2f} before, {m['load_average_after'][0]:.2f} after; "
+          f"other processes' CPU share {other}; {t['cores']} cores; torch threads {t['torch_threads']} "
+          f"(inter-op {t['torch_interop_threads']}); XLA_FLAGS {t['environment']['XLA_FLAGS']!r}")

@@ -48,9 +48,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import importlib.metadata as md
-import math
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -63,7 +61,8 @@ import optax
 
 from vlpeft_jax import tasks
 from vlpeft_jax.benchmarks.sparse import Setup, mb, time_round_robin
-from vlpeft_jax.benchmarks.train import device_name, fmt_or_na, parse_methods, safe_ratio, usable_cores
+from vlpeft_jax.benchmarks.timing import load_average, paired_ratio, time_summary, usable_cores
+from vlpeft_jax.benchmarks.train import device_name, fmt_or_na, parse_methods, safe_ratio
 from vlpeft_jax.config import load_config_file
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.experiments.runner import init_base
@@ -219,26 +218,6 @@ def _strategy_setup(strategy: str, losses_of: Callable[[Any, Any], tuple[jax.Arr
 # Ratios
 
 
-def _quartiles(xs: Sequence[float]) -> tuple[float, float]:
-    """First and third quartiles (``statistics.quantiles``, inclusive; the value itself for one sample)."""
-    if len(xs) < 2:
-        return float(xs[0]), float(xs[0])
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return float(q[0]), float(q[2])
-
-
-def time_summary(times: Sequence[float]) -> dict[str, Any]:
-    """Median, min and interquartile range of the timed calls (seconds).
-
-    Example:
-        >>> s = time_summary([0.4, 0.1, 0.2, 0.3])
-        >>> round(s["median_s"], 6), s["min_s"], round(s["q1_s"], 6), round(s["q3_s"], 6)
-        (0.25, 0.1, 0.175, 0.325)
-    """
-    q1, q3 = _quartiles(times)
-    return {"median_s": statistics.median(times), "min_s": min(times), "q1_s": q1, "q3_s": q3, "times_s": list(times)}
-
-
 def compare(record: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
     """``record`` over ``reference``: ``time`` = the median of the per-round ratios (same round, so the same
     load), its quartiles, ``time_of_medians``, and the XLA ``peak_bytes`` / ``temp_bytes`` ratios (None when
@@ -251,9 +230,8 @@ def compare(record: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]
         >>> r["time"], r["time_q1"], r["time_q3"], r["peak_bytes"], r["temp_bytes"]
         (3.0, 2.5, 3.5, 3.0, None)
     """
-    pairs = [a / b for a, b in zip(record["times_s"], reference["times_s"], strict=True)]
-    q1, q3 = _quartiles(pairs)
-    return {"time": statistics.median(pairs), "time_q1": q1, "time_q3": q3,
+    pr = paired_ratio(record["times_s"], reference["times_s"])
+    return {"time": pr["median"], "time_q1": pr["q1"], "time_q3": pr["q3"],
             "time_of_medians": safe_ratio(record["median_s"], reference["median_s"]),
             "peak_bytes": safe_ratio(record["peak_bytes"], reference["peak_bytes"]),
             "temp_bytes": safe_ratio(record["temp_bytes"], reference["temp_bytes"])}
@@ -265,10 +243,6 @@ def _finish(setups: list[Setup]) -> dict[str, dict[str, Any]]:
         r = {k: v for k, v in s.record.items() if k not in ("step_s", "step_median_s")}  # the min, the median
         out[s.name] = {**r, **time_summary(s.times)}
     return out
-
-
-def _load() -> tuple[float, float, float]:
-    return os.getloadavg() if hasattr(os, "getloadavg") else (math.nan, math.nan, math.nan)
 
 
 def _warn_if_busy(load: Sequence[float], when: str) -> str | None:
@@ -298,7 +272,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     _check(args)
     names = parse_methods(args.methods, mtl_registry.names(), "bench mtl")
-    load_before = _load()
+    load_before = load_average()
     warnings = [w for w in [_warn_if_busy(load_before, "before")] if w]
 
     with _world_dir(args.tiny) as cache_dir:
@@ -365,7 +339,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     print(f"traced and compiled {len(compiled)} programs in {compile_s:.0f} s ({usable_cores()} at a time)", flush=True)
 
     time_round_robin(setups + strategy_setups, batch, args.steps, args.warmup)
-    load_after = _load()
+    load_after = load_average()
     warnings += [w for w in [_warn_if_busy(load_after, "after")] if w]
     steps = _finish(setups)
     strategies = _finish(strategy_setups)

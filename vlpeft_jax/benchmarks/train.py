@@ -78,6 +78,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlpeft_jax.benchmarks.timing import usable_cores
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.peft import registry as peft_registry
 from vlpeft_jax.train import presets
@@ -515,11 +516,6 @@ def measure_paired(name: str, model_dir: str, shapes: dict[str, int], repeats: i
 
 # --------------------------------------------------------------------------------------------------
 # Running measurements (each in a fresh process by default)
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 JOBS: dict[str, Callable[..., dict[str, Any]]] = {
