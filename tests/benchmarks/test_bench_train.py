@@ -18,6 +18,9 @@ TINY = ["--layers", "1", "--width", "32", "--heads", "2", "--vocab", "64", "--ba
 def test_bench_train_in_process_with_torch():
     out = bench_train.run(TINY + ["--methods", "lora,full", "--isolate", "none"])
     assert set(out) >= {"settings", "environment", "results", "memory_note", "skipped"}
+    machine, threads = out["environment"]["machine"], out["environment"]["threads"]
+    assert len(machine["load_average_before"]) == 3 and machine["wall_s"] > 0 and isinstance(machine["warnings"], list)
+    assert threads["cores"] >= 1 and threads["torch_threads"] >= 1 and "XLA_FLAGS" in threads["environment"]
     assert out["settings"]["width"] == 32 and out["settings"]["methods"] == ["lora", "full"]
     lora, full = out["results"]["lora"], out["results"]["full"]
     for r in (lora, full):

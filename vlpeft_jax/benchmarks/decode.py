@@ -61,6 +61,8 @@ def run(argv: list[str]) -> dict[str, Any]:
         decode ...
         >>> r["jax"]["tokens_per_s"] > 0, r["torch"]["tokens_per_s"] > 0
         (True, True)
+        >>> "other_cpu_share" in r["machine"], r["jax_over_torch_q1"] <= r["jax_over_torch"] <= r["jax_over_torch_q3"]
+        (True, True)
     """
     args = _parser().parse_args(argv)
     import torch

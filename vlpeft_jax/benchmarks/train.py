@@ -78,6 +78,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlpeft_jax.benchmarks import timing
 from vlpeft_jax.benchmarks.timing import usable_cores
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.peft import registry as peft_registry
@@ -629,7 +630,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     if skipped:
         print(f"not available in this version (skipped): {', '.join(skipped)}")
     results: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="vlpeft_bench_train_") as workdir:
+    with timing.Monitor() as machine, tempfile.TemporaryDirectory(prefix="vlpeft_bench_train_") as workdir:
         model_dir = os.path.join(workdir, "gpt2")
         write_checkpoint(model_dir, shapes)
         for name in names:
@@ -677,8 +678,12 @@ def run(argv: list[str]) -> dict[str, Any]:
     print()
     print("Step times: medians over steps run alternately (ours, PyTorch, ours, ...) in one process, so that both "
           "sides see the same load; a pair ratio is one PyTorch step / the our step before it. " + MEMORY_NOTE)
+    other = "n/a" if machine.other_cpu_share is None else f"{100 * machine.other_cpu_share:.0f} %"
     print(f"load average before {', '.join(f'{x:.2f}' for x in load_before)}, after "
-          f"{', '.join(f'{x:.2f}' for x in load_after)} (1, 5, 15 min; {os.cpu_count()} cores)")
+          f"{', '.join(f'{x:.2f}' for x in load_after)} (1, 5, 15 min; {os.cpu_count()} cores); other processes' "
+          f"CPU share while it ran {other}")
+    for w in machine.warnings:
+        print(w)
 
     import importlib.metadata as md
 
@@ -698,7 +703,9 @@ def run(argv: list[str]) -> dict[str, Any]:
                      "dtype": "float32"},
         "environment": {"backend": jax.default_backend(), "device": device_name(), "cpu_count": os.cpu_count(),
                         "versions": versions,
-                        "load_average_before": list(load_before), "load_average_after": list(load_after)},
+                        "load_average_before": list(load_before), "load_average_after": list(load_after),
+                        "machine": machine.record(),
+                        "threads": timing.thread_settings(sys.modules.get("torch"))},
         "skipped": skipped,
         "results": results,
         "memory_note": MEMORY_NOTE,
