@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per sequence")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds, each side once per round (median reported)")
+    p.add_argument("--num-beams", type=int, default=1,
+                   help="1: greedy decoding; K > 1: beam search with K beams on both sides (no EOS, length penalty 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads for the reference (default: PyTorch's own choice)")
@@ -65,6 +67,10 @@ def run(argv: list[str]) -> dict[str, Any]:
         (True, True)
     """
     args = _parser().parse_args(argv)
+    if args.num_beams < 1:
+        from vlpeft_jax.errors import ConfigError
+
+        raise ConfigError(f"bench decode --num-beams={args.num_beams}; must be >= 1 (1 = greedy)")
     import torch
     import transformers
 
@@ -85,11 +91,13 @@ def run(argv: list[str]) -> dict[str, Any]:
     ids = rng.integers(1, args.vocab, (args.batch, args.prompt_len))
     mask = np.ones_like(ids)
     step = ModuleApply(module)
+    beam = args.num_beams > 1
+    decoding = f"beam search, {args.num_beams} beams" if beam else "greedy"
     jax_ids, jax_mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
 
     def ours() -> np.ndarray:
         out = generate(step, params, jax_ids, jax_mask, max_new_tokens=args.new_tokens, eos_token_id=None,
-                       pad_token_id=PAD)
+                       pad_token_id=PAD, method="beam" if beam else "greedy", num_beams=args.num_beams)
         return np.asarray(jax.block_until_ready(out.sequences))
 
     torch_ids, torch_mask = torch.tensor(ids), torch.tensor(mask)
@@ -98,7 +106,8 @@ def run(argv: list[str]) -> dict[str, Any]:
         with torch.inference_mode():
             out = hf_model.generate(input_ids=torch_ids, attention_mask=torch_mask, do_sample=False,
                                     max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                    eos_token_id=None, pad_token_id=PAD)
+                                    eos_token_id=None, pad_token_id=PAD, num_beams=args.num_beams,
+                                    length_penalty=1.0)
         return out[:, args.prompt_len:].numpy()
 
     with timing.Monitor() as machine:
@@ -112,10 +121,10 @@ def run(argv: list[str]) -> dict[str, Any]:
         sides[name] = {"tokens_per_s": n_tokens / summary["median_s"], **summary}
     ratio = timing.paired_ratio(times["torch"], times["jax"])  # per round: transformers' time / ours
     results = {
-        "config": {k: v for k, v in vars(args).items()} | {"dtype": "float32", "decoding": "greedy, no EOS"},
+        "config": {k: v for k, v in vars(args).items()} | {"dtype": "float32", "decoding": decoding},
         **sides,
         "jax_over_torch": ratio["median"], "jax_over_torch_q1": ratio["q1"], "jax_over_torch_q3": ratio["q3"],
-        # Same weights and prompts: the greedy tokens should agree (near-ties of a random model may not).
+        # Same weights and prompts: the tokens should agree (near-ties of a random model may not).
         "token_agreement": float((jax_tokens == torch_tokens).mean()),
         "machine": machine.record(),
         "threads": timing.thread_settings(torch),
@@ -128,7 +137,8 @@ def run(argv: list[str]) -> dict[str, Any]:
 
 def _print(r: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"decode benchmark: GPT-2 {args.layers} layers, width {args.width}, {args.heads} heads, vocab {args.vocab}, "
-          f"batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, float32, greedy, "
+          f"batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, float32, "
+          f"{r['config']['decoding']}, no EOS, "
           f"{args.repeats} alternating rounds")
     print(f"{'implementation':<42} {'median s':>10} {'IQR s':>17} {'tokens/s':>10}")
     for name, label in (("jax", "vlpeft_jax generate (jit, KV cache)"),
@@ -138,7 +148,7 @@ def _print(r: dict[str, Any], args: argparse.Namespace) -> None:
     m, t = r["machine"], r["threads"]
     other = "n/a" if m["other_cpu_share"] is None else f"{100 * m['other_cpu_share']:.0f} %"
     print(f"ratio (ours / transformers tokens/s, median of per-round ratios): {r['jax_over_torch']:.2f}x "
-          f"[{r['jax_over_torch_q1']:.2f}-{r['jax_over_torch_q3']:.2f}]; greedy token agreement "
+          f"[{r['jax_over_torch_q1']:.2f}-{r['jax_over_torch_q3']:.2f}]; token agreement "
           f"{100 * r['token_agreement']:.1f}%")
     print(f"machine: load average {m['load_average_before'][0]:.2f} before, {m['load_average_after'][0]:.2f} after; "
           f"other processes' CPU share {other}; {t['cores']} cores; torch threads {t['torch_threads']} "
