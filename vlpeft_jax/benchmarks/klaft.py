@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vlpeft_jax.benchmarks import timing
 from vlpeft_jax.benchmarks.sparse import Setup, mb, prepare_step, time_round_robin
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.models import layers, registry
@@ -131,7 +132,8 @@ def run(argv: list[str]) -> dict[str, Any]:
         _prepare("tcm_ttm_pass", module, base, dataclasses.replace(tcm, ttm="dropout"), tcm_params, batch),
         _prepare("lora", module, base, lora, lora.init(key, base), batch),
     ]
-    time_round_robin(setups, batch, args.steps, args.warmup)
+    with timing.Monitor() as machine:
+        time_round_robin(setups, batch, args.steps, args.warmup)
     results = {s.name: s.record for s in setups}
     results["lora"]["rank"] = rank
     del setups
@@ -161,6 +163,8 @@ def run(argv: list[str]) -> dict[str, Any]:
         print(f"{name.replace('_over_', ' / ')}: {', '.join(parts)}")
     print(f"load average (1, 5, 15 min): before {', '.join(f'{x:.2f}' for x in load_before)}; "
           f"after {', '.join(f'{x:.2f}' for x in load_after)}")
+    print(timing.describe(machine))
     return {"backend": jax.default_backend(), "settings": vars(args), "base_params": base_total, "results": results,
             "ratios": ratios, "load_average": {"before": list(load_before), "after": list(load_after)},
+            "machine": machine.record(), "threads": timing.thread_settings(),
             "peak_memory_source": MEMORY_NOTE}

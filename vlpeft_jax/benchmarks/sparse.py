@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vlpeft_jax.benchmarks import timing
 from vlpeft_jax.models import layers, registry
 from vlpeft_jax.peft import base as pb
 from vlpeft_jax.peft import gps as gps_lib
@@ -120,14 +121,15 @@ def prepare_step(name: str, params: Any, rules: list[tuple[str, str]], tx: optax
 
 
 def time_round_robin(setups: list[Setup], batch: dict[str, jax.Array], steps: int, warmup: int) -> None:
-    """Times the setups in turn, one step each per round, so that load changes on a shared machine hit all
-    of them alike; records the fastest step (the least disturbed) and the median."""
+    """Times the setups in turn, one step each per round (the order reversed every other round), so that load
+    changes on a shared machine hit all of them alike; records the fastest step (the least disturbed) and the
+    median."""
     for _ in range(warmup):
         for s in setups:
             s.state, _ = s.compiled(s.state, batch)
             jax.block_until_ready(s.state)
-    for _ in range(steps):
-        for s in setups:
+    for r in range(steps):
+        for s in (setups if r % 2 == 0 else setups[::-1]):
             t0 = time.perf_counter()
             s.state, metrics = s.compiled(s.state, batch)
             jax.block_until_ready((s.state, metrics))
@@ -147,6 +149,7 @@ def mb(x: int | None) -> str:
 def run(argv: list[str]) -> dict[str, Any]:
     """Runs the benchmark; prints the tables; returns the measurements and ratios."""
     args = _parser().parse_args(argv)
+    machine = timing.Monitor().start()
     module, base = _model(args)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, args.vocab, (args.batch, args.seq)), jnp.int32)
@@ -247,6 +250,9 @@ def run(argv: list[str]) -> dict[str, Any]:
             print(f"| {m['k']} | {m['tokens']} | {1000 * m['gather_step_s']:.0f} | {1000 * m['scatter_step_s']:.0f} | "
                   f"{mb(m['gather_temp_bytes'])} | {mb(m['scatter_temp_bytes'])} | {m['faster']} | "
                   f"{m.get('less_memory', 'n/a')} | {'/'.join(m['auto'])} |")
+    machine.stop()
+    print(timing.describe(machine))
     return {"backend": jax.default_backend(), "settings": vars(args), "base_params": base_total,
             "results": results, "ratios": ratios, "modes": modes,
+            "machine": machine.record(), "threads": timing.thread_settings(),
             "peak_memory_source": "compiled.memory_analysis(): argument + output - alias + temp bytes"}

@@ -164,11 +164,33 @@ class Monitor:
             if self.verbose:
                 print(msg)
 
+    def start(self) -> Monitor:
+        """``with``-less use: :meth:`start` ... :meth:`stop` (for a benchmark with many exits)."""
+        return self.__enter__()
+
+    def stop(self) -> None:
+        self.__exit__(None, None, None)
+
     def record(self) -> dict[str, Any]:
         """The JSON record: loads, the other processes' CPU share, the wall time and the warnings."""
         return {"load_average_before": list(self.load_before), "load_average_after": list(self.load_after),
                 "other_cpu_share": self.other_cpu_share, "wall_s": self.wall_s, "cores": usable_cores(),
                 "warnings": list(self.warnings)}
+
+
+def describe(monitor: Monitor) -> str:
+    """One line on how busy the machine was (for the end of a benchmark's printout).
+
+    Example:
+        >>> with Monitor(verbose=False) as m:
+        ...     pass
+        >>> describe(m).startswith("machine: load average")
+        True
+    """
+    other = "n/a" if monitor.other_cpu_share is None else f"{100 * monitor.other_cpu_share:.0f} %"
+    return (f"machine: load average {', '.join(f'{x:.2f}' for x in monitor.load_before)} before, "
+            f"{', '.join(f'{x:.2f}' for x in monitor.load_after)} after (1, 5, 15 min); other processes' CPU share "
+            f"while it ran {other}; {usable_cores()} cores")
 
 
 def busy_warning(load_before: Sequence[float], other_cpu_share: float | None) -> str | None:
