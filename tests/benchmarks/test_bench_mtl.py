@@ -44,6 +44,7 @@ def test_bench_mtl_tiny():
     assert out["model"]["tasks"] == ["count", "dominant_color", "position", "patch_shape"]
     env = out["environment"]
     assert len(env["load_average_before"]) == 3 and len(env["load_average_after"]) == 3
+    assert env["threads"]["cores"] >= 1 and "XLA_FLAGS" in env["threads"]["environment"]
     assert env["backend"] == "cpu" and env["cores_usable"] >= 1
     st = out["sparse_training"]
     assert st["mask_mode"] == "pre" and st["k"] >= 1 and 0.2 < st["trainable_fraction"] < 0.4

@@ -60,6 +60,7 @@ import numpy as np
 import optax
 
 from vlpeft_jax import tasks
+from vlpeft_jax.benchmarks import timing
 from vlpeft_jax.benchmarks.sparse import Setup, mb, time_round_robin
 from vlpeft_jax.benchmarks.timing import load_average, paired_ratio, time_summary, usable_cores
 from vlpeft_jax.benchmarks.train import device_name, fmt_or_na, parse_methods, safe_ratio
@@ -394,7 +395,8 @@ def run(argv: list[str]) -> dict[str, Any]:
         "environment": {"backend": jax.default_backend(), "device": device_name(), "cpu_count": os.cpu_count(),
                         "cores_usable": usable_cores(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
                         "versions": _versions(), "load_average_before": list(load_before),
-                        "load_average_after": list(load_after), "warnings": warnings},
+                        "load_average_after": list(load_after), "warnings": warnings,
+                        "threads": timing.thread_settings()},
         "compile_s": compile_s,
         "skipped": skipped,
         "results": {"steps": steps, "strategies": strategies},
