@@ -207,6 +207,31 @@ def check_settings(section: str, given: Mapping[str, Any], valid: Iterable[str])
         raise ConfigError(f"{section}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
 
 
+def check_numbers(settings: Any, minimum: Mapping[str, int], positive: Iterable[str] = ("learning_rate",)) -> None:
+    """Validates a settings dataclass: each field of ``minimum`` an integer (not a bool) >= its minimum, each of
+    ``positive`` a number > 0; raises :class:`ConfigError` naming ``<Class>.<field>=<value>``.
+
+    Example:
+        >>> @dataclasses.dataclass
+        ... class S:
+        ...     steps: int = -1
+        ...     learning_rate: float = 0.1
+        >>> check_numbers(S(), {"steps": 0})
+        Traceback (most recent call last):
+        ...
+        vlpeft_jax.errors.ConfigError: S.steps=-1 must be an integer >= 0
+    """
+    name = type(settings).__name__
+    for key, low in minimum.items():
+        v = getattr(settings, key)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise ConfigError(f"{name}.{key}={v!r} must be an integer >= {low}")
+    for key in positive:
+        v = getattr(settings, key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ConfigError(f"{name}.{key}={v!r} must be > 0")
+
+
 def eval_count(cfg: ml_collections.ConfigDict, available: int) -> int:
     """How many evaluation examples to use: ``config.eval.max_examples`` (0 = all)."""
     n = cfg.eval.get("max_examples", 0) or available

@@ -58,6 +58,7 @@ from vlpeft_jax.hf.bert import bert_key_map
 from vlpeft_jax.models import layers
 from vlpeft_jax.models.bert import BertConfig
 from vlpeft_jax.models.ckt import BiModalEncoder, BiModalPretrainer, CKTConfig, ImageEmbeddings
+from vlpeft_jax.tasks.base import check_numbers
 
 Params = dict[str, Any]
 ADAPTER_MARKER = "bert_tokenizer_adapter.json"
@@ -380,12 +381,7 @@ class PretrainSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "captions_per_image"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < (0 if name == "steps" else 1):
-                raise ConfigError(f"PretrainSettings.{name}={v!r} must be an integer >= {0 if name == 'steps' else 1}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"PretrainSettings.learning_rate={self.learning_rate!r} must be > 0")
+        check_numbers(self, {"steps": 0, "batch_size": 1, "captions_per_image": 1})
         if not 0.0 < self.mask_prob < 1.0:
             raise ConfigError(f"PretrainSettings.mask_prob={self.mask_prob!r} must be in (0, 1)")
         if not 0.0 <= self.itm_negative_prob <= 1.0:

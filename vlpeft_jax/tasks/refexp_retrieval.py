@@ -56,6 +56,7 @@ import optax
 from vlpeft_jax.data import refexp as rx
 from vlpeft_jax.errors import ConfigError, InputError
 from vlpeft_jax.models.ckt import CKTConfig, FactRetriever, retriever_loss
+from vlpeft_jax.tasks.base import check_numbers
 from vlpeft_jax.tasks.refexp import roi_features
 
 MODES = ("image", "text")
@@ -99,12 +100,7 @@ class RetrieverSettings:
             raise ConfigError(f"RetrieverSettings.mode={self.mode!r}; valid: {', '.join(MODES)}")
         if self.negatives not in NEGATIVES:
             raise ConfigError(f"RetrieverSettings.negatives={self.negatives!r}; valid: {', '.join(NEGATIVES)}")
-        for key in ("steps", "batch_size"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or v < (0 if key == "steps" else 1):
-                raise ConfigError(f"RetrieverSettings.{key}={v!r} must be an integer >= {0 if key == 'steps' else 1}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"RetrieverSettings.learning_rate={self.learning_rate!r} must be > 0")
+        check_numbers(self, {"steps": 0, "batch_size": 1})
 
 
 def replace_half(gt: np.ndarray, num_facts: int, rng: np.random.Generator,
