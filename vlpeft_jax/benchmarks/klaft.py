@@ -161,9 +161,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     for name, r in ratios.items():
         parts = [f"{k} {v:.2f}x" for k, v in r.items() if v is not None]
         print(f"{name.replace('_over_', ' / ')}: {', '.join(parts)}")
-    print(f"load average (1, 5, 15 min): before {', '.join(f'{x:.2f}' for x in load_before)}; "
-          f"after {', '.join(f'{x:.2f}' for x in load_after)}")
-    print(timing.describe(machine))
+    print(timing.describe(machine))  # the load averages around the timed steps, and other processes' share
     return {"backend": jax.default_backend(), "settings": vars(args), "base_params": base_total, "results": results,
             "ratios": ratios, "load_average": {"before": list(load_before), "after": list(load_after)},
             "machine": machine.record(), "threads": timing.thread_settings(),

@@ -46,6 +46,7 @@ import optax
 from vlpeft_jax.data import refexp as rx
 from vlpeft_jax.errors import ConfigError, InputError
 from vlpeft_jax.models.vit import ViTConfig, ViTModel
+from vlpeft_jax.tasks.base import check_numbers
 from vlpeft_jax.tasks.refexp import roi_features
 
 FORWARD_CHUNK = 128
@@ -62,10 +63,10 @@ class TowerSettings:
         hidden_size, num_hidden_layers, num_attention_heads, intermediate_size: the ViT.
         steps, batch_size, learning_rate: AdamW training (weight decay 0.01) on patch classification;
             ``batch_size`` counts images. Measured on ``RefExpConfig(num_train=3000, num_val=500, num_test=500)``
-            (1501 training images, 30 categories, 8x8 patches, 2 CPU cores): 300 steps (12-18 s) reach a val patch
-            accuracy of 0.80 (majority 0.71) but only 0.32 on object patches, i.e. little beyond colour; 1500
-            steps (60 s) reach 0.97 (0.93 on object patches), hence the default. ``patch_size=4`` is 5x slower
-            per step and no better at 300 steps.
+            (1501 training images, 30 categories, 8x8 patches; 2 CPU cores shared with other jobs, load 6-7, so
+            the times are upper bounds): 300 steps (12-18 s) reach a val patch accuracy of 0.80 (majority 0.71)
+            but only 0.32 on object patches, i.e. little beyond colour; 1500 steps (60 s) reach 0.97 (0.93 on
+            object patches), hence the default. ``patch_size=4`` is 5x slower per step and no better at 300 steps.
         seed: parameter init and batch order.
         concat_pixels: append each box's ``roi_grid x roi_grid`` RGB-pooled pixels to its tower feature.
         roi_grid: the pixel grid of ``concat_pixels``.
@@ -92,17 +93,11 @@ class TowerSettings:
     roi_grid: int = 4
 
     def __post_init__(self) -> None:
-        minimum = {"patch_size": 1, "hidden_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
-                   "intermediate_size": 1, "steps": 0, "batch_size": 1, "seed": 0, "roi_grid": 1}
-        for key, low in minimum.items():
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-                raise ConfigError(f"TowerSettings.{key}={v!r} must be an integer >= {low}")
+        check_numbers(self, {"patch_size": 1, "hidden_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
+                             "intermediate_size": 1, "steps": 0, "batch_size": 1, "seed": 0, "roi_grid": 1})
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"TowerSettings.hidden_size={self.hidden_size} must be divisible by "
                               f"num_attention_heads={self.num_attention_heads}")
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-            raise ConfigError(f"TowerSettings.learning_rate={self.learning_rate!r} must be > 0")
         if not isinstance(self.concat_pixels, bool):
             raise ConfigError(f"TowerSettings.concat_pixels={self.concat_pixels!r} must be True or False")
 
