@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "export": "export adapters (e.g. to Hugging Face PEFT format)",
     "generate": "caption or answer about images with a checkpoint folder or a run directory",
     "params": "print total/trainable parameter counts (abstract shapes, no memory)",
+    "plan": "per-device memory of a train step on a (simulated) mesh; does it fit (abstract shapes)",
     "bench": "benchmarks: decode, metrics, train, sparse, mtl",
     "analyze": "attention knockout, logit lens, module knockout, effective rank of a trained model",
 }
