@@ -123,57 +123,72 @@ def abstract_params(module: Any) -> dict[str, Any]:
     return layers.unbox(variables)["params"]
 
 
-def load_gpt2(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> tuple[GPT2LMHeadModel, dict]:
+def load_gpt2(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None,
+              sharding: Any = None) -> tuple[GPT2LMHeadModel, dict]:
     """Builds a :class:`GPT2LMHeadModel` from a local Hugging Face GPT-2 checkpoint directory.
 
-    Returns the module (compute ``dtype``) and its parameters as host (numpy, float32) arrays; place them
-    with ``jax.device_put`` (and a sharding) as needed. A hub id fails with an offline message.
+    Returns the module (compute ``dtype``) and its parameters. The weights are read lazily, one tensor at a
+    time (:func:`~vlpeft_jax.hf.io.lazy_state_dict`), so host memory holds the parameters plus one tensor.
+    ``param_dtype``: ``None`` gives float32 (the model's parameter dtype, as before), ``"stored"`` keeps the
+    checkpoint's dtype, or a dtype such as ``jnp.bfloat16``. ``sharding``: ``None`` returns host numpy arrays;
+    a ``jax.sharding.Sharding``, a tree of them shaped like the parameters, or a callable from the abstract
+    parameters to either, places each tensor straight onto its devices, every process reading only the slices
+    it holds (see :func:`~vlpeft_jax.hf.io.convert`). A hub id fails with an offline message.
     """
     config = GPT2Config.from_hf(io.load_config(model_dir), dtype=dtype)
     model = GPT2LMHeadModel(config)
-    state = _with_prefix(io.load_state_dict(model_dir), "transformer.", "wte.weight")
-    params = io.convert(state, gpt2_key_maps(config), abstract_params(model), source=str(model_dir))
+    state = _with_prefix(io.lazy_state_dict(model_dir), "transformer.", "wte.weight")
+    params = io.convert(state, gpt2_key_maps(config), abstract_params(model), source=str(model_dir),
+                        param_dtype=param_dtype, sharding=sharding)
     return model, params
 
 
-def load_llama(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> tuple[LlamaForCausalLM, dict]:
+def load_llama(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None,
+               sharding: Any = None) -> tuple[LlamaForCausalLM, dict]:
     """Builds a :class:`LlamaForCausalLM` from a local ``llama`` or ``qwen2`` checkpoint directory.
 
-    Returns the module and its parameters as host (numpy, float32) arrays (see :func:`load_gpt2`).
+    Returns the module and its parameters (host numpy float32 by default; ``param_dtype`` and ``sharding`` as in
+    :func:`load_gpt2`).
     """
     config = LlamaConfig.from_hf(io.load_config(model_dir), dtype=dtype)
     model = LlamaForCausalLM(config)
-    state = _with_prefix(io.load_state_dict(model_dir), "model.", "embed_tokens.weight")
-    params = io.convert(state, llama_key_maps(config), abstract_params(model), source=str(model_dir))
+    state = _with_prefix(io.lazy_state_dict(model_dir), "model.", "embed_tokens.weight")
+    params = io.convert(state, llama_key_maps(config), abstract_params(model), source=str(model_dir),
+                        param_dtype=param_dtype, sharding=sharding)
     return model, params
 
 
-def load_opt(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> tuple[OPTForCausalLM, dict]:
+def load_opt(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None,
+             sharding: Any = None) -> tuple[OPTForCausalLM, dict]:
     """Builds an :class:`OPTForCausalLM` from a local Hugging Face OPT checkpoint directory.
 
-    Returns the module and its parameters as host (numpy, float32) arrays (see :func:`load_gpt2`).
+    Returns the module and its parameters (host numpy float32 by default; ``param_dtype`` and ``sharding`` as in
+    :func:`load_gpt2`).
     """
     config = OPTConfig.from_hf(io.load_config(model_dir), dtype=dtype)
     model = OPTForCausalLM(config)
-    state = _with_prefix(io.load_state_dict(model_dir), "model.", "decoder.embed_tokens.weight")
-    params = io.convert(state, opt_key_maps(config), abstract_params(model), source=str(model_dir))
+    state = _with_prefix(io.lazy_state_dict(model_dir), "model.", "decoder.embed_tokens.weight")
+    params = io.convert(state, opt_key_maps(config), abstract_params(model), source=str(model_dir),
+                        param_dtype=param_dtype, sharding=sharding)
     return model, params
 
 
-def _with_prefix(state: dict[str, np.ndarray], prefix: str, probe: str) -> dict[str, np.ndarray]:
-    """Adds the trunk prefix to the keys of a checkpoint saved from the base class (no ``lm_head``)."""
+def _with_prefix(state: io.LazyStateDict, prefix: str, probe: str) -> io.LazyStateDict:
+    """Adds the trunk prefix to the keys of a checkpoint saved from the base class (no ``lm_head``); nothing is
+    read."""
     if prefix + probe in state or probe not in state:
         return state
-    return {(k if k.startswith("lm_head.") else prefix + k): v for k, v in state.items()}
+    return state.rename(lambda k: k if k.startswith("lm_head.") else prefix + k)
 
 
-def load_decoder(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> tuple[Any, dict]:
-    """Loads any supported decoder LM, dispatching on ``model_type`` in its ``config.json``."""
+def load_decoder(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32, **kwargs: Any) -> tuple[Any, dict]:
+    """Loads any supported decoder LM, dispatching on ``model_type`` in its ``config.json`` (``kwargs``:
+    ``param_dtype``, ``sharding``, as in :func:`load_gpt2`)."""
     model_type = io.load_config(model_dir).get("model_type")
     if model_type not in DECODER_LOADERS:
         raise CheckpointError(f"{model_dir}: model_type {model_type!r} is not a supported decoder; supported: "
                               f"{', '.join(sorted(DECODER_LOADERS))}")
-    return DECODER_LOADERS[model_type](model_dir, dtype=dtype)
+    return DECODER_LOADERS[model_type](model_dir, dtype=dtype, **kwargs)
 
 
 DECODER_LOADERS: dict[str, Callable[..., tuple[Any, dict]]] = {
