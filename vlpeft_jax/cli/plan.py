@@ -109,8 +109,9 @@ def build_plan(cfg: ml_collections.ConfigDict, mesh_sizes: dict[str, int], *, st
                                      dict(cfg.get("loss_weights") or {}))
         abstract_batch = setup.task.abstract_batch(batch, seq)
     else:
-        raise ConfigError(f"task {cfg.task.get('name', type(setup.task).__name__)!r} cannot describe its batch on "
-                          "abstract shapes (no abstract_batch); plan a config without a task (a language model)")
+        raise ConfigError(f"task {cfg.task!r} ({type(setup.task).__name__}) cannot describe its batch on abstract "
+                          "shapes (no abstract_batch); plan a config without a task (a language model, e.g. "
+                          "configs/llama_plan.py)")
     specs, notes = param_specs(setup, params)
     accumulation = int(plan.stage.optimizer.accumulation_steps)
     out = memory.plan_memory(params, specs, plan, loss_fn, abstract_batch, mesh, accumulation_steps=accumulation,
