@@ -30,6 +30,11 @@ from vlpeft_jax.errors import ConfigError, VLPeftError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
+PRECISIONS = ("float32", "bfloat16", "float16")
+"""Values of ``config.precision``, the model's compute dtype (:mod:`vlpeft_jax.train.precision`)."""
+OPTIONAL_SETTINGS: dict[str, Any] = {"precision": "float32"}
+"""Top-level settings a config may leave out (at these defaults) and a ``--config.key=value`` override may set."""
+
 
 def load_config_file(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
     """Imports ``path`` and returns ``get_config()`` (or ``get_config(arg)`` for ``file.py:arg``)."""
@@ -170,6 +175,9 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
     """
     cfg = ml_collections.ConfigDict(cfg.to_dict()) if not isinstance(cfg, ml_collections.ConfigDict) else cfg
     for item in overrides:
+        top = item[len("--config."):].split("=", 1)[0] if item.startswith("--config.") else ""
+        if top in OPTIONAL_SETTINGS and top not in cfg:  # a setting every config has, at its default
+            cfg[top] = OPTIONAL_SETTINGS[top]
         if not item.startswith("--config.") or "=" not in item:
             raise ConfigError(f"bad override {item!r}; expected --config.key=value")
         key, text = item[len("--config."):].split("=", 1)
@@ -202,7 +210,8 @@ def validate(cfg: ml_collections.ConfigDict, tasks: Collection[str] | None = Non
     ``seed`` and ``data.seed`` non-negative ints below 2**32; ``train.batch_size``, ``train.max_length``,
     ``eval.batch_size``, ``eval.max_new_tokens`` and every stage's ``steps`` positive ints;
     ``train.checkpoint_every`` and ``eval.max_examples`` ints >= 0 (0: all); ``eval.num_beams`` an int >= 1;
-    a stage ``optimizer.learning_rate`` a finite number >= 0; ``task`` one of ``tasks`` (when given).
+    a stage ``optimizer.learning_rate`` a finite number >= 0; ``precision`` one of :data:`PRECISIONS`; ``task`` one
+    of ``tasks`` (when given).
 
     Example:
         >>> import ml_collections
@@ -235,6 +244,9 @@ def validate(cfg: ml_collections.ConfigDict, tasks: Collection[str] | None = Non
         found, value = get(key)
         if found:
             check_int(key, value, low, high, note)
+    found, precision = get("precision")
+    if found and precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r}; valid: {', '.join(PRECISIONS)}")
     found, task = get("task")
     if found and tasks is not None and task not in tasks:
         raise ConfigError(f"task={task!r}: unknown task; valid: {', '.join(sorted(tasks))}")

@@ -91,3 +91,15 @@ def test_accelerator_settings():
     finally:
         jax.config.update("jax_default_matmul_precision", before[0])
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[1:]
+
+
+def test_bench_train_bfloat16_against_torch_autocast(capsys):
+    """``--precision bfloat16``: both sides start from the same loss up to bfloat16 rounding (ours computes in
+    bfloat16, PyTorch under autocast), and our parameters stay float32 (the trainable count is unchanged)."""
+    out = bench_train.run(TINY + ["--methods", "lora", "--isolate", "none", "--precision", "bfloat16"])
+    assert out["settings"]["precision"] == "bfloat16"
+    lora = out["results"]["lora"]
+    assert lora["ours"]["finite"] and lora["ours"]["trainable"] == lora["torch"]["trainable"] == 32 * 8 + 8 * 96
+    # a log(64) ≈ 4.16 loss, bfloat16 logits (8 mantissa bits): well within 2 % of each other
+    assert lora["ours"]["first_loss"] == pytest.approx(lora["torch"]["first_loss"], rel=0.02)
+    assert "bfloat16 compute" in capsys.readouterr().out

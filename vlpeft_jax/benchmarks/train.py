@@ -15,11 +15,17 @@ so both sides train the same model on the same random tokens (causal-LM cross-en
   ``step()``, ``zero_grad()``. Full fine-tuning and BitFit, which need no peft, run on the plain model (all
   parameters, or only the biases, trainable). Bottleneck adapters and NeuroAda have no peft counterpart.
 
-Same settings on both sides: float32, no dropout anywhere (the HF config's dropouts are set to 0, as our model
-has none), AdamW with lr 1e-4 and weight decay 0.01 (PyTorch's default single-tensor implementation), no
-gradient clipping, an all-ones attention mask. Threads: PyTorch ``torch.set_num_threads(cores)``, XLA its
-default (a pool as large as the cores the process may use); ``--threads N`` pins each measurement process to
-``N`` cores, which sets both.
+``--precision bfloat16`` (or ``float16``) measures mixed precision: ours computes in that dtype with float32
+master weights and optimizer state (``config.precision``, :mod:`vlpeft_jax.train.precision`), PyTorch runs the
+forward pass and the loss under ``torch.autocast`` with float32 parameters (its own recipe); float16 adds a dynamic
+loss scale on both sides (ours :func:`~vlpeft_jax.train.precision.dynamic_loss_scale`, PyTorch
+``torch.amp.GradScaler``).
+
+Same settings on both sides: float32 (unless ``--precision``), no dropout anywhere (the HF config's dropouts are set
+to 0, as our model has none), AdamW with lr 1e-4 and weight decay 0.01 (PyTorch's default single-tensor
+implementation), no gradient clipping, an all-ones attention mask. Threads: PyTorch
+``torch.set_num_threads(cores)``, XLA its default (a pool as large as the cores the process may use); ``--threads
+N`` pins each measurement process to ``N`` cores, which sets both.
 
 Accelerators: JAX runs on its default backend; ``--torch-device auto`` (the default) puts the PyTorch side on the
 same GPU when JAX runs on one and PyTorch sees CUDA (``cpu`` or ``cuda`` force it). A PyTorch step is timed
@@ -82,6 +88,7 @@ from vlpeft_jax.benchmarks import timing
 from vlpeft_jax.benchmarks.timing import usable_cores
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.peft import registry as peft_registry
+from vlpeft_jax.train import precision as precision_lib
 from vlpeft_jax.train import presets
 from vlpeft_jax.train.losses import lm_loss
 
@@ -91,6 +98,7 @@ PLAIN_TORCH_METHODS = ("full", "bitfit")  # PyTorch without peft: which paramete
 LORA_RANK, LORA_ALPHA, VIRTUAL_TOKENS, ADAPTER_SIZE = 8, 16.0, 16, 64
 LEARNING_RATE, WEIGHT_DECAY = 1e-4, 0.01
 MATMUL_PRECISIONS = ("highest", "tf32")
+PRECISIONS = precision_lib.PRECISIONS
 MEMORY_NOTE = ("XLA MiB: compiled.memory_analysis() of our step (argument + output - aliased + temp bytes). "
                "RSS MiB: peak resident memory during steps (VmHWM, reset after warm-up) minus the resident memory "
                "after the imports; the same measure for both sides, each side alone in a fresh process. "
@@ -121,6 +129,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the PyTorch side runs; auto: cuda when JAX runs on a GPU and PyTorch sees CUDA, "
                         "else cpu")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help="compute dtype: ours computes in it with float32 master weights and optimizer state "
+                        "(config.precision); PyTorch runs forward and loss under torch.autocast(dtype) (float16: "
+                        "both sides with a dynamic loss scale)")
     p.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default="highest",
                    help="float32 matrix products on both sides: highest (true float32, the default of PyTorch) "
                         "or tf32 (TensorFloat-32 on GPUs that have it; JAX's GPU default). No effect on CPUs")
@@ -313,14 +325,15 @@ class OurStep:
     The state is donated to every call (as in training) and replaced by the returned one.
     """
 
-    def __init__(self, name: str, model_dir: str, shapes: dict[str, int], total_steps: int) -> None:
+    def __init__(self, name: str, model_dir: str, shapes: dict[str, int], total_steps: int,
+                 compute: str = "float32") -> None:
         from vlpeft_jax.hf.decoders import load_gpt2
         from vlpeft_jax.train import labels as labels_lib
         from vlpeft_jax.train.optim import GroupOptimizer, OptimizerConfig, build_optimizer
         from vlpeft_jax.train.state import TrainState
         from vlpeft_jax.train.step import jit_train_step, make_train_step
 
-        module, base = load_gpt2(model_dir)
+        module, base = load_gpt2(model_dir, dtype=getattr(jnp, compute))  # parameters stay float32
         base = jax.device_put(base)
         method, rules = our_method(name, shapes)
         params = {"base": base, "peft": {} if method is None else {name: method.init(jax.random.key(1), base)}}
@@ -328,6 +341,8 @@ class OurStep:
         self.trainable = labels_lib.count_params(params, labels)["trainable"]
         adamw = GroupOptimizer("adamw", learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, schedule="constant")
         tx = build_optimizer(OptimizerConfig(default=adamw, clip_norm=None), labels, total_steps=total_steps).tx
+        if precision_lib.loss_scaling(compute):
+            tx = precision_lib.dynamic_loss_scale(tx)
         self.state = TrainState.create(params, labels, tx, jax.random.PRNGKey(0))
         del params, base
         self.batch = jax.device_put(make_batch(shapes))
@@ -369,13 +384,13 @@ def _times(times: list[float]) -> dict[str, Any]:
 
 
 def measure_ours(name: str, model_dir: str, shapes: dict[str, int], repeats: int, warmup: int,
-                 precision: str = "highest") -> dict[str, Any]:
+                 precision: str = "highest", compute: str = "float32") -> dict[str, Any]:
     """Our step of method ``name`` alone in this process: times, XLA memory, the peak-RSS increase and, on an
     accelerator, the device allocator's peak."""
     set_matmul_precision(precision, torch_too=False)
     _start_runtime()
     rss0 = _status_kib("VmRSS")
-    ours = OurStep(name, model_dir, shapes, repeats + warmup)
+    ours = OurStep(name, model_dir, shapes, repeats + warmup, compute)
     for _ in range(warmup):
         ours.step()
     reset = _reset_peak_rss()
@@ -409,7 +424,10 @@ def peft_config(name: str) -> Any:
 class TorchStep:
     """A peft + PyTorch train step (plain PyTorch for ``full`` and ``bitfit``); :meth:`step` runs one update."""
 
-    def __init__(self, name: str, model_dir: str, shapes: dict[str, int], device: str = "cpu") -> None:
+    def __init__(self, name: str, model_dir: str, shapes: dict[str, int], device: str = "cpu",
+                 compute: str = "float32") -> None:
+        import contextlib
+
         import peft
         import torch
         import transformers
@@ -435,15 +453,25 @@ class TorchStep:
         self._sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         self.uses_peft = name in PEFT_METHODS
         self.losses: list[float] = []
+        # float32 master weights, forward and loss under autocast (PyTorch's mixed-precision recipe)
+        self._autocast = (contextlib.nullcontext if compute == "float32" else
+                          lambda: torch.autocast(device_type=device, dtype=getattr(torch, compute)))
+        self._scaler = torch.amp.GradScaler(device) if compute == "float16" else None
 
     def step(self) -> float:
         """One update; returns its wall time in seconds (queued GPU work is waited for)."""
         self._sync()
         t0 = time.perf_counter()
-        loss = self.model(input_ids=self.batch["input_ids"], attention_mask=self.batch["attention_mask"],
-                          labels=self.batch["input_ids"]).loss
-        loss.backward()
-        self.optimizer.step()
+        with self._autocast():
+            loss = self.model(input_ids=self.batch["input_ids"], attention_mask=self.batch["attention_mask"],
+                              labels=self.batch["input_ids"]).loss
+        if self._scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self._scaler.scale(loss).backward()
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self._sync()
         elapsed = time.perf_counter() - t0
@@ -465,13 +493,14 @@ def _torch_threads(threads: int | None) -> None:
 
 
 def measure_torch(name: str, model_dir: str, shapes: dict[str, int], repeats: int, warmup: int,
-                  threads: int | None = None, device: str = "cpu", precision: str = "highest") -> dict[str, Any]:
+                  threads: int | None = None, device: str = "cpu", precision: str = "highest",
+                  compute: str = "float32") -> dict[str, Any]:
     """The PyTorch step alone in this process (``threads`` threads; None: the cores this process may use):
     times, the peak-RSS increase and, on CUDA, the peak of ``torch.cuda.max_memory_allocated``."""
     _torch_threads(threads)
     set_matmul_precision(precision)
     rss0 = _status_kib("VmRSS")
-    side = TorchStep(name, model_dir, shapes, device)
+    side = TorchStep(name, model_dir, shapes, device, compute)
     for _ in range(warmup):
         side.step()
     _reset_torch_peak(device)
@@ -484,7 +513,7 @@ def measure_torch(name: str, model_dir: str, shapes: dict[str, int], repeats: in
 
 def measure_paired(name: str, model_dir: str, shapes: dict[str, int], repeats: int, warmup: int,
                    with_torch: bool, threads: int | None = None, device: str = "cpu",
-                   precision: str = "highest") -> dict[str, Any]:
+                   precision: str = "highest", compute: str = "float32") -> dict[str, Any]:
     """Both steps built in this process and run alternately (ours, PyTorch, ours, ...), so that both see the
     same load from other processes; ``{"ours": ..., "torch": ... or None, "pair_ratios": [...]}``.
 
@@ -493,11 +522,11 @@ def measure_paired(name: str, model_dir: str, shapes: dict[str, int], repeats: i
     """
     set_matmul_precision(precision, torch_too=with_torch)
     _start_runtime()
-    ours = OurStep(name, model_dir, shapes, repeats + warmup)
+    ours = OurStep(name, model_dir, shapes, repeats + warmup, compute)
     side = None
     if with_torch:
         _torch_threads(threads)
-        side = TorchStep(name, model_dir, shapes, device)
+        side = TorchStep(name, model_dir, shapes, device, compute)
     for _ in range(warmup):
         ours.step()
         if side is not None:
@@ -549,7 +578,8 @@ def measure_method(name: str, model_dir: str, shapes: dict[str, int], args: argp
                    ) -> dict[str, Any]:
     """Paired timing and (in fresh processes) memory of one method, merged into ``{"ours", "torch", ...}``."""
     with_torch = not args.no_torch and name in PEFT_METHODS + PLAIN_TORCH_METHODS
-    common = {"name": name, "model_dir": model_dir, "shapes": shapes, "precision": args.matmul_precision}
+    common = {"name": name, "model_dir": model_dir, "shapes": shapes, "precision": args.matmul_precision,
+              "compute": args.precision}
     timing_kwargs = {**common, "repeats": args.repeats, "warmup": args.warmup, "with_torch": with_torch,
                      "threads": args.threads, "device": args.torch_device}
     if args.isolate == "none":  # XLA's thread pool already exists here: --threads applies to PyTorch only
@@ -574,6 +604,14 @@ def measure_method(name: str, model_dir: str, shapes: dict[str, int], args: argp
                 out[side][key] = alone[key]
             out[side]["alone_step_s"] = alone["step_s"]
     return out
+
+
+def compute_text(compute: str) -> str:
+    """How the table's header names the compute precision of both sides."""
+    if compute == "float32":
+        return "float32"
+    scale = " + dynamic loss scale" if compute == "float16" else ""
+    return f"{compute} compute (ours: float32 master weights; PyTorch: torch.autocast){scale}"
 
 
 def device_name() -> str:
@@ -622,7 +660,8 @@ def run(argv: list[str]) -> dict[str, Any]:
     names = [n for n in names if n not in skipped]
     load_before = os.getloadavg()
     print(f"bench train: GPT-2 {shapes['layers']} layers, width {shapes['width']}, {shapes['heads']} heads, vocab "
-          f"{shapes['vocab']}, batch {shapes['batch']} x {shapes['seq']} tokens, float32, AdamW; "
+          f"{shapes['vocab']}, batch {shapes['batch']} x {shapes['seq']} tokens, "
+          f"{compute_text(args.precision)}, AdamW; "
           f"{args.repeats} timed steps after {args.warmup} warm-up; JAX on {device_name()}, PyTorch on "
           f"{args.torch_device}, float32 matmul precision {args.matmul_precision}; "
           f"{args.threads or usable_cores()} of {usable_cores()} cores, load average "
@@ -697,7 +736,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         "settings": {**shapes, "repeats": args.repeats, "warmup": args.warmup, "isolate": args.isolate,
                      "memory_steps": args.memory_steps,
                      "threads": args.threads or usable_cores(), "torch_device": args.torch_device,
-                     "matmul_precision": args.matmul_precision,
+                     "matmul_precision": args.matmul_precision, "precision": args.precision,
                      "methods": names, "lora_rank": LORA_RANK, "lora_alpha": LORA_ALPHA,
                      "virtual_tokens": VIRTUAL_TOKENS, "learning_rate": LEARNING_RATE, "weight_decay": WEIGHT_DECAY,
                      "dtype": "float32"},

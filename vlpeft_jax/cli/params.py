@@ -20,6 +20,7 @@ from vlpeft_jax.cli.config import split_config_args
 from vlpeft_jax.experiments import runner
 from vlpeft_jax.models import registry
 from vlpeft_jax.peft.registry import build_methods
+from vlpeft_jax.train import precision as precision_lib
 
 
 def abstract_setup(cfg: ml_collections.ConfigDict) -> tuple[runner.Setup, dict[str, Any]]:
@@ -37,6 +38,7 @@ def abstract_setup(cfg: ml_collections.ConfigDict) -> tuple[runner.Setup, dict[s
         else:
             task = tasks.build(cfg)
         model_cfg = task.model_config()
+    model_cfg = precision_lib.with_compute_dtype(model_cfg, cfg.get("precision"))
     if task is not None and hasattr(task, "abstract_model"):  # a Hugging Face checkpoint, from its config.json
         module, base = task.abstract_model()
         inputs: dict[str, Any] = {}

@@ -49,6 +49,7 @@ from vlpeft_jax.peft import selection
 from vlpeft_jax.peft.registry import build_methods
 from vlpeft_jax.train import checkpoint
 from vlpeft_jax.train import labels as labels_lib
+from vlpeft_jax.train import precision as precision_lib
 from vlpeft_jax.train.loop import train
 from vlpeft_jax.train.presets import check_stage_methods
 from vlpeft_jax.train.stages import Stage
@@ -203,12 +204,18 @@ def build(cfg: ml_collections.ConfigDict) -> Setup:
         check_no_pretrain(cfg)
         module, base = task.load_model()
         return Setup(cfg, task, module, {}, base, build_methods(cfg.get("peft")))
-    module, inputs = registry.build_model(task.model_config())
+    module, inputs = registry.build_model(model_config(cfg, task))
     if cfg.get("pretrain") and cfg.pretrain.get("config"):
         base = pretrained_base(cfg, task, module, inputs)
     else:
         base = init_base(module, inputs, cfg.seed)
     return Setup(cfg, task, module, inputs, base, build_methods(cfg.get("peft")))
+
+
+def model_config(cfg: ml_collections.ConfigDict, task: Any) -> dict[str, Any]:
+    """The task's model config in the run's compute dtype (``config.precision``, see
+    :mod:`vlpeft_jax.train.precision`; parameters stay float32)."""
+    return precision_lib.with_compute_dtype(task.model_config(), cfg.get("precision"))
 
 
 def check_no_pretrain(cfg: ml_collections.ConfigDict) -> None:
@@ -283,6 +290,7 @@ def plan_stages(setup: Setup, peft_params: Mapping[str, Any]) -> tuple[list[Stag
     """The config's stages with each active method's ``stage_rules`` in front of the stage's own rules, and
     ``{stage name: tx -> tx}`` chaining the active methods' ``optimizer_wrapper`` s (identity by default)."""
     stages, wrappers = [], {}
+    scaled = precision_lib.loss_scaling(setup.cfg.get("precision"))
     for stage in stages_from_config(setup.cfg):
         undefined = [n for n in stage.methods if n not in setup.methods]
         if undefined:
@@ -295,7 +303,8 @@ def plan_stages(setup: Setup, peft_params: Mapping[str, Any]) -> tuple[list[Stag
         def wrap(tx: Any, active: list = active) -> Any:
             for m, p in active:
                 tx = m.optimizer_wrapper(tx, p)
-            return tx
+            # float16: the loss scale is the outermost transformation (the train step reads it there)
+            return precision_lib.dynamic_loss_scale(tx) if scaled else tx
 
         wrappers[stage.name] = wrap
     return stages, wrappers
@@ -368,7 +377,9 @@ def pretrained_base(cfg: ml_collections.ConfigDict, task: Any, module: Any, inpu
     # the pretrain config's own task (domain, batch size, lengths) over this run's data and tokenizer: built now when
     # its own model is needed (keep), else only if the base must be trained
     ptask = tasks.build(pcfg, **task.shared_data()) if keep else None
-    pmodule, pinputs = registry.build_model(ptask.model_config()) if keep else (module, inputs)
+    # the pretrain config's own model (and compute dtype: its precision, not this run's)
+    pmodule, pinputs = registry.build_model(precision_lib.with_compute_dtype(
+        (ptask if keep else task).model_config(), pcfg.get("precision")))
     abstract = abstract_base(pmodule, pinputs, pcfg.seed)
     base = _read_cached_base(cache, abstract) if cache.exists() else None
     if base is not None:
@@ -470,6 +481,9 @@ def train_stages(setup: Setup, run_dir: Path, peft_params: Mapping[str, Any], st
         return setup.task.loss_fn(setup.module, setup.active(active), weights)
 
     step_factory = None
+    if mtl is not None and precision_lib.loss_scaling(cfg.get("precision")):
+        raise ConfigError("precision='float16' (dynamic loss scaling) is not supported with multi-task gradient "
+                          "manipulation (config.mtl); use precision='bfloat16', which needs no loss scale")
     if mtl is not None:
         build_loss_fn, wrappers, step_factory = multitask.training_hooks(setup, mtl, wrappers)
     params = {"base": setup.base, "peft": dict(peft_params)}
@@ -506,7 +520,7 @@ def load_final(run_dir: Path, cfg: ml_collections.ConfigDict, task: Any = None) 
         if checkpoint.has_tree(final / "base"):
             base = checkpoint.load_tree(final / "base", jax.eval_shape(lambda: base))
     else:
-        module, inputs = registry.build_model(task.model_config())
+        module, inputs = registry.build_model(model_config(cfg, task))
         base = None
     if base is not None:
         pass

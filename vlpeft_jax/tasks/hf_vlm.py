@@ -88,6 +88,16 @@ def checkpoint_dir(cfg: ml_collections.ConfigDict) -> Path:
     return d
 
 
+def compute_dtype(cfg: ml_collections.ConfigDict) -> str:
+    """The checkpoint's compute dtype: ``config.precision`` when set to a low precision, else ``model.dtype``
+    (parameters are float32 either way, see :mod:`vlpeft_jax.train.precision`)."""
+    precision = cfg.get("precision") or "float32"
+    given = cfg.model.get("dtype", "float32")
+    if precision != "float32" and given not in ("float32", precision):
+        raise ConfigError(f"precision={precision!r} but model.dtype={given!r}; set one of them, or both alike")
+    return precision if precision != "float32" else given
+
+
 def stop_token_ids(model_dir: Path, tokenizer: Any) -> list[int]:
     """The ids that end generation: ``generation_config.json``'s ``eos_token_id`` (an id or a list) when the
     checkpoint has one, else the tokenizer's EOS."""
@@ -150,14 +160,14 @@ class HFVLMTask(abc.ABC):
         from vlpeft_jax.models.registry import DTYPES as JNP_DTYPES
 
         print(f"loading {self.model_dir}")
-        return load_pretrained(self.model_dir, dtype=JNP_DTYPES[self.cfg.model.get("dtype", "float32")])
+        return load_pretrained(self.model_dir, dtype=JNP_DTYPES[compute_dtype(self.cfg)])
 
     def abstract_model(self) -> tuple[Any, Any]:
         """``(module, parameter shapes)`` from the checkpoint's config alone (``run.py params``)."""
         from vlpeft_jax.hf import abstract_pretrained
         from vlpeft_jax.models.registry import DTYPES as JNP_DTYPES
 
-        return abstract_pretrained(self.model_dir, dtype=JNP_DTYPES[self.cfg.model.get("dtype", "float32")])
+        return abstract_pretrained(self.model_dir, dtype=JNP_DTYPES[compute_dtype(self.cfg)])
 
     def examples(self, split: str) -> list[Any]:
         """The examples of ``data.splits[split]`` (loaded once; images decoded per batch with ``images=lazy``)."""

@@ -10,6 +10,11 @@ update with the mean gradient. Micro-batch ``i`` holds examples ``i, i + n, i + 
 (a strided split keeps each device's shard of a data-sharded batch local). With a per-example mean loss
 this equals one step on the whole batch.
 
+Under a dynamic loss scale (:func:`vlpeft_jax.train.precision.dynamic_loss_scale` as the outermost optimizer
+transformation, for float16 compute) the step differentiates ``scale * loss`` and divides the gradients by the
+scale; ``loss`` stays unscaled. A step whose scaled gradients overflow is then skipped by the optimizer (the
+metrics say ``overflow``) and is not a divergence; only a non-finite loss is.
+
 A step whose loss or gradient norm is not finite is not applied (the returned state equals the input
 state) and reports ``finite = False``; the loop stops on it.
 
@@ -38,6 +43,7 @@ import optax
 
 from vlpeft_jax.errors import InputError
 from vlpeft_jax.train import labels as labels_lib
+from vlpeft_jax.train.precision import loss_scale_of
 from vlpeft_jax.train.state import TrainState
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, Any]]]
@@ -64,21 +70,27 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accumu
     ``grad_norm`` (global norm before clipping) and ``finite``.
     """
 
-    def grads_of(trainable: Any, frozen: Any, batch: Any, rng: jax.Array) -> tuple[jax.Array, dict, Any]:
-        def objective(t: Any) -> tuple[jax.Array, dict]:
-            return loss_fn(labels_lib.merge(t, frozen), batch, rng)
+    def grads_of(trainable: Any, frozen: Any, batch: Any, rng: jax.Array, scale: jax.Array | None
+                 ) -> tuple[jax.Array, dict, Any]:
+        def objective(t: Any) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+            loss, metrics = loss_fn(labels_lib.merge(t, frozen), batch, rng)
+            return (loss if scale is None else loss * scale), (loss, metrics)
 
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+        (_, (loss, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+        if scale is not None:  # float16 loss scaling: the gradients of the scaled loss, unscaled in float32
+            grads = jax.tree.map(lambda g: (g.astype(jnp.float32) / scale).astype(g.dtype), grads)
         return loss, metrics, grads
 
     def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
+        scale = loss_scale_of(state.opt_state)
         if accumulation_steps == 1:
-            loss, metrics, grads = grads_of(state.trainable, state.frozen, batch, rng)
+            loss, metrics, grads = grads_of(state.trainable, state.frozen, batch, rng, scale)
         else:
             def body(grad_sum: Any, xs: tuple[jax.Array, Any]) -> tuple[Any, tuple[jax.Array, dict]]:
                 i, micro = xs
-                loss, metrics, grads = grads_of(state.trainable, state.frozen, micro, jax.random.fold_in(rng, i))
+                loss, metrics, grads = grads_of(state.trainable, state.frozen, micro, jax.random.fold_in(rng, i),
+                                                scale)
                 return jax.tree.map(jnp.add, grad_sum, grads), (loss, metrics)
 
             zeros = jax.tree.map(jnp.zeros_like, state.trainable)
@@ -90,11 +102,16 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accumu
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        extra = {}
+        if scale is None:
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        else:  # an overflowing gradient is expected now and then: the loss scale skips that update itself
+            finite = jnp.isfinite(loss)
+            extra = {"loss_scale": scale, "overflow": ~jnp.isfinite(grad_norm)}
         new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
         # a diverged step is not applied, so the state the loop holds (and may checkpoint) stays good
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-        return new_state, {**metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite}
+        return new_state, {**metrics, **extra, "loss": loss, "grad_norm": grad_norm, "finite": finite}
 
     return train_step
 
