@@ -2,19 +2,19 @@
 
 Run as ``python tests/train/distributed_worker.py --process-id i --num-processes 2 --coordinator
 localhost:PORT --work DIR --out DIR/worker_i.json``. Each process gets 2 simulated CPU devices, so the
-global mesh has 4; cross-process collectives go through gloo. Each process trains a tiny LLaMA (full
-fine-tuning, AdamW) with :func:`vlpeft_jax.train.loop.train` and feeds only its own rows of every global
-batch (``sharding.put_batch`` assembles the global batch from the processes' local parts):
+global mesh has 4; cross-process collectives go through gloo. Each process trains a 1-layer LLaMA of width
+32 (full fine-tuning, AdamW) with :func:`vlpeft_jax.train.loop.train` and feeds only the rows of every
+global batch that its devices hold (:func:`local_rows`); ``sharding.put_batch`` assembles the global batch
+from the processes' parts. Two runs, in run directories shared by the processes:
 
-* ``dp``: mesh data=4, fresh run in ``DIR/dp`` (shared by the processes; checkpoints every 2 steps);
-* ``fsdp``: mesh fsdp=4 (parameters and Adam moments sharded over the 4 devices of both processes),
-  fresh run in ``DIR/fsdp``;
-* ``resume``: mesh fsdp=4 in ``DIR/resume``, which the test pre-filled with a checkpoint written by a
-  single-process run: training continues from it.
+* ``hybrid``: mesh data=2 x fsdp=2 (the data axis spans the processes), a fresh run in ``DIR/hybrid``;
+* ``fsdp``: mesh fsdp=4 (parameters and Adam moments sharded across both processes) in ``DIR/fsdp``, which
+  the test pre-filled with a checkpoint written by a single-process run: training continues from it.
 
-Process 0 writes each run's loss curve, its final train state gathered to host memory (``DIR/<run>.npz``,
-leaves in flattening order) and the parameter layout to ``--out``. The model, data and loss live here so the
-test's single-process reference uses exactly the same ones (:func:`setup`, :func:`data_factory`).
+Each process writes its addressable shards of each run's final train state to ``DIR/<run>_p<i>.npz``
+(nothing gathered, nothing compiled) and the loss curves, shard indices and layouts to ``--out``. The model,
+data and loss live here so that the test's single-process reference uses the same ones (:func:`setup`,
+:func:`data_factory`). A failing process exits at once (a normal exit would wait in the shutdown barrier).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 if __name__ == "__main__":  # before jax is imported: 2 CPU devices per process, CPU only
@@ -71,15 +72,21 @@ def global_batch(k: int) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def data_factory(process_index: int = 0, process_count: int = 1):
-    """``(stage_index, start_step) -> batches``: this process's contiguous block of rows of every global
-    batch (the rows its devices hold on a mesh whose first axes are the batch axes)."""
-    rows = GLOBAL_BATCH // process_count
+def local_rows(mesh: jax.sharding.Mesh) -> slice:
+    """The rows of a global batch that this process's devices hold under the loop's batch sharding (what
+    ``sharding.put_batch`` expects this process to pass); one contiguous block on meshes from ``make_mesh``."""
+    index = sharding.batch_sharding(mesh, 2).addressable_devices_indices_map((GLOBAL_BATCH, SEQ))
+    starts = sorted({sl[0].indices(GLOBAL_BATCH)[:2] for sl in index.values()})
+    assert all(a[1] == b[0] for a, b in zip(starts, starts[1:], strict=False)), starts  # contiguous
+    return slice(starts[0][0], starts[-1][1])
+
+
+def data_factory(rows: slice = slice(None)):
+    """``(stage_index, start_step) -> batches``: rows ``rows`` of every global batch (all of it by default)."""
 
     def factory(stage_index: int, start_step: int):
         for k in range(start_step, STEPS):
-            batch = global_batch(k)
-            yield {name: x[process_index * rows:(process_index + 1) * rows] for name, x in batch.items()}
+            yield {name: x[rows] for name, x in global_batch(k).items()}
 
     return factory
 
@@ -123,18 +130,20 @@ def main() -> None:
     pid = jax.process_index()
     assert jax.process_count() == args.num_processes and jax.local_device_count() == 2, jax.devices()
     params, specs, stage, loss_fn = setup()
-    data = data_factory(pid, jax.process_count())
     out: dict = {"process_index": pid, "process_count": jax.process_count(), "devices": jax.device_count(),
                  "setup_seconds": time.perf_counter() - start, "runs": {}}
     for name, axes in RUNS.items():
         t0 = time.perf_counter()
-        result = train(params, [stage], data, args.work / name, loss_fn=loss_fn, seed=SEED,
-                       mesh=sharding.make_mesh(**axes), param_specs=specs, checkpoint_every=CHECKPOINT_EVERY,
+        mesh = sharding.make_mesh(**axes)
+        rows = local_rows(mesh)
+        result = train(params, [stage], data_factory(rows), args.work / name, loss_fn=loss_fn, seed=SEED,
+                       mesh=mesh, param_specs=specs, checkpoint_every=CHECKPOINT_EVERY,
                        progress=False, verbose=False, tensorboard=False, async_checkpoints=False)
         kernel = result.state.trainable["base"]["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
         out["runs"][name] = {
             "losses": [h["loss"] for h in result.history], "steps": [h["step"] for h in result.history],
-            "resumed_from": result.resumed_from, "last_checkpoint": result.last_checkpoint,
+            "rows": [rows.start, rows.stop], "resumed_from": result.resumed_from,
+            "last_checkpoint": result.last_checkpoint,
             "up_kernel_spec": _spec(kernel), "up_kernel_local_shape": list(kernel.addressable_shards[0].data.shape),
             "up_kernel_devices": len(kernel.sharding.device_set),
             "shards": save_local_shards(result.state, args.work / f"{name}_p{pid}.npz"),
@@ -145,4 +154,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BaseException:  # exit at once: a normal exit would wait (minutes) in jax.distributed's shutdown barrier
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
