@@ -145,18 +145,21 @@ def test_loss_curve_matches_float32_within_tolerance(fp32, batches, dtype, scale
 
 
 def test_float16_overflow_steps_are_skipped_until_the_scale_fits(batches):
-    """Scale 2**40: the float16 backward overflows; each such step changes nothing but halves the scale, and the
+    """Scale 2**28: the float16 backward overflows; each such step changes nothing but halves the scale, and the
     run then trains like float32 (the first finite step sees the same parameters float32's first step saw)."""
-    state0, _ = _setup("float16", True, 2.0 ** 40)
+    state0, _ = _setup("float16", True, 2.0 ** 28)
     initial = jax.tree.map(np.asarray, state0.trainable)
-    state, metrics = _curve("float16", True, batches, 2.0 ** 40)
+    state, metrics = _curve("float16", True, batches, 2.0 ** 28)
     overflow = [bool(m["overflow"]) for m in metrics]
     n = overflow.index(False)
-    assert n >= 10 and not any(overflow[n:])  # 2**40 -> at most 2**30 before float16's gradients fit
+    # the logits' cotangent alone is scale / 120 tokens, above float16's 65504 for scales over ~2**23
+    assert n >= 5
     assert all(bool(m["finite"]) for m in metrics)  # an overflow is not a divergence
-    scales = [float(m["loss_scale"]) for m in metrics]
-    assert scales[:n + 1] == [2.0 ** (40 - i) for i in range(n + 1)]
-    assert int(state.opt_state.skipped) == n
+    # every overflow halves the scale, a finite step keeps it (growth only after 1000 finite steps)
+    scales = [float(m["loss_scale"]) for m in metrics] + [float(state.opt_state.scale)]
+    for i, o in enumerate(overflow):
+        assert scales[i + 1] == (scales[i] / 2 if o else scales[i])
+    assert scales[0] == 2.0 ** 28 and int(state.opt_state.skipped) == sum(overflow)
     # the skipped steps left the parameters alone: a fresh run started at the first fitting scale gives the
     # same loss on that step's batch
     state_ref, step_ref = _setup("float16", True, float(scales[n]))
