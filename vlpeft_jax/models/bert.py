@@ -69,6 +69,8 @@ class BertConfig:
         (``embeddings/{word_embeddings, position_embeddings, layernorm}`` and a text FFN); False for
         BLIP-2's ``Blip2QFormerModel`` (``layernorm`` over the query tokens only).
       dtype: computation dtype (parameters stay float32).
+      remat: rematerialisation of each layer in the backward pass, one of
+        :data:`~vlpeft_jax.models.layers.REMAT_POLICIES`.
 
     Example:
         >>> cfg = BertConfig.from_hf({"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2,
@@ -96,8 +98,10 @@ class BertConfig:
     separate_query_ffn: bool = True
     qformer_text_input: bool = False
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     def __post_init__(self) -> None:
+        layers.check_remat(self.remat)
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
                               f"({self.num_attention_heads})")
@@ -314,8 +318,9 @@ class BertEncoder(nn.Module):
                  cross_bias: Array | None = None, query_length: int = 0,
                  deterministic: bool = True) -> tuple[Array, tuple[Array, ...]]:
         states = []
+        layer = layers.remat_layer(BertLayer, self.config.remat, static_argnums=(5, 6))  # query_length, deterministic
         for i in range(self.config.num_hidden_layers):
-            hidden = BertLayer(self.config, layer_idx=i, name=f"layer_{i}")(
+            hidden = layer(self.config, layer_idx=i, name=f"layer_{i}")(
                 hidden, bias, encoder_states, cross_bias, query_length, deterministic)
             states.append(hidden)
         return hidden, tuple(states)

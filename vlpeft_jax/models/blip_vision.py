@@ -81,6 +81,8 @@ class BlipVisionConfig:
       qkv_bias: whether the fused ``qkv`` projection has its (``3 * hidden_size``) bias.
       initializer_range: std of the fresh initialisation (transformers' default is 1e-10).
       dtype: compute dtype (parameters stay float32).
+      remat: rematerialisation of each encoder layer in the backward pass, one of
+        :data:`~vlpeft_jax.models.layers.REMAT_POLICIES`.
     """
 
     hidden_size: int = 1408
@@ -95,8 +97,10 @@ class BlipVisionConfig:
     qkv_bias: bool = True
     initializer_range: float = 1e-10
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     def __post_init__(self) -> None:
+        layers.check_remat(self.remat)
         object.__setattr__(self, "image_size", as_pair(self.image_size, "BLIP vision image_size"))
         object.__setattr__(self, "patch_size", as_pair(self.patch_size, "BLIP vision patch_size"))
         if self.hidden_size % self.num_attention_heads:
@@ -210,8 +214,9 @@ class BlipEncoder(nn.Module):
     @nn.compact
     def __call__(self, x: Array, bias: Array | None) -> tuple[Array, ...]:
         states = [x]
+        layer = layers.remat_layer(BlipEncoderLayer, self.config.remat)
         for i in range(self.config.num_hidden_layers):
-            x = BlipEncoderLayer(self.config, name=f"layers_{i}")(x, bias)
+            x = layer(self.config, name=f"layers_{i}")(x, bias)
             states.append(x)
         return tuple(states)
 

@@ -119,6 +119,8 @@ class CLIPVisionConfig:
       hidden_act: ``quick_gelu`` for OpenAI CLIP (``gelu`` for some others).
       layer_norm_eps: LayerNorm epsilon.
       dtype: compute dtype (parameters stay float32).
+      remat: rematerialisation of each encoder layer in the backward pass, one of
+        :data:`~vlpeft_jax.models.layers.REMAT_POLICIES`.
     """
 
     hidden_size: int = 768
@@ -132,8 +134,10 @@ class CLIPVisionConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     def __post_init__(self) -> None:
+        layers.check_remat(self.remat)
         object.__setattr__(self, "image_size", as_pair(self.image_size, "CLIP vision image_size"))
         object.__setattr__(self, "patch_size", as_pair(self.patch_size, "CLIP vision patch_size"))
         _validate_common(self, "CLIP vision")
@@ -181,6 +185,8 @@ class CLIPTextConfig:
       pad_token_id, bos_token_id: recorded for tokenisation; the model does not use them.
       eos_token_id: decides the pooled position (see the module docstring; 2 selects the legacy rule).
       dtype: compute dtype (parameters stay float32).
+      remat: rematerialisation of each encoder layer in the backward pass, one of
+        :data:`~vlpeft_jax.models.layers.REMAT_POLICIES`.
     """
 
     vocab_size: int = 49408
@@ -196,8 +202,10 @@ class CLIPTextConfig:
     bos_token_id: int | None = 49406
     eos_token_id: int = 49407
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     def __post_init__(self) -> None:
+        layers.check_remat(self.remat)
         _validate_common(self, "CLIP text")
         if isinstance(self.eos_token_id, (list, tuple)):
             if len(self.eos_token_id) != 1:
@@ -295,8 +303,9 @@ class CLIPEncoder(nn.Module):
     @nn.compact
     def __call__(self, x: Array, bias: Array | None, positions: Array | None = None) -> tuple[Array, ...]:
         hidden_states = [x]
+        layer = layers.remat_layer(CLIPEncoderLayer, self.config.remat)
         for i in range(self.config.num_hidden_layers):
-            x = CLIPEncoderLayer(self.config, name=f"layers_{i}")(x, bias, positions)
+            x = layer(self.config, name=f"layers_{i}")(x, bias, positions)
             hidden_states.append(x)
         return tuple(hidden_states)
 

@@ -54,6 +54,8 @@ class GPT2Config:
       scale_attn_by_inverse_layer_idx: also divide layer ``i``'s scores by ``i + 1``.
       tie_word_embeddings: the LM head is the token embedding (True for GPT-2).
       dtype: compute dtype (parameters stay float32).
+      remat: rematerialisation of each block ``h_<i>`` in the backward pass, one of
+        :data:`~vlpeft_jax.models.layers.REMAT_POLICIES` (``"none"``, ``"full"``, ``"dots"``, ``"dots_no_batch"``).
     """
 
     vocab_size: int = 50257
@@ -68,8 +70,10 @@ class GPT2Config:
     scale_attn_by_inverse_layer_idx: bool = False
     tie_word_embeddings: bool = True
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     def __post_init__(self) -> None:
+        layers.check_remat(self.remat)
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"GPT-2 hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                               f"({self.num_attention_heads})")
@@ -210,7 +214,8 @@ class GPT2Model(nn.Module):
         self.wpe = layers.Embed(c.max_position_embeddings, c.hidden_size, axes=("positions", "embed"),
                                 dtype=c.dtype)
         # A list attribute names its members h_0, h_1, ... (HF's transformer.h.0, ...).
-        self.h = [GPT2Block(c, i) for i in range(c.num_hidden_layers)]
+        block = layers.remat_layer(GPT2Block, c.remat, static_argnums=(6,))  # decode is static
+        self.h = [block(c, i) for i in range(c.num_hidden_layers)]
         self.ln_f = layers.LayerNorm(c.layer_norm_epsilon, dtype=c.dtype)
 
     def embed(self, input_ids: Array) -> Array:

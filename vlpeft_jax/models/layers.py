@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.models import hooks
 
 Array = jax.Array
@@ -165,34 +166,166 @@ def activation(name: str) -> Callable[[Array], Array]:
 # Attention
 
 
+def attention_implementation(q: Array, k: Array, bias: Array | None = None, backend: str | None = None) -> str:
+    """The ``implementation`` :func:`attention_default` passes to ``jax.nn.dot_product_attention``.
+
+    ``"cudnn"`` (the fused flash-attention kernel) only on a GPU backend when the inputs qualify: q/k/v in
+    float16 or bfloat16 (one dtype), head dim a multiple of 8 and at most 128, and both sequence lengths even
+    (cuDNN's rule for a bias in training). Everything else -- CPU, TPU, float32, a decoding step with one
+    query -- gets ``"xla"``, the reference lowering (TPU compiles it to its fused attention itself).
+
+    Args:
+      q: ``[b, tq, h, d]``; k: ``[b, tk, kvh, d]``; bias: as :func:`attention_default` (not inspected today,
+        kept so that a rule on it can be added); backend: ``jax.default_backend()`` when None.
+
+    Example:
+        >>> q = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
+        >>> attention_implementation(q, q, backend="cpu"), attention_implementation(q, q, backend="gpu")
+        ('xla', 'cudnn')
+        >>> attention_implementation(q.astype(jnp.float32), q.astype(jnp.float32), backend="gpu")
+        'xla'
+    """
+    backend = jax.default_backend() if backend is None else backend
+    if backend not in ("gpu", "cuda"):
+        return "xla"
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype:
+        return "xla"
+    d, tq, tk = q.shape[-1], q.shape[1], k.shape[1]
+    if d % 8 or d > 128 or tq % 2 or tk % 2:
+        return "xla"
+    return "cudnn"
+
+
 def attention_default(q: Array, k: Array, v: Array, bias: Array | None) -> Array:
     """``softmax(q k^T / sqrt(d) + bias) v`` with grouped-query support; the ``attention`` hook default.
+
+    Runs ``jax.nn.dot_product_attention`` with the implementation :func:`attention_implementation` picks
+    (``"xla"`` on CPU/TPU and for float32, ``"cudnn"`` on GPU for half-precision inputs that qualify).
+    Precision: the scores ``q k^T`` are accumulated and kept in float32 (for bfloat16/float16 inputs the XLA
+    lowering asks for a float32 result), the bias is added and the softmax taken in float32; the
+    probabilities are cast to ``v``'s dtype for the product with ``v``. A row whose keys are all blocked
+    (bias ``NEG_INF`` everywhere) gets a uniform softmax, never NaN. Hooks that need the probabilities
+    themselves use :func:`attention_weights_and_output` (same maths, explicit einsums).
 
     Args:
       q: ``[b, tq, h, d]``; k, v: ``[b, tk, kvh, d]`` with ``h % kvh == 0``.
       bias: additive, broadcastable to ``[b, h, tq, tk]`` (0 = attend, ``NEG_INF`` = blocked), or None.
 
     Returns:
-      ``[b, tq, h, d]``. Softmax is taken in float32.
+      ``[b, tq, h, d]`` in ``q``'s dtype.
+
+    Example:
+        >>> q = jnp.ones((1, 3, 2, 4))
+        >>> v = jnp.arange(24.0).reshape(1, 3, 2, 4)
+        >>> out = attention_default(q, q, v, causal_padding_bias(None, 3))
+        >>> out[0, 0].tolist() == v[0, 0].tolist()  # the first query sees only the first key
+        True
     """
-    return attention_weights_and_output(q, k, v, bias)[1]
+    h, kvh = q.shape[2], k.shape[2]
+    if h % kvh:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({kvh})")
+    impl = attention_implementation(q, k, bias)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+        if impl == "cudnn":  # the kernel wants the bias in q's dtype with full [tq, tk] axes
+            lowest = float(jnp.finfo(q.dtype).min) / 2
+            bias = jnp.maximum(bias, lowest).astype(q.dtype)
+            bias = jnp.broadcast_to(bias, bias.shape[:2] + (q.shape[1], k.shape[1]))
+        else:
+            bias = bias.astype(jnp.float32)
+    return jax.nn.dot_product_attention(q, k, v, bias, implementation=impl)
 
 
 def attention_weights_and_output(q: Array, k: Array, v: Array, bias: Array | None) -> tuple[Array, Array]:
-    """Like :func:`attention_default` but also returns the probabilities ``[b, h, tq, tk]``."""
+    """Like :func:`attention_default` but with explicit einsums, also returning the probabilities ``[b, h, tq, tk]``.
+
+    Same precision rules: scores in float32 (accumulated in float32 for half-precision inputs), bias and
+    softmax in float32, probabilities cast to ``v``'s dtype for the product with ``v``.
+
+    Example:
+        >>> q = jnp.ones((1, 2, 2, 4))
+        >>> probs, out = attention_weights_and_output(q, q, q, None)
+        >>> probs.shape, probs[0, 0, 0].tolist()
+        ((1, 2, 2, 2), [0.5, 0.5])
+    """
     b, tq, h, d = q.shape
     kvh = k.shape[2]
     if h % kvh:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({kvh})")
     g = h // kvh
     qg = q.reshape(b, tq, kvh, g, d)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(d))
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores.astype(jnp.float32) / jnp.sqrt(jnp.float32(d))
     scores = scores.reshape(b, h, tq, k.shape[1])
     if bias is not None:
         scores = scores + bias.astype(jnp.float32)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs.reshape(b, kvh, g, tq, -1).astype(v.dtype), v)
-    return probs, out.reshape(b, tq, h, d)
+    return probs, out.reshape(b, tq, h, d).astype(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rematerialisation
+
+REMAT_POLICIES: dict[str, str] = {
+    "none": "no rematerialisation: the backward pass reads every activation the forward pass kept",
+    "full": "save nothing inside a layer; the backward pass recomputes the whole layer from its input",
+    "dots": "save the results of matrix products (jax.checkpoint_policies.dots_saveable), recompute the rest",
+    "dots_no_batch": "save matrix products without batch dimensions, i.e. the projections but not the attention "
+                     "scores (jax.checkpoint_policies.dots_with_no_batch_dims_saveable)",
+}
+"""The values of the model configs' ``remat`` field and what each keeps for the backward pass."""
+
+
+def check_remat(name: str) -> str:
+    """``name`` if it is one of :data:`REMAT_POLICIES`; else a :class:`~vlpeft_jax.errors.ConfigError`.
+
+    Example:
+        >>> check_remat("dots")
+        'dots'
+    """
+    if name not in REMAT_POLICIES:
+        raise ConfigError(f"remat={name!r}; valid: {', '.join(REMAT_POLICIES)}")
+    return name
+
+
+def remat_policy(name: str) -> Callable[..., bool] | None:
+    """The ``jax.checkpoint`` policy for a ``remat`` name (None = save nothing, also for ``"none"``).
+
+    Example:
+        >>> remat_policy("dots") is jax.checkpoint_policies.dots_saveable
+        True
+    """
+    check_remat(name)
+    return {"dots": jax.checkpoint_policies.dots_saveable,
+            "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}.get(name)
+
+
+def remat_layer(cls: type[nn.Module], remat: str, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+    """``cls`` wrapped in Flax ``nn.remat`` (lifted ``jax.checkpoint``) with the policy named ``remat``.
+
+    ``remat="none"`` returns ``cls`` unchanged. The wrapped class keeps the module names and so the parameter
+    tree; mutable collections (hooks' ``ctx.record``) are lifted through it. ``static_argnums`` counts
+    ``self`` as 0 and must name every Python-valued argument (flags such as ``decode``); the layer must be
+    called with positional arguments only.
+
+    Example:
+        >>> class Layer(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x, double):
+        ...         y = nn.Dense(2, name="proj")(x)
+        ...         return 2 * y if double else y
+        >>> Remat = remat_layer(Layer, "full", static_argnums=(2,))
+        >>> x = jnp.ones((1, 3))
+        >>> p = Layer().init(jax.random.key(0), x, True)
+        >>> bool(jnp.allclose(Remat().apply(p, x, True), Layer().apply(p, x, True)))
+        True
+    """
+    if check_remat(remat) == "none":
+        return cls
+    return nn.remat(cls, policy=remat_policy(remat), static_argnums=static_argnums)
 
 
 def mask_to_bias(mask: Array) -> Array:

@@ -67,6 +67,8 @@ class LlamaConfig:
       tie_word_embeddings: the LM head is the token embedding.
       model_type: ``llama`` or ``qwen2`` (for export and messages).
       dtype: compute dtype (parameters stay float32).
+      remat: rematerialisation of each decoder layer in the backward pass, one of
+        :data:`~vlpeft_jax.models.layers.REMAT_POLICIES`.
     """
 
     vocab_size: int = 32000
@@ -90,8 +92,10 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     model_type: str = "llama"
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     def __post_init__(self) -> None:
+        layers.check_remat(self.remat)
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
@@ -314,7 +318,8 @@ class LlamaModel(nn.Module):
         c = self.config
         self.embed_tokens = layers.Embed(c.vocab_size, c.hidden_size, axes=("vocab", "embed"), dtype=c.dtype)
         # A list attribute names its members layers_0, layers_1, ... (HF's model.layers.0, ...).
-        self.layers = [LlamaDecoderLayer(c) for _ in range(c.num_hidden_layers)]
+        layer = layers.remat_layer(LlamaDecoderLayer, c.remat, static_argnums=(6,))  # decode is static
+        self.layers = [layer(c) for _ in range(c.num_hidden_layers)]
         self.norm = layers.RMSNorm(c.rms_norm_eps, dtype=c.dtype)
 
     def embed(self, input_ids: Array) -> Array:

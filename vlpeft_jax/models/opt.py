@@ -67,6 +67,8 @@ class OPTConfig:
       layer_norm_eps: LayerNorm epsilon (transformers uses PyTorch's default 1e-5).
       tie_word_embeddings: the LM head is the token embedding (True for OPT).
       dtype: compute dtype (parameters stay float32).
+      remat: rematerialisation of each decoder layer in the backward pass, one of
+        :data:`~vlpeft_jax.models.layers.REMAT_POLICIES`.
     """
 
     vocab_size: int = 50272
@@ -83,8 +85,10 @@ class OPTConfig:
     layer_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     def __post_init__(self) -> None:
+        layers.check_remat(self.remat)
         if self.word_embed_proj_dim is None:
             object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
         if self.hidden_size % self.num_attention_heads:
@@ -238,7 +242,8 @@ class OPTDecoder(nn.Module):
             self.project_out = layers.Linear(c.word_embed_proj_dim, axes=("embed", None), use_bias=False,
                                              dtype=c.dtype)
         # A list attribute names its members layers_0, layers_1, ... (HF's model.decoder.layers.0, ...).
-        self.layers = [OPTDecoderLayer(c) for _ in range(c.num_hidden_layers)]
+        layer = layers.remat_layer(OPTDecoderLayer, c.remat, static_argnums=(6,))  # decode is static
+        self.layers = [layer(c) for _ in range(c.num_hidden_layers)]
         if c.has_final_layer_norm:
             self.final_layer_norm = layers.LayerNorm(c.layer_norm_eps, dtype=c.dtype)
 

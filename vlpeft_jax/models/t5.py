@@ -126,6 +126,8 @@ class T5Config:
         ``tie_word_embeddings``, the T5 v1.0 convention).
       decoder_start_token_id, pad_token_id, eos_token_id: special ids (T5: 0, 0, 1).
       dtype: compute dtype (parameters stay float32).
+      remat: rematerialisation of each block (encoder and decoder) in the backward pass, one of
+        :data:`~vlpeft_jax.models.layers.REMAT_POLICIES`.
     """
 
     vocab_size: int = 32128
@@ -146,8 +148,10 @@ class T5Config:
     pad_token_id: int = 0
     eos_token_id: int = 1
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     def __post_init__(self) -> None:
+        layers.check_remat(self.remat)
         if self.num_decoder_layers is None:
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
         if self.scale_decoder_outputs is None:
@@ -471,6 +475,18 @@ class T5Block(nn.Module):
         # A list attribute names its members layer_0, layer_1, ... (HF's block.<i>.layer.<j>).
         self.layer = sublayers
 
+    def __call__(self, x: Array, mask_bias: Array | None, position_bias: Array | None, query_positions: Array,
+                 layer_cache: tuple[Array, Array] | None, cache_index: Array | None, encoder_states: Array | None,
+                 encoder_bias: Array | None, cross_kv: tuple[Array, Array] | None, decode: bool, deterministic: bool
+                 ) -> tuple[Array, Array | None, tuple[Array, Array] | None, tuple[Array, Array] | None]:
+        """Returns (output, the position bias for the next blocks, new self-attention K/V, cross K/V or None)."""
+        x, position_bias, kv = self.layer[0](x, mask_bias, position_bias, query_positions, layer_cache, cache_index,
+                                             decode, deterministic)
+        ckv = None
+        if self.is_decoder:
+            x, ckv = self.layer[1](x, encoder_states, cross_kv, encoder_bias, query_positions, decode, deterministic)
+        return self.layer[-1](x, deterministic), position_bias, kv, ckv
+
 
 class T5Stack(nn.Module):
     """The encoder or the decoder (HF ``T5Stack`` without its alias of ``shared``): ``block_<i>``,
@@ -483,7 +499,8 @@ class T5Stack(nn.Module):
         c = self.config
         n = c.num_decoder_layers if self.is_decoder else c.num_layers
         # A list attribute names its members block_0, block_1, ... (HF's encoder.block.<i>).
-        self.block = [T5Block(c, self.is_decoder, i == 0) for i in range(n)]
+        block = layers.remat_layer(T5Block, c.remat, static_argnums=(10, 11))  # decode, deterministic are static
+        self.block = [block(c, self.is_decoder, i == 0) for i in range(n)]
         self.final_layer_norm = layers.RMSNorm(c.layer_norm_epsilon, dtype=c.dtype)
         self.dropout = nn.Dropout(c.dropout_rate)
 
@@ -499,14 +516,12 @@ class T5Stack(nn.Module):
         position_bias = None
         for i, block in enumerate(self.block):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, position_bias, kv = block.layer[0](x, mask_bias, position_bias, query_positions, layer_cache,
-                                                  None if cache is None else cache.index, decode, deterministic)
+            x, position_bias, kv, ckv = block(x, mask_bias, position_bias, query_positions, layer_cache,
+                                              None if cache is None else cache.index, encoder_states, encoder_bias,
+                                              None if cross_kv is None else cross_kv[i], decode, deterministic)
             self_kv.append(kv)
             if self.is_decoder:
-                x, ckv = block.layer[1](x, encoder_states, None if cross_kv is None else cross_kv[i], encoder_bias,
-                                        query_positions, decode, deterministic)
                 new_cross.append(ckv)
-            x = block.layer[-1](x, deterministic)
             hidden_states.append(x)
         hidden_states[-1] = self.dropout(self.final_layer_norm(x), deterministic=deterministic)
         return tuple(hidden_states), tuple(self_kv), tuple(new_cross)

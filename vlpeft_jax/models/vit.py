@@ -125,6 +125,8 @@ class ViTConfig:
       pooler_output_size: pooler width (None: ``hidden_size``).
       pooler_act: pooler activation.
       dtype: compute dtype (parameters stay float32).
+      remat: rematerialisation of each layer in the backward pass, one of
+        :data:`~vlpeft_jax.models.layers.REMAT_POLICIES`.
     """
 
     hidden_size: int = 768
@@ -141,8 +143,10 @@ class ViTConfig:
     pooler_output_size: int | None = None
     pooler_act: str = "tanh"
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     def __post_init__(self) -> None:
+        layers.check_remat(self.remat)
         object.__setattr__(self, "image_size", as_pair(self.image_size, "ViT image_size"))
         object.__setattr__(self, "patch_size", as_pair(self.patch_size, "ViT patch_size"))
         if self.hidden_size % self.num_attention_heads:
@@ -311,8 +315,9 @@ class ViTEncoder(nn.Module):
     @nn.compact
     def __call__(self, x: Array, bias: Array | None) -> tuple[Array, ...]:
         hidden_states = [x]
+        layer = layers.remat_layer(ViTLayer, self.config.remat)
         for i in range(self.config.num_hidden_layers):
-            x = ViTLayer(self.config, name=f"layer_{i}")(x, bias)
+            x = layer(self.config, name=f"layer_{i}")(x, bias)
             hidden_states.append(x)
         return tuple(hidden_states)
 
