@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=1,
                    help="1: greedy decoding; K > 1: beam search with K beams on both sides (no EOS, length penalty 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts")
+    p.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where transformers runs: auto = on the GPU when JAX runs on one and PyTorch sees CUDA")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads for the reference (default: PyTorch's own choice)")
     return p
@@ -58,9 +60,12 @@ def run(argv: list[str]) -> dict[str, Any]:
     """Runs the benchmark, prints a table and returns the results (also written to ``--out`` by the CLI).
 
     Example:
-        >>> r = run(["--layers", "1", "--width", "32", "--heads", "2", "--vocab", "64", "--batch", "2",
-        ...          "--prompt-len", "4", "--new-tokens", "4", "--repeats", "1"])  # doctest: +ELLIPSIS
-        decode ...
+        >>> import contextlib, io
+        >>> with contextlib.redirect_stdout(io.StringIO()) as table:  # a busy machine adds a warning line first
+        ...     r = run(["--layers", "1", "--width", "32", "--heads", "2", "--vocab", "64", "--batch", "2",
+        ...              "--prompt-len", "4", "--new-tokens", "4", "--repeats", "1"])
+        >>> "decode benchmark: GPT-2 1 layers" in table.getvalue()
+        True
         >>> r["jax"]["tokens_per_s"] > 0, r["torch"]["tokens_per_s"] > 0
         (True, True)
         >>> "other_cpu_share" in r["machine"], r["jax_over_torch_q1"] <= r["jax_over_torch"] <= r["jax_over_torch_q3"]
@@ -74,6 +79,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     import torch
     import transformers
 
+    from vlpeft_jax.benchmarks.train import resolve_torch_device
     from vlpeft_jax.hf.decoders import load_gpt2
 
     if args.torch_threads is not None:
@@ -86,6 +92,9 @@ def run(argv: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         hf_model.save_pretrained(d)
         module, params = load_gpt2(d)
+    params = jax.device_put(params)
+    device = resolve_torch_device(args.torch_device, jax.default_backend(), torch.cuda.is_available())
+    hf_model.to(device)
 
     rng = np.random.default_rng(args.seed)
     ids = rng.integers(1, args.vocab, (args.batch, args.prompt_len))
@@ -100,7 +109,7 @@ def run(argv: list[str]) -> dict[str, Any]:
                        pad_token_id=PAD, method="beam" if beam else "greedy", num_beams=args.num_beams)
         return np.asarray(jax.block_until_ready(out.sequences))
 
-    torch_ids, torch_mask = torch.tensor(ids), torch.tensor(mask)
+    torch_ids, torch_mask = torch.tensor(ids).to(device), torch.tensor(mask).to(device)
 
     def reference() -> np.ndarray:
         with torch.inference_mode():
@@ -108,7 +117,7 @@ def run(argv: list[str]) -> dict[str, Any]:
                                     max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                     eos_token_id=None, pad_token_id=PAD, num_beams=args.num_beams,
                                     length_penalty=1.0)
-        return out[:, args.prompt_len:].numpy()
+        return out[:, args.prompt_len:].cpu().numpy()  # .cpu() waits for queued GPU work
 
     with timing.Monitor() as machine:
         times, outputs = timing.alternate({"jax": ours, "torch": reference}, rounds=args.repeats)
@@ -121,7 +130,8 @@ def run(argv: list[str]) -> dict[str, Any]:
         sides[name] = {"tokens_per_s": n_tokens / summary["median_s"], **summary}
     ratio = timing.paired_ratio(times["torch"], times["jax"])  # per round: transformers' time / ours
     results = {
-        "config": {k: v for k, v in vars(args).items()} | {"dtype": "float32", "decoding": decoding},
+        "config": {k: v for k, v in vars(args).items()} | {
+            "dtype": "float32", "decoding": decoding, "torch_device": device, "jax_backend": jax.default_backend()},
         **sides,
         "jax_over_torch": ratio["median"], "jax_over_torch_q1": ratio["q1"], "jax_over_torch_q3": ratio["q3"],
         # Same weights and prompts: the tokens should agree (near-ties of a random model may not).
@@ -139,7 +149,8 @@ def _print(r: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"decode benchmark: GPT-2 {args.layers} layers, width {args.width}, {args.heads} heads, vocab {args.vocab}, "
           f"batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, float32, "
           f"{r['config']['decoding']}, no EOS, "
-          f"{args.repeats} alternating rounds")
+          f"{args.repeats} alternating rounds; JAX on {r['config']['jax_backend']}, PyTorch on "
+          f"{r['config']['torch_device']}")
     print(f"{'implementation':<42} {'median s':>10} {'IQR s':>17} {'tokens/s':>10}")
     for name, label in (("jax", "vlpeft_jax generate (jit, KV cache)"),
                         ("torch", "transformers GPT2LMHeadModel.generate")):
