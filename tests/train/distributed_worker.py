@@ -138,7 +138,7 @@ def main() -> None:
         rows = local_rows(mesh)
         result = train(params, [stage], data_factory(rows), args.work / name, loss_fn=loss_fn, seed=SEED,
                        mesh=mesh, param_specs=specs, checkpoint_every=CHECKPOINT_EVERY,
-                       progress=False, verbose=False, tensorboard=False, async_checkpoints=False)
+                       progress=False, verbose=False, tensorboard=False)  # asynchronous checkpoints (the default)
         kernel = result.state.trainable["base"]["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
         out["runs"][name] = {
             "losses": [h["loss"] for h in result.history], "steps": [h["step"] for h in result.history],

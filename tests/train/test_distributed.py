@@ -39,7 +39,7 @@ from vlpeft_jax.train.loop import train
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 REPO = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 240  # generous for a loaded CI machine; the run itself takes ~15 s here
+TIMEOUT_S = 240  # generous for a loaded CI machine; the workers need ~9 CPU-seconds each
 LOSS_RTOL, PARAM_ATOL = 1e-5, 1e-5
 
 
@@ -58,7 +58,8 @@ def run_workers(work: Path, n: int = 2, timeout: float = TIMEOUT_S) -> list[dict
     """Launches ``n`` worker processes, waits for all (killing every one if any fails or time runs out) and
     returns their JSON outputs; a failure reports each worker's exit status and stderr tail."""
     coordinator = f"localhost:{_free_port()}"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     env.pop("XLA_FLAGS", None)  # the worker sets its own device count
     procs, logs = [], []
     for i in range(n):
@@ -115,6 +116,7 @@ def assemble(work: Path, name: str, workers: list[dict], like: list) -> list[np.
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("distributed")
+    start = time.perf_counter()
     params, specs, stage, loss_fn = dw.setup()
     mesh = sharding.make_mesh()  # one device
     ref = train(params, [stage], dw.data_factory(), work / "single", loss_fn=loss_fn, seed=dw.SEED, mesh=mesh,
@@ -124,7 +126,11 @@ def runs(tmp_path_factory):
     (work / "fsdp" / "checkpoints").mkdir(parents=True)
     shutil.copytree(work / "single" / "checkpoints" / str(dw.CHECKPOINT_EVERY),
                     work / "fsdp" / "checkpoints" / str(dw.CHECKPOINT_EVERY))
+    reference_s = time.perf_counter() - start
     workers = run_workers(work)
+    workers_s = time.perf_counter() - start - reference_s
+    print(f"single-process reference {reference_s:.1f} s, 2-process workers {workers_s:.1f} s (wall; load average "
+          f"{os.getloadavg()[0]:.1f})")
     plan = stages.plan_stages(params, [stage])[0]
     abstract = stages.abstract_stage_state(params, plan, mesh, sharding.tree_shardings(params, mesh, specs))
     return {"work": work, "ref": ref, "workers": workers, "abstract": abstract,
