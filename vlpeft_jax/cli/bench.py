@@ -22,6 +22,7 @@ BENCHMARKS = {
     "train": "vlpeft_jax.benchmarks.train",
     "sparse": "vlpeft_jax.benchmarks.sparse",
     "mtl": "vlpeft_jax.benchmarks.mtl",
+    "remat": "vlpeft_jax.benchmarks.remat",
 }
 
 
