@@ -4,7 +4,7 @@ Run as ``python tests/train/distributed_worker.py --process-id i --num-processes
 localhost:PORT --work DIR --out DIR/worker_i.json``. Each process gets 2 simulated CPU devices, so the
 global mesh has 4; cross-process collectives go through gloo. Each process trains a 1-layer LLaMA of width
 32 (full fine-tuning, AdamW) with :func:`vlpeft_jax.train.loop.train` and feeds only the rows of every
-global batch that its devices hold (:func:`local_rows`); ``sharding.put_batch`` assembles the global batch
+global batch that its devices hold (``sharding.process_rows``); ``sharding.put_batch`` assembles the global batch
 from the processes' parts. Two runs, in run directories shared by the processes:
 
 * ``hybrid``: mesh data=2 x fsdp=2 (the data axis spans the processes), a fresh run in ``DIR/hybrid``;
@@ -35,6 +35,7 @@ if __name__ == "__main__":  # before jax is imported: 2 CPU devices per process,
 import jax
 import numpy as np
 
+from vlpeft_jax.errors import InputError
 from vlpeft_jax.models import layers, registry
 from vlpeft_jax.train import labels, losses, optim, sharding, stages
 
@@ -72,15 +73,6 @@ def global_batch(k: int) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def local_rows(mesh: jax.sharding.Mesh) -> slice:
-    """The rows of a global batch that this process's devices hold under the loop's batch sharding (what
-    ``sharding.put_batch`` expects this process to pass); one contiguous block on meshes from ``make_mesh``."""
-    index = sharding.batch_sharding(mesh, 2).addressable_devices_indices_map((GLOBAL_BATCH, SEQ))
-    starts = sorted({sl[0].indices(GLOBAL_BATCH)[:2] for sl in index.values()})
-    assert all(a[1] == b[0] for a, b in zip(starts, starts[1:], strict=False)), starts  # contiguous
-    return slice(starts[0][0], starts[-1][1])
-
-
 def data_factory(rows: slice = slice(None)):
     """``(stage_index, start_step) -> batches``: rows ``rows`` of every global batch (all of it by default)."""
 
@@ -89,6 +81,10 @@ def data_factory(rows: slice = slice(None)):
             yield {name: x[rows] for name, x in global_batch(k).items()}
 
     return factory
+
+
+def _rows(rows: slice) -> list[int]:
+    return [rows.start, rows.stop]
 
 
 def _spec(x: jax.Array) -> list:
@@ -132,17 +128,24 @@ def main() -> None:
     params, specs, stage, loss_fn = setup()
     out: dict = {"process_index": pid, "process_count": jax.process_count(), "devices": jax.device_count(),
                  "setup_seconds": time.perf_counter() - start, "runs": {}}
+    out["rows"] = {name: _rows(sharding.process_rows(sharding.make_mesh(**axes), GLOBAL_BATCH))
+                   for name, axes in {"data4": {"data": 4}, "data2_tensor2": {"data": 2, "tensor": 2},
+                                      "tensor4": {"tensor": 4}}.items()}
+    try:  # a local part that does not split over this process's 2 batch blocks: refused before any collective
+        sharding.put_batch({"x": np.zeros((3, 2), np.float32)}, sharding.make_mesh(data=4))
+    except InputError as e:
+        out["uneven_local_batch"] = str(e)
     for name, axes in RUNS.items():
         t0 = time.perf_counter()
         mesh = sharding.make_mesh(**axes)
-        rows = local_rows(mesh)
+        rows = sharding.process_rows(mesh, GLOBAL_BATCH)
         result = train(params, [stage], data_factory(rows), args.work / name, loss_fn=loss_fn, seed=SEED,
                        mesh=mesh, param_specs=specs, checkpoint_every=CHECKPOINT_EVERY,
                        progress=False, verbose=False, tensorboard=False)  # asynchronous checkpoints (the default)
         kernel = result.state.trainable["base"]["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
         out["runs"][name] = {
             "losses": [h["loss"] for h in result.history], "steps": [h["step"] for h in result.history],
-            "rows": [rows.start, rows.stop], "resumed_from": result.resumed_from,
+            "rows": _rows(rows), "resumed_from": result.resumed_from,
             "last_checkpoint": result.last_checkpoint,
             "up_kernel_spec": _spec(kernel), "up_kernel_local_shape": list(kernel.addressable_shards[0].data.shape),
             "up_kernel_devices": len(kernel.sharding.device_set),

@@ -156,6 +156,13 @@ def test_two_processes_train_like_one(runs):
         state = assemble(runs["work"], name, workers, runs["ref_leaves"])
         for i, (got, want) in enumerate(zip(state, runs["ref_leaves"], strict=True)):
             np.testing.assert_allclose(got, want, rtol=0, atol=PARAM_ATOL, err_msg=f"{name} leaf {i}")
+    # each process fed the rows its devices hold: its half when data x fsdp spans both processes
+    half = dw.GLOBAL_BATCH // 2
+    for i, w in enumerate(workers):
+        assert w["runs"]["hybrid"]["rows"] == w["runs"]["fsdp"]["rows"] == [i * half, (i + 1) * half]
+        assert w["rows"] == {"data4": [i * half, (i + 1) * half], "data2_tensor2": [i * half, (i + 1) * half],
+                             "tensor4": [0, dw.GLOBAL_BATCH]}  # no batch axis across processes: all rows
+        assert "3 rows in process" in w["uneven_local_batch"] and "multiple of 2" in w["uneven_local_batch"]
     # the parameters really were sharded across processes (global 4-device layouts, local shards smaller)
     hybrid, fsdp = workers[0]["runs"]["hybrid"], workers[0]["runs"]["fsdp"]
     assert hybrid["up_kernel_devices"] == fsdp["up_kernel_devices"] == 4

@@ -9,7 +9,9 @@ shardings does the rest (see :func:`vlpeft_jax.train.step.jit_train_step`).
 
 The same code runs on one device (the default 1x1x1 mesh: everything replicated), on 8 simulated CPU
 devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``), or on a multi-process mesh
-(``jax.distributed.initialize()`` first; batches are then assembled from each process's local part).
+(``jax.distributed.initialize()`` first; batches are then assembled from each process's local part: the
+rows :func:`process_rows` names, which on meshes from :func:`make_mesh` are process ``i``'s ``i``-th block
+of the global batch when ``data * fsdp`` spans the processes, and the whole, identical batch when it does not).
 
 Example:
     >>> import jax.numpy as jnp
@@ -200,21 +202,63 @@ def batch_shardings(batch: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: batch_sharding(mesh, np.ndim(x)), batch)
 
 
+def _local_batch_blocks(mesh: Mesh) -> tuple[int, list[int]]:
+    """(``data * fsdp``, the sorted indices of the batch blocks this process's devices hold)."""
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    index = batch_sharding(mesh, 1).addressable_devices_indices_map((n,))
+    return n, sorted({sl[0].indices(n)[0] for sl in index.values()})
+
+
+def process_rows(mesh: Mesh, global_batch_size: int) -> slice:
+    """The rows of every global batch of ``global_batch_size`` that this process passes to :func:`put_batch`.
+
+    With one process: all of them. With several (after ``jax.distributed.initialize``) and a mesh from
+    :func:`make_mesh`: process ``i`` of ``P`` gets block ``i`` of ``P`` when ``data * fsdp`` is a multiple of
+    ``P``; when the batch axes do not span the processes (e.g. a tensor-only mesh), every process passes the
+    whole batch, and it must be the same batch in every process.
+
+    Raises:
+      InputError: ``global_batch_size`` is not divisible by ``data * fsdp``, or this process's devices hold
+        batch blocks that are not contiguous (a mesh built from a custom device order).
+
+    Example:
+        >>> process_rows(make_mesh(), 8)
+        slice(0, 8, None)
+    """
+    n, blocks = _local_batch_blocks(mesh)
+    if global_batch_size % n:
+        raise InputError(f"global batch size {global_batch_size} is not divisible by the mesh's data x fsdp = {n} "
+                         f"devices")
+    if blocks != list(range(blocks[0], blocks[-1] + 1)):
+        raise InputError(f"process {jax.process_index()} holds batch blocks {blocks} of {n}, not one contiguous "
+                         f"range; build the mesh with make_mesh (devices in process order)")
+    size = global_batch_size // n
+    return slice(blocks[0] * size, (blocks[-1] + 1) * size)
+
+
 def put_batch(batch: Any, mesh: Mesh) -> Any:
     """Places a host batch on the mesh, sharded over ``("data", "fsdp")``.
 
-    With several processes each passes its local part and the global batch is assembled.
+    With several processes each passes its local part (the rows :func:`process_rows` names) and the global
+    batch is assembled.
 
     Raises:
-      InputError: the (global) batch size is not divisible by ``data * fsdp``.
+      InputError: the (global) batch size is not divisible by ``data * fsdp`` (with several processes: a
+        local part whose rows do not split evenly over the batch blocks this process's devices hold).
     """
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     multi = jax.process_count() > 1
+    local_blocks = len(_local_batch_blocks(mesh)[1]) if multi else 1
 
     def put(path: Sequence[Any], x: Any) -> jax.Array:
         x = np.asarray(x)
         sh = batch_sharding(mesh, x.ndim)
         if multi:
+            if x.ndim and x.shape[0] % local_blocks:
+                raise InputError(f"batch array {jax.tree_util.keystr(path)} has {x.shape[0]} rows in process "
+                                 f"{jax.process_index()}, whose devices hold {local_blocks} of the mesh's data x "
+                                 f"fsdp = {n} batch blocks: pass a multiple of {local_blocks} rows (the rows "
+                                 f"sharding.process_rows names)")
             return jax.make_array_from_process_local_data(sh, x)
         if x.ndim and x.shape[0] % n:
             raise InputError(f"batch array {jax.tree_util.keystr(path)} has leading dimension {x.shape[0]}, "
