@@ -11,10 +11,14 @@ fine-tuning with AdamW, every parameter and Adam moment sharded by its logical a
 
 This module computes the reference in its own process (one device, same seed, same data, same global
 batch) and checks: both loss curves equal the reference's (relative tolerance 1e-5, float32 with
-"highest" matmul precision); the final train states equal the reference's (absolute 1e-5); the
-checkpoints the 2-process runs wrote (shards from both processes) restore in this single process to
-exactly the state the workers held in memory; and the 2-process run resumed from a single-process
-checkpoint continues exactly as the single process did.
+"highest" matmul precision); the final train states (parameters, Adam moments) equal the reference's
+(relative 1e-5 above an absolute floor of 1e-7; measured: at most 4e-6 relative); the checkpoints the
+2-process runs wrote (shards from both processes) restore in this single process bit for bit to the state
+the workers held in memory; the 2-process run resumed from a single-process checkpoint continues as the
+single process did (same tolerances); and each process fed the rows ``sharding.process_rows`` names.
+
+A failing worker ends the test at once with every worker's exit status and stderr tail; the others are
+killed (so are all of them after ``TIMEOUT_S``), never left waiting on their peers' collectives.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ from vlpeft_jax.train.loop import train
 WORKER = Path(__file__).with_name("distributed_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 240  # generous for a loaded CI machine; the workers need ~9 CPU-seconds each
-LOSS_RTOL, PARAM_ATOL = 1e-5, 1e-5
+LOSS_RTOL = 1e-5
+STATE_RTOL, STATE_ATOL = 1e-5, 1e-7  # parameters ~0.3, Adam second moments ~1e-6: relative, with a small floor
 
 
 def _free_port() -> int:
@@ -154,8 +159,11 @@ def test_two_processes_train_like_one(runs):
               f"worker seconds {[round(w['runs'][name]['seconds'], 1) for w in workers]}")
         assert rel <= LOSS_RTOL, (name, run["losses"], ref_losses.tolist())
         state = assemble(runs["work"], name, workers, runs["ref_leaves"])
+        worst = max(float(np.max(np.abs(got.astype(np.float64) - want), initial=0))
+                    for got, want in zip(state, runs["ref_leaves"], strict=True))
+        print(f"{name}: max |final state - single-process final state| = {worst:.1e} (parameters, Adam moments)")
         for i, (got, want) in enumerate(zip(state, runs["ref_leaves"], strict=True)):
-            np.testing.assert_allclose(got, want, rtol=0, atol=PARAM_ATOL, err_msg=f"{name} leaf {i}")
+            np.testing.assert_allclose(got, want, rtol=STATE_RTOL, atol=STATE_ATOL, err_msg=f"{name} leaf {i}")
     # each process fed the rows its devices hold: its half when data x fsdp spans both processes
     half = dw.GLOBAL_BATCH // 2
     for i, w in enumerate(workers):
