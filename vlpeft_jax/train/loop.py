@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import signal
@@ -164,7 +165,7 @@ class _Run:
     evals: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def stage(self, state: TrainState, plan: StagePlan, task: LossFn, data_factory: DataFactory, first_step: int,
-              offset: int, state_shardings: TrainState, log: MetricsLogger, bar: ProgressBar) -> TrainState:
+              offset: int, state_shardings: TrainState, log: MetricsLogger | None, bar: ProgressBar) -> TrainState:
         """Runs updates ``first_step .. steps-1`` of stage ``plan``; returns the state after the stage."""
         stage = plan.stage
         raw_step = self.step_factory(task, plan.optimizer.tx, accumulation_steps=stage.optimizer.accumulation_steps)
@@ -189,7 +190,7 @@ class _Run:
             record = {"stage": stage.name, **{name: to_python(v) for name, v in metrics.items() if name != "finite"},
                       **{f"lr/{g}": lr for g, lr in lrs.items()}}
             record["examples_per_s"] = bar.update(1, loss=float(metrics["loss"]), lr=next(iter(lrs.values())),
-                                                  examples=_batch_size(host_batch))
+                                                  examples=_batch_size(batch))  # global rows (all processes)
             if self.is_main:
                 log.write(global_step, record)
             self.history.append({"step": global_step, **record})
@@ -317,8 +318,10 @@ def train(params: Any, stages: Sequence[Stage | Mapping[str, Any]], data_factory
         run = _Run(checkpointer=checkpointer, mesh=mesh, seed=seed, checkpoint_every=checkpoint_every,
                    eval_fn=eval_fn, eval_every=eval_every, is_main=is_main, stage_summary=stage_summary,
                    last_saved=resumed_from, interrupt=_InterruptFlag(), step_factory=step_factory or make_train_step)
-        with run.interrupt, MetricsLogger(run_dir, start_step=resumed_from or 0,
-                                          tensorboard=tensorboard and is_main) as log:
+        # only the main process writes metrics.jsonl (a resumed run rewrites it: two writers would lose lines)
+        logger = (MetricsLogger(run_dir, start_step=resumed_from or 0, tensorboard=tensorboard) if is_main
+                  else contextlib.nullcontext())
+        with run.interrupt, logger as log:
             bar = ProgressBar(offsets[-1], initial=resumed_from or 0, enabled=progress and is_main)
             try:
                 for plan in plans[start_stage:]:
