@@ -311,6 +311,11 @@ def remat_layer(cls: type[nn.Module], remat: str, static_argnums: tuple[int, ...
     ``self`` as 0 and must name every Python-valued argument (flags such as ``decode``); the layer must be
     called with positional arguments only.
 
+    Hooks run inside the checkpointed layer: a hook may read side inputs and closed-over (PEFT) parameters and
+    may ``ctx.record``, but must not carry a value computed inside a layer out through Python state to a later
+    hook (a leaked tracer): MAM with ``mam_layers="top"`` does this (its attention hook stashes the key layout
+    for its ``final_hidden`` hook) and fails under remat with ``UnexpectedTracerError``.
+
     Example:
         >>> class Layer(nn.Module):
         ...     @nn.compact
