@@ -32,8 +32,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 """Values of ``config.precision``, the model's compute dtype (:mod:`vlpeft_jax.train.precision`)."""
-OPTIONAL_SETTINGS: dict[str, Any] = {"precision": "float32"}
-"""Top-level settings a config may leave out (at these defaults) and a ``--config.key=value`` override may set."""
+OPTIONAL_SETTINGS: dict[str, Any] = {"precision": "float32", "model.remat": "none"}
+"""Settings a config may leave out (at these defaults) and a ``--config.key=value`` override may still set:
+``precision`` (the compute dtype, :mod:`vlpeft_jax.train.precision`) and ``model.remat`` (per-layer
+rematerialisation, ``vlpeft_jax.models.layers.REMAT_POLICIES``)."""
 
 
 def load_config_file(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -175,9 +177,14 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
     """
     cfg = ml_collections.ConfigDict(cfg.to_dict()) if not isinstance(cfg, ml_collections.ConfigDict) else cfg
     for item in overrides:
-        top = item[len("--config."):].split("=", 1)[0] if item.startswith("--config.") else ""
-        if top in OPTIONAL_SETTINGS and top not in cfg:  # a setting every config has, at its default
-            cfg[top] = OPTIONAL_SETTINGS[top]
+        key = item[len("--config."):].split("=", 1)[0] if item.startswith("--config.") else ""
+        if key in OPTIONAL_SETTINGS:  # a setting every config has, at its default
+            *parents, last = key.split(".")
+            node = cfg
+            for part in parents:
+                node = node.get(part) if isinstance(node, (ml_collections.ConfigDict, dict)) else None
+            if isinstance(node, (ml_collections.ConfigDict, dict)) and last not in node:
+                node[last] = OPTIONAL_SETTINGS[key]
         if not item.startswith("--config.") or "=" not in item:
             raise ConfigError(f"bad override {item!r}; expected --config.key=value")
         key, text = item[len("--config."):].split("=", 1)

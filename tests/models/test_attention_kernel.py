@@ -121,6 +121,18 @@ def test_bfloat16_within_tolerance(inputs):
     assert err <= 2 * einsum_err + 4e-3, (err, einsum_err)
 
 
+def test_float16_runs_on_cpu_within_tolerance(inputs):
+    """float16 inputs (XLA:CPU has no float16 x float16 -> float32 product; both paths take the scores in float32
+    there): float16 out, within float16 rounding (2^-11 relative, a few ulps) of the exact attention."""
+    q, k, v, mask = inputs
+    bias = biases(mask)["causal_padding"]
+    qh, kh, vh = (a.astype(jnp.float16) for a in (q, k, v))
+    exact = reference(qh.astype(jnp.float32), kh.astype(jnp.float32), vh.astype(jnp.float32), bias)
+    for out in (attention(qh, kh, vh, bias), layers.attention_weights_and_output(qh, kh, vh, bias)[1]):
+        assert out.dtype == jnp.float16
+        assert np.abs(np.asarray(out, np.float32) - exact).max() / np.abs(exact).max() < 4e-3
+
+
 def test_bfloat16_scores_and_softmax_in_float32():
     """Scores 256, 256.25, 256.5 are one value in bf16 (spacing 2 at 256): a bf16 softmax would be uniform.
     The kernel accumulates the scores in float32, so the probabilities are softmax([0, .25, .5])."""

@@ -136,3 +136,28 @@ def test_remat_names_and_errors():
 
             fn = {**registry.DECODERS, **registry.ENCODER_DECODERS, **registry.VISION}[family]
             fn({"family": family, "remat": "bogus"})
+
+
+def test_runner_refuses_remat_with_a_method_that_cannot_run_inside_it():
+    """MAM's "top" placement carries a value out of the layers through Python state; with ``model.remat`` the run
+    is refused before any work (one ConfigError naming both), while "all" and remat="none" are accepted."""
+    import types
+
+    import ml_collections
+
+    from vlpeft_jax.errors import ConfigError
+    from vlpeft_jax.experiments import runner
+    from vlpeft_jax.peft.mam import MAM
+
+    def setup(remat, placement):
+        cfg = ml_collections.ConfigDict({"model": {"family": "prefix_vlm", "decoder": {"family": "gpt2",
+                                                                                       "remat": remat}}})
+        return types.SimpleNamespace(cfg=cfg, methods={"mam": MAM(num_visual=4, max_length=16,
+                                                                  mam_layers=placement)})
+
+    assert runner.remat_policies({"family": "prefix_vlm", "vision": {"remat": "dots"},
+                                  "decoder": {"remat": "none"}}) == {"dots"}
+    with pytest.raises(ConfigError, match=r"mam cannot run inside rematerialised layers \(model.remat=full\)"):
+        runner.check_remat(setup("full", "top"))
+    runner.check_remat(setup("full", "all"))
+    runner.check_remat(setup("none", "top"))

@@ -49,6 +49,7 @@ def test_precision_override_is_accepted_on_any_config_and_validated(tmp_path):
     cfg = load_config_file("configs/shapes_lora.py", "smoke")
     assert "precision" not in cfg  # configs leave it out; it defaults to float32
     assert apply_overrides(cfg, ["--config.precision=bfloat16"]).precision == "bfloat16"
+    assert "remat" not in cfg.model and apply_overrides(cfg, ["--config.model.remat=full"]).model.remat == "full"
     with pytest.raises(ConfigError, match=r"precision='fp8'; valid: float32, bfloat16, float16"):
         validate(apply_overrides(cfg, ["--config.precision=fp8"]))
 

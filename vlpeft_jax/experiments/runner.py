@@ -218,6 +218,24 @@ def model_config(cfg: ml_collections.ConfigDict, task: Any) -> dict[str, Any]:
     return precision_lib.with_compute_dtype(task.model_config(), cfg.get("precision"))
 
 
+def remat_policies(model_cfg: Any) -> set[str]:
+    """Every ``remat`` setting other than ``"none"`` in a model config and its nested tower/decoder configs."""
+    if not isinstance(model_cfg, Mapping):
+        return set()
+    found = {str(model_cfg["remat"])} - {"none"} if "remat" in model_cfg else set()
+    return found.union(*(remat_policies(v) for v in model_cfg.values()))
+
+
+def check_remat(setup: Setup) -> None:
+    """A method whose hooks cannot run inside rematerialised layers (``remat_safe`` False) with ``model.remat``
+    set is refused before any work, naming both."""
+    policies = remat_policies(setup.cfg.model.to_dict() if setup.cfg.get("model") else {})
+    unsafe = [n for n, m in setup.methods.items() if getattr(m, "remat_safe", True) is False]
+    if policies and unsafe:
+        raise ConfigError(f"method(s) {', '.join(unsafe)} cannot run inside rematerialised layers (model.remat="
+                          f"{', '.join(sorted(policies))}); set model.remat='none' (or MAM's mam_layers='all')")
+
+
 def check_no_pretrain(cfg: ml_collections.ConfigDict) -> None:
     if cfg.get("pretrain") and cfg.pretrain.get("config"):
         raise ConfigError(f"pretrain.config={cfg.pretrain.config!r} with model.hf_dir: a checkpoint's weights are "
@@ -557,6 +575,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         return finished
     print(f"run directory: {run_dir}")
     setup = build(cfg)
+    check_remat(setup)
     peft_params = prepare_methods(setup, jax.random.key(cfg.seed + 1))
     stages, wrappers = plan_stages(setup, peft_params)
     mtl = multitask.plan(setup)

@@ -158,8 +158,8 @@ class GPT2Attention(nn.Module):
             q = q * jnp.asarray(scale, q.dtype)
         new_cache = None
         if layer_cache is not None:
-            k, v = layers.cache_update_layer(*layer_cache, k, v, cache_index)
-            new_cache = (k, v)
+            new_cache = layers.cache_update_layer(*layer_cache, k, v, cache_index)
+            k, v = layers.cache_view(*new_cache)
         out = hooks.call("attention", self.path, layers.attention_default, q, k, v, bias,
                          inputs=x, positions=positions, decode=decode, module=self)
         return self.c_proj(out.reshape(b, t, heads * d)), new_cache

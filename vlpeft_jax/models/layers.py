@@ -196,6 +196,12 @@ def attention_implementation(q: Array, k: Array, bias: Array | None = None, back
     return "cudnn"
 
 
+def _cpu_float16(q: Array) -> bool:
+    """float16 attention on XLA:CPU, whose dot has no float16 inputs with a float32 result (float16 there is
+    computed in float32: the same float32 scores and softmax, float16 in and out)."""
+    return q.dtype == jnp.float16 and jax.default_backend() == "cpu"
+
+
 def attention_default(q: Array, k: Array, v: Array, bias: Array | None) -> Array:
     """``softmax(q k^T / sqrt(d) + bias) v`` with grouped-query support; the ``attention`` hook default.
 
@@ -224,6 +230,8 @@ def attention_default(q: Array, k: Array, v: Array, bias: Array | None) -> Array
     h, kvh = q.shape[2], k.shape[2]
     if h % kvh:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({kvh})")
+    if _cpu_float16(q):  # XLA:CPU has no float16 x float16 -> float32 product: take the scores in float32
+        return attention_default(q.astype(jnp.float32), k, v.astype(jnp.float32), bias).astype(q.dtype)
     impl = attention_implementation(q, k, bias)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     if bias is not None:
@@ -254,6 +262,9 @@ def attention_weights_and_output(q: Array, k: Array, v: Array, bias: Array | Non
     kvh = k.shape[2]
     if h % kvh:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({kvh})")
+    if _cpu_float16(q):  # as attention_default
+        probs, out = attention_weights_and_output(q.astype(jnp.float32), k, v.astype(jnp.float32), bias)
+        return probs, out.astype(q.dtype)
     g = h // kvh
     qg = q.reshape(b, tq, kvh, g, d)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
@@ -364,7 +375,9 @@ class KVCache:
     """Explicit key/value cache for incremental decoding (a pytree, no Flax mutable collection).
 
     Attributes:
-      keys, values: one array per layer, ``[b, max_len, kv_heads, head_dim]``.
+      keys, values: one array per layer, stored head-major ``[b, kv_heads, max_len, head_dim]``: the layout the
+        attention products read, so a decoding step reads the cache in place instead of transposing all of it
+        (:func:`cache_view` gives the ``[b, max_len, kv_heads, head_dim]`` view attention hooks see).
       mask: ``[b, max_len]`` bool, True where a real token has been written.
       index: scalar int32, the next position to write (same for the whole batch: prompts are
         left-padded, padding is masked out by ``mask``).
@@ -378,7 +391,7 @@ class KVCache:
     @classmethod
     def init(cls, batch: int, max_len: int, num_layers: int, kv_heads: int, head_dim: int,
              dtype: Dtype = jnp.float32) -> KVCache:
-        z = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
+        z = jnp.zeros((batch, kv_heads, max_len, head_dim), dtype)
         return cls(keys=(z,) * num_layers, values=(z,) * num_layers,
                    mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
@@ -403,10 +416,26 @@ def cached_causal_bias(valid: Array, index: Array, t: int) -> Array:
 
 
 def cache_update_layer(cache_k: Array, cache_v: Array, k: Array, v: Array, index: Array) -> tuple[Array, Array]:
-    """Writes new keys/values ``[b, t, kvh, d]`` at ``index``; returns the full updated layer cache."""
-    ck = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-    cv = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+    """Writes new keys/values ``[b, t, kvh, d]`` at ``index`` into a layer's head-major cache ``[b, kvh, max_len,
+    d]`` (in place when the cache is donated or carried by a loop); returns the updated layer cache (storage
+    layout; :func:`cache_view` for attention)."""
+    ck = jax.lax.dynamic_update_slice(cache_k, jnp.swapaxes(k, 1, 2).astype(cache_k.dtype), (0, 0, index, 0))
+    cv = jax.lax.dynamic_update_slice(cache_v, jnp.swapaxes(v, 1, 2).astype(cache_v.dtype), (0, 0, index, 0))
     return ck, cv
+
+
+def cache_view(cache_k: Array, cache_v: Array) -> tuple[Array, Array]:
+    """A layer cache as attention's keys/values ``[b, max_len, kvh, d]`` (a logical transpose that XLA folds into
+    the attention products, which read the head-major storage directly).
+
+    Example:
+        >>> c = KVCache.init(batch=2, max_len=5, num_layers=1, kv_heads=3, head_dim=4)
+        >>> ck, cv = cache_update_layer(c.keys[0], c.values[0], jnp.ones((2, 1, 3, 4)), jnp.ones((2, 1, 3, 4)), 2)
+        >>> k, _ = cache_view(ck, cv)
+        >>> k.shape, k[0, :, 0, 0].tolist()
+        ((2, 5, 3, 4), [0.0, 0.0, 1.0, 0.0, 0.0])
+    """
+    return jnp.swapaxes(cache_k, 1, 2), jnp.swapaxes(cache_v, 1, 2)
 
 
 def positions_from_mask(attention_mask: Array | None, batch: int, t: int, offset: Array | int = 0) -> Array:

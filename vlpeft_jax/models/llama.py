@@ -263,8 +263,8 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
         new_cache = None
         if layer_cache is not None:
-            k, v = layers.cache_update_layer(*layer_cache, k, v, cache_index)
-            new_cache = (k, v)
+            new_cache = layers.cache_update_layer(*layer_cache, k, v, cache_index)
+            k, v = layers.cache_view(*new_cache)
         out = hooks.call("attention", self.path, layers.attention_default, q, k, v, bias,
                          inputs=x, positions=positions, decode=decode, module=self)
         return self.o_proj(out.reshape(b, t, c.num_attention_heads * c.head_dim)), new_cache

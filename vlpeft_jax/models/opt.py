@@ -188,8 +188,8 @@ class OPTAttention(nn.Module):
         q, k, v = (p(x).reshape(b, t, heads, d) for p in (self.q_proj, self.k_proj, self.v_proj))
         new_cache = None
         if layer_cache is not None:
-            k, v = layers.cache_update_layer(*layer_cache, k, v, cache_index)
-            new_cache = (k, v)
+            new_cache = layers.cache_update_layer(*layer_cache, k, v, cache_index)
+            k, v = layers.cache_view(*new_cache)
         out = hooks.call("attention", self.path, layers.attention_default, q, k, v, bias,
                          inputs=x, positions=positions, decode=decode, module=self)
         return self.out_proj(out.reshape(b, t, heads * d)), new_cache

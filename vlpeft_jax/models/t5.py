@@ -291,7 +291,7 @@ class T5Cache:
     """Decoding state of a T5 (a pytree; every leaf but the write index has a leading batch axis).
 
     Attributes:
-      self_attention: the decoder self-attention keys/values ``[b, max_len, heads, d_kv]`` per decoder layer.
+      self_attention: the decoder self-attention keys/values per decoder layer (head-major, see ``layers.KVCache``).
       cross_keys, cross_values: per decoder layer, the cross-attention keys/values of the encoder output
         ``[b, t_enc, heads, d_kv]``; None until the encoder has run.
       encoder_mask: ``[b, t_enc]`` the encoder's padding mask (after the ``embed`` hook); None until then.
@@ -356,8 +356,8 @@ class T5Attention(nn.Module):
             k, v = (p(src).reshape(b, src.shape[1], heads, d) for p in (self.k, self.v))
         new_kv = (k, v) if kv_input is not None or kv is not None else None
         if layer_cache is not None:
-            k, v = layers.cache_update_layer(*layer_cache, k, v, cache_index)
-            new_kv = (k, v)
+            new_kv = layers.cache_update_layer(*layer_cache, k, v, cache_index)
+            k, v = layers.cache_view(*new_kv)
         if position_bias is None and self.has_relative_attention_bias:
             position_bias = self.compute_bias(query_positions, k.shape[1])
         bias = mask_bias

@@ -287,6 +287,13 @@ class MAM(pb.Method):
     mrm_site: str = MAL_FIRST
     name: str = "mam"
 
+    @property
+    def remat_safe(self) -> bool:
+        """Whether the hooks work inside rematerialised layers (``model.remat``): ``"top"`` carries the padding
+        layout from the layers' attention hook to the ``final_hidden`` hook through Python state, which a
+        ``jax.checkpoint`` scope does not allow (the runner refuses the combination)."""
+        return self.mam_layers != "top"
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", (self.targets,) if isinstance(self.targets, str) else tuple(self.targets))
         n = self.name
