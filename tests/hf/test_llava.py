@@ -227,6 +227,20 @@ def _write_config(tmp_path, **changes):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
 
 
+def test_lazy_load_in_bfloat16_equals_the_float32_load_cast(families):
+    """``param_dtype=bfloat16``: every floating parameter is read, cast and kept in bfloat16 (no float32 copy), and
+    equals the float32 load rounded to bfloat16 (the transposed and reshaped kernels included)."""
+    fam = families("llama_default")
+    _, params = load_llava(fam.dir, param_dtype=jnp.bfloat16)
+    ref = jax.tree_util.tree_leaves_with_path(fam.params)
+    got = dict(jax.tree_util.tree_leaves_with_path(params))
+    assert len(got) == len(ref)
+    for path, want in ref:
+        assert got[path].dtype == jnp.bfloat16, jax.tree_util.keystr(path)
+        np.testing.assert_array_equal(np.asarray(got[path], np.float32),
+                                      np.asarray(jnp.asarray(want).astype(jnp.bfloat16), np.float32))
+
+
 def test_missing_projector_is_named(families, tmp_path):
     from safetensors.numpy import save_file
 

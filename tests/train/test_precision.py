@@ -123,21 +123,17 @@ def fp32(batches):
     return _curve("float32", False, batches)
 
 
-def test_low_precision_keeps_float32_master_weights_and_moments(batches):
-    state, metrics = _curve("bfloat16", False, batches[:2])
-    for leaf in jax.tree_util.tree_leaves((state.trainable, state.frozen, state.opt_state)):
-        if jnp.issubdtype(leaf.dtype, jnp.floating):
-            assert leaf.dtype == jnp.float32
-    assert all(bool(m["finite"]) for m in metrics)
-
-
 @pytest.mark.parametrize("dtype,scaled,tol", [("bfloat16", False, 0.01), ("float16", True, 0.005)])
 def test_loss_curve_matches_float32_within_tolerance(fp32, batches, dtype, scaled, tol):
     """The stated tolerance: every step's loss within ``tol`` (relative) of float32's, over 20 Adam steps in which
     the float32 loss falls by more than 25 %; bfloat16 keeps 8 mantissa bits (relative rounding 2**-9), float16
     keeps 11 (2**-12)."""
     _, ref = fp32
-    _, got = _curve(dtype, scaled, batches)
+    state, got = _curve(dtype, scaled, batches)
+    # the parameters, the moments and the loss scale stay float32 (master weights); every step was finite
+    for leaf in jax.tree_util.tree_leaves((state.trainable, state.frozen, state.opt_state)):
+        assert not jnp.issubdtype(leaf.dtype, jnp.floating) or leaf.dtype == jnp.float32
+    assert all(bool(m["finite"]) for m in got)
     a = np.array([float(m["loss"]) for m in ref])
     b = np.array([float(m["loss"]) for m in got])
     assert a[-1] < 0.75 * a[0]  # the run learns, so the curves compare training, not a constant

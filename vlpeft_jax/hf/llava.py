@@ -278,20 +278,25 @@ def abstract_params(module: PrefixVLM) -> dict[str, Any]:
     return layers.unbox(variables)["params"]
 
 
-def load_llava(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> tuple[PrefixVLM, dict[str, Any]]:
+def load_llava(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None,
+               sharding: Any = None) -> tuple[PrefixVLM, dict[str, Any]]:
     """Builds a :class:`PrefixVLM` from a local LLaVA checkpoint directory (``model_type`` ``llava``).
 
     Returns the module (compute ``dtype``; ``module.image_token_id`` and ``module.num_image_tokens`` say
-    how to expand ``<image>``) and its parameters as host (numpy, float32) arrays. Unsupported configs raise
-    :class:`ConfigError`, missing tensors :class:`CheckpointError` (the projector's all named), before any
-    compilation.
+    how to expand ``<image>``) and its parameters. The tensors are read one at a time
+    (:func:`~vlpeft_jax.hf.io.lazy_state_dict`), so host memory holds the parameters plus one tensor;
+    ``param_dtype`` (None: float32; ``"stored"``: the checkpoint's; or a dtype) and ``sharding`` (None: host
+    numpy; a sharding or a tree of them: each device reads only its slice) as in :func:`vlpeft_jax.hf.io.convert`.
+    Unsupported configs raise :class:`ConfigError`, missing tensors :class:`CheckpointError` (the projector's all
+    named), before any tensor is read.
     """
     d = io.resolve_model_dir(model_dir)
     config = LlavaConfig.from_hf(io.load_config(d), dtype=dtype)
-    state = normalize_keys(io.load_state_dict(d))
+    state = normalize_keys(io.lazy_state_dict(d))
     check_projector(state, config, str(d))
     module = config.build()
-    params = io.convert(state, llava_key_maps(config), abstract_params(module), source=str(d))
+    params = io.convert(state, llava_key_maps(config), abstract_params(module), source=str(d),
+                        param_dtype=param_dtype, sharding=sharding)
     return module, params
 
 
