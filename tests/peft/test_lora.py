@@ -70,3 +70,23 @@ def test_bad_inputs(setup):
         LoRA(targets=("fc_out",), rank=4).init(jax.random.key(0), params)
     with pytest.raises(ConfigError, match="matches no module.*available: fc_in, fc_out"):
         LoRA(targets=("q_proj",)).init(jax.random.key(0), params)
+
+
+def test_logical_specs_follow_the_kernel_axes():
+    """On a 2-layer LLaMA's logical axes: A shards like the kernel's input axis, B like its output axis."""
+    from jax.sharding import PartitionSpec
+
+    from vlpeft_jax.models import registry
+
+    module, inputs = registry.build_model(dict(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    boxed = jax.eval_shape(module.init, jax.random.key(0), **inputs)
+    base_specs = layers.logical_axes(boxed)["params"]
+    base = layers.unbox(boxed)["params"]
+    lora = LoRA(targets=("q_proj", "down_proj"), rank=4)
+    specs = lora.logical_specs(jax.eval_shape(lambda: lora.init(jax.random.key(0), base)), base_specs)
+    q, down = specs["model"]["layers_0"]["self_attn"]["q_proj"], specs["model"]["layers_1"]["mlp"]["down_proj"]
+    assert base_specs["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"] == PartitionSpec("embed", "heads")
+    assert q == {"lora_a": PartitionSpec("embed", None), "lora_b": PartitionSpec(None, "heads")}
+    assert down == {"lora_a": PartitionSpec("mlp", None), "lora_b": PartitionSpec(None, "embed")}
+    assert len(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))) == 2 * 2 * 2

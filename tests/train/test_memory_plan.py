@@ -75,10 +75,11 @@ def test_parameter_bytes_shard_as_declared(plans):
     assert plans["full/2x2x2"]["params_bytes"] == expected_param_bytes(2, 2)
     matrices = 4 * sum(a * b for a, b in MATRICES)
     assert plans["full/data=4"]["params_bytes"] - plans["full/fsdp=4"]["params_bytes"] == matrices - matrices // 4
-    # LoRA: the base is frozen (sharded like the base), the adapters are replicated
+    # LoRA: the base is frozen (sharded like the base); on q and v ([embed, heads] kernels) A [H, r] shards its
+    # embed axis over fsdp=4 and B [r, H] its heads axis over tensor (size 1: whole)
     lora = plans["lora/fsdp=4"]
     assert lora["frozen_bytes"] == expected_param_bytes(4, 1)
-    assert lora["trainable_bytes"] == 4 * L * LORA_TARGETS * 2 * H * LORA_RANK
+    assert lora["trainable_bytes"] == 4 * L * LORA_TARGETS * (H * LORA_RANK // 4 + LORA_RANK * H)
 
 
 def test_optimizer_state_follows_the_trainable_parameters(plans):

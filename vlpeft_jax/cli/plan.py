@@ -11,7 +11,7 @@ estimate of what a GPU/TPU compile would need).
 
 Parameters are sharded by their logical axis names (``train.sharding.DEFAULT_RULES``: ``embed`` over fsdp,
 ``mlp``/``heads``/``vocab`` over tensor); PEFT parameters follow a method's ``logical_specs`` where it has
-one (NeuroAda) and are replicated otherwise (LoRA: small). The loss is next-token cross-entropy over
+one (NeuroAda, LoRA) and are replicated otherwise. The loss is next-token cross-entropy over
 ``[batch, seq]`` int32 tokens for a config without a task (a language model, e.g.
 ``configs/llama_plan.py``); ``--batch`` is the global batch, sharded over ``(data, fsdp)``, by default one
 sequence per batch shard (``data * fsdp``), and ``--seq`` defaults to 512. A config with a task is planned

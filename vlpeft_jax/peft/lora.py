@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.models import hooks
@@ -129,3 +130,24 @@ class LoRA(pb.Method):
 
     def num_params(self, peft_params: pb.Params) -> int:
         return pb.count(peft_params)
+
+    def logical_specs(self, peft_params: pb.Params, base_specs: pb.Params) -> pb.Params:
+        """Logical ``PartitionSpec`` s for ``peft_params``: ``lora_a`` ``[d_in, r]`` shards like its kernel's input
+        axis, ``lora_b`` ``[r, d_out]`` like its output axis (the rank axis is replicated), so under FSDP or tensor
+        parallelism the factors sit with the kernel's shards. ``base_specs`` is the base tree of logical specs
+        (``layers.logical_axes`` of a boxed abstract init); the result plugs into
+        ``train(param_specs={"base": base_specs, "peft": {name: <this>}})`` and ``run.py plan``.
+
+        Example:
+            >>> from jax.sharding import PartitionSpec as P
+            >>> lora = LoRA(targets=("proj",), rank=2)
+            >>> p = lora.init(jax.random.key(0), {"proj": {"kernel": jnp.zeros((4, 6))}})
+            >>> lora.logical_specs(p, {"proj": {"kernel": P("embed", "mlp")}})
+            {'proj': {'lora_a': P('embed', None), 'lora_b': P(None, 'mlp')}}
+        """
+        out: pb.Params = {}
+        for path in pb.module_paths(peft_params, "lora_a"):
+            spec = pb.get_path(base_specs, path + ("kernel",))
+            in_axis, out_axis = (spec[-2], spec[-1]) if spec is not None and len(spec) >= 2 else (None, None)
+            pb.set_path(out, path, {"lora_a": PartitionSpec(in_axis, None), "lora_b": PartitionSpec(None, out_axis)})
+        return out
