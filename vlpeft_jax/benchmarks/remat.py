@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from vlpeft_jax.benchmarks import timing
-from vlpeft_jax.benchmarks.train import check_shapes, make_batch, our_method, parse_methods
+from vlpeft_jax.benchmarks.train import add_shape_arguments, check_shapes, make_batch, our_method, parse_methods
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.models import layers
 
@@ -56,12 +56,7 @@ LEARNING_RATE, WEIGHT_DECAY = 1e-4, 0.01
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run.py bench remat", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
+    add_shape_arguments(p)
     p.add_argument("--repeats", type=int, default=5, help="timed steps per policy (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per policy after compilation")
     p.add_argument("--methods", nargs="+", default=list(METHODS),

@@ -107,15 +107,17 @@ MEMORY_NOTE = ("XLA MiB: compiled.memory_analysis() of our step (argument + outp
                "timed steps.")
 
 
+def add_shape_arguments(p: argparse.ArgumentParser) -> None:
+    """The GPT-2 and batch shapes the training benchmarks share (``--layers --width --heads --vocab --batch --seq``;
+    defaults: the issue's 6 layers, width 512, 8 heads, vocab 8192, batch 8 x 128)."""
+    for name, default in (("layers", 6), ("width", 512), ("heads", 8), ("vocab", 8192), ("batch", 8), ("seq", 128)):
+        p.add_argument(f"--{name}", type=int, default=default)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run.py bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
+    add_shape_arguments(p)
     p.add_argument("--repeats", type=int, default=10, help="timed (paired) steps per method (median reported)")
     p.add_argument("--memory-steps", type=int, default=3,
                    help="steps of each side's separate memory measurement (0: skip it; --isolate process only)")
