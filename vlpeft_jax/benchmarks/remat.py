@@ -36,7 +36,6 @@ Example (not run by the doctests: it compiles and times eight train steps; tests
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,13 +43,12 @@ import jax
 import jax.numpy as jnp
 
 from vlpeft_jax.benchmarks import timing
-from vlpeft_jax.benchmarks.train import add_shape_arguments, check_shapes, make_batch, our_method, parse_methods
+from vlpeft_jax.benchmarks.train import OurStep, add_shape_arguments, check_shapes, parse_methods
 from vlpeft_jax.errors import ConfigError
 from vlpeft_jax.models import layers
 
 METHODS = ("full", "lora")
 POLICIES = tuple(layers.REMAT_POLICIES)
-LEARNING_RATE, WEIGHT_DECAY = 1e-4, 0.01
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,47 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-class PolicyStep:
-    """The compiled train step of one (method, remat policy), its donated state and batch.
+def policy_step(method_name: str, policy: str, shapes: dict[str, int], base: Any, total_steps: int) -> OurStep:
+    """``bench train``'s compiled step of one method on the GPT-2 built with ``remat=policy`` (its own copy of
+    ``base``, which the step donates)."""
+    from vlpeft_jax.models.registry import build_model
 
-    Example: see the module docstring (it needs a compile).
-    """
-
-    def __init__(self, method_name: str, policy: str, shapes: dict[str, int], base: Any, total_steps: int) -> None:
-        from vlpeft_jax.models.registry import build_model
-        from vlpeft_jax.train import labels as labels_lib
-        from vlpeft_jax.train.losses import lm_loss
-        from vlpeft_jax.train.optim import GroupOptimizer, OptimizerConfig, build_optimizer
-        from vlpeft_jax.train.state import TrainState
-        from vlpeft_jax.train.step import jit_train_step, make_train_step
-
-        module, _ = build_model(model_config(shapes, policy))
-        method, rules = our_method(method_name, shapes)
-        base = jax.tree.map(jnp.copy, base)  # each state owns (and donates) its buffers
-        params = {"base": base, "peft": {} if method is None else {method_name: method.init(jax.random.key(1), base)}}
-        labels = labels_lib.make_labels(params, rules)
-        self.trainable = labels_lib.count_params(params, labels)["trainable"]
-        adamw = GroupOptimizer("adamw", learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, schedule="constant")
-        tx = build_optimizer(OptimizerConfig(default=adamw, clip_norm=None), labels, total_steps=total_steps).tx
-        self.state = TrainState.create(params, labels, tx, jax.random.PRNGKey(0))
-        self.batch = jax.device_put(make_batch(shapes))
-        loss_fn = lm_loss(module, [] if method is None else [(method_name, method)])
-        t0 = time.perf_counter()
-        self.compiled = jit_train_step(make_train_step(loss_fn, tx)).lower(self.state, self.batch).compile()
-        self.compile_s = time.perf_counter() - t0
-        mem = self.compiled.memory_analysis()
-        self.temp_bytes = self.xla_bytes = None
-        if mem is not None:
-            self.temp_bytes = int(mem.temp_size_in_bytes)
-            self.xla_bytes = int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-                                 + mem.temp_size_in_bytes)
-        self.losses: list[float] = []
-
-    def step(self) -> None:
-        """One update (the result is waited for); the state is replaced by the returned one."""
-        self.state, metrics = self.compiled(self.state, self.batch)
-        jax.block_until_ready((self.state, metrics))
-        self.losses.append(float(metrics["loss"]))
+    module, _ = build_model(model_config(shapes, policy))
+    return OurStep(method_name, None, shapes, total_steps, model=(module, jax.tree.map(jnp.copy, base)))
 
 
 def model_config(shapes: dict[str, int], policy: str) -> dict[str, Any]:
@@ -129,11 +93,11 @@ def _mib(x: int | None) -> str:
 def measure_method(method_name: str, policies: Sequence[str], shapes: dict[str, int], base: Any, repeats: int,
                    warmup: int) -> dict[str, Any]:
     """Compiles every policy's step of one method, times them round-robin; the per-policy results."""
-    steps = {p: PolicyStep(method_name, p, shapes, base, repeats + warmup) for p in policies}
+    steps = {p: policy_step(method_name, p, shapes, base, repeats + warmup) for p in policies}
     times, _ = timing.alternate({p: s.step for p, s in steps.items()}, rounds=repeats, warmup=warmup)
     out = {}
     for p, s in steps.items():
-        out[p] = {**timing.time_summary(times[p]), "temp_bytes": s.temp_bytes, "xla_bytes": s.xla_bytes,
+        out[p] = {**timing.time_summary(times[p]), "temp_bytes": s.xla_temp_bytes, "xla_bytes": s.xla_bytes,
                   "compile_s": s.compile_s, "trainable": s.trainable, "first_loss": s.losses[0],
                   "over_none": timing.paired_ratio(times[p], times["none"])}
     return out

@@ -324,18 +324,21 @@ def our_method(name: str, shapes: dict[str, int]) -> tuple[Any | None, list[tupl
 class OurStep:
     """Our compiled train step of one method, its state and batch; :meth:`step` runs one update.
 
-    The state is donated to every call (as in training) and replaced by the returned one.
+    The state is donated to every call (as in training) and replaced by the returned one. The model is the GPT-2
+    checkpoint in ``model_dir``, or ``model = (module, base)`` when given (``bench remat`` builds one module per
+    policy; ``base`` is then owned, and donated, by this step).
     """
 
-    def __init__(self, name: str, model_dir: str, shapes: dict[str, int], total_steps: int,
-                 compute: str = "float32") -> None:
+    def __init__(self, name: str, model_dir: str | None, shapes: dict[str, int], total_steps: int,
+                 compute: str = "float32", model: tuple[Any, Any] | None = None) -> None:
         from vlpeft_jax.hf.decoders import load_gpt2
         from vlpeft_jax.train import labels as labels_lib
         from vlpeft_jax.train.optim import GroupOptimizer, OptimizerConfig, build_optimizer
         from vlpeft_jax.train.state import TrainState
         from vlpeft_jax.train.step import jit_train_step, make_train_step
 
-        module, base = load_gpt2(model_dir, dtype=getattr(jnp, compute))  # parameters stay float32
+        # parameters stay float32
+        module, base = model if model is not None else load_gpt2(model_dir, dtype=getattr(jnp, compute))
         base = jax.device_put(base)
         method, rules = our_method(name, shapes)
         params = {"base": base, "peft": {} if method is None else {name: method.init(jax.random.key(1), base)}}
