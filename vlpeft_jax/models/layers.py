@@ -208,7 +208,7 @@ def attention_default(q: Array, k: Array, v: Array, bias: Array | None) -> Array
     With the implementation :func:`attention_implementation` picks: ``"cudnn"`` (GPU, half-precision inputs that
     qualify) runs ``jax.nn.dot_product_attention``'s fused kernel; ``"xla"`` (CPU, TPU, float32) runs the same
     maths as that function's XLA lowering, laid out head-major so that XLA does not copy the probability tensors
-    (:func:`_head_major_attention`).
+    (:func:`attention_weights_and_output`, whose probabilities XLA drops here).
     Precision: the scores ``q k^T`` are accumulated and kept in float32 (for bfloat16/float16 inputs the XLA
     lowering asks for a float32 result), the bias is added and the softmax taken in float32; the
     probabilities are cast to ``v``'s dtype for the product with ``v``. A row whose keys are all blocked
@@ -232,51 +232,32 @@ def attention_default(q: Array, k: Array, v: Array, bias: Array | None) -> Array
     h, kvh = q.shape[2], k.shape[2]
     if h % kvh:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({kvh})")
-    if _cpu_float16(q):  # XLA:CPU has no float16 x float16 -> float32 product: take the scores in float32
-        return attention_default(q.astype(jnp.float32), k, v.astype(jnp.float32), bias).astype(q.dtype)
     impl = attention_implementation(q, k, bias)
+    if impl == "xla":
+        return attention_weights_and_output(q, k, v, bias)[1]
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     if bias is not None:
         bias = jnp.asarray(bias)
         bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
-        if impl == "cudnn":  # the kernel wants the bias in q's dtype with full [tq, tk] axes
-            lowest = float(jnp.finfo(q.dtype).min) / 2
-            bias = jnp.maximum(bias, lowest).astype(q.dtype)
-            bias = jnp.broadcast_to(bias, bias.shape[:2] + (q.shape[1], k.shape[1]))
-        else:
-            bias = bias.astype(jnp.float32)
-    if impl == "xla":
-        return _head_major_attention(q, k, v, bias)
+        # the kernel wants the bias in q's dtype with full [tq, tk] axes
+        lowest = float(jnp.finfo(q.dtype).min) / 2
+        bias = jnp.maximum(bias, lowest).astype(q.dtype)
+        bias = jnp.broadcast_to(bias, bias.shape[:2] + (q.shape[1], k.shape[1]))
     return jax.nn.dot_product_attention(q, k, v, bias, implementation=impl)
 
 
-def _head_major_attention(q: Array, k: Array, v: Array, bias: Array | None) -> Array:
-    """The ``"xla"`` implementation's maths (``jax.nn.dot_product_attention``'s reference lowering) with the heads
-    moved in front of the sequence axes first: both products are then plain batched ``[b, kv_heads]`` matrix
-    products whose score / probability tensors ``[b, kv_heads, g*tq, tk]`` are read as they are written. The
-    library's lowering groups the query heads as a 5-D ``[b, t, kvh, g, d]`` tensor, after which XLA:CPU copied
-    and transposed every layer's probability tensor in the forward and backward passes (500 MiB of copies per
-    train step at the bench shapes, 300 MiB this way; the step is 5 % faster). Scores are accumulated in float32;
-    the bias (float32) is added and the softmax taken in float32; probabilities in ``v``'s dtype."""
-    b, tq, h, d = q.shape
-    tk, kvh = k.shape[1], k.shape[2]
-    g = h // kvh
-    qh = jnp.transpose(q.reshape(b, tq, kvh, g, d), (0, 2, 3, 1, 4)).reshape(b, kvh, g * tq, d)
-    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-    scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, h, tq, tk) / jnp.sqrt(jnp.float32(d))
-    if bias is not None:
-        scores = scores + bias
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kvh, g * tq, tk)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, vh)
-    return jnp.transpose(out.reshape(b, kvh, g, tq, d), (0, 3, 1, 2, 4)).reshape(b, tq, h, d).astype(q.dtype)
-
-
 def attention_weights_and_output(q: Array, k: Array, v: Array, bias: Array | None) -> tuple[Array, Array]:
-    """Like :func:`attention_default` but with explicit einsums, also returning the probabilities ``[b, h, tq, tk]``.
+    """Like :func:`attention_default` but also returning the probabilities ``[b, h, tq, tk]`` (float32); the
+    ``"xla"`` path of :func:`attention_default` too.
 
-    Same precision rules: scores in float32 (accumulated in float32 for half-precision inputs), bias and
-    softmax in float32, probabilities cast to ``v``'s dtype for the product with ``v``.
+    The maths of ``jax.nn.dot_product_attention``'s reference lowering with the heads moved in front of the
+    sequence axes first: both products are plain batched ``[b, kv_heads]`` matrix products whose score /
+    probability tensors ``[b, kv_heads, g*tq, tk]`` are read as they are written. The library's lowering groups
+    the query heads as a 5-D ``[b, t, kvh, g, d]`` tensor, after which XLA:CPU copied and transposed every layer's
+    probability tensor in the forward and backward passes (505 MiB of copies per LoRA train step at the bench
+    shapes, 301 MiB this way; the step is 5 % faster). Scores are accumulated in float32 (float16 on XLA:CPU, whose
+    dot has no float16 x float16 -> float32 form, is computed in float32), the bias is added and the softmax taken
+    in float32; the probabilities are cast to ``v``'s dtype for the product with ``v``.
 
     Example:
         >>> q = jnp.ones((1, 2, 2, 4))
@@ -285,22 +266,22 @@ def attention_weights_and_output(q: Array, k: Array, v: Array, bias: Array | Non
         ((1, 2, 2, 2), [0.5, 0.5])
     """
     b, tq, h, d = q.shape
-    kvh = k.shape[2]
+    tk, kvh = k.shape[1], k.shape[2]
     if h % kvh:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({kvh})")
-    if _cpu_float16(q):  # as attention_default
+    if _cpu_float16(q):
         probs, out = attention_weights_and_output(q.astype(jnp.float32), k, v.astype(jnp.float32), bias)
         return probs, out.astype(q.dtype)
     g = h // kvh
-    qg = q.reshape(b, tq, kvh, g, d)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = scores.astype(jnp.float32) / jnp.sqrt(jnp.float32(d))
-    scores = scores.reshape(b, h, tq, k.shape[1])
+    qh = jnp.transpose(q.reshape(b, tq, kvh, g, d), (0, 2, 3, 1, 4)).reshape(b, kvh, g * tq, d)
+    kh, vh = jnp.swapaxes(k.astype(q.dtype), 1, 2), jnp.swapaxes(v, 1, 2)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32)
+    scores = scores.astype(jnp.float32).reshape(b, h, tq, tk) / jnp.sqrt(jnp.float32(d))
     if bias is not None:
-        scores = scores + bias.astype(jnp.float32)
+        scores = scores + jnp.asarray(bias).astype(jnp.float32)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.reshape(b, kvh, g, tq, -1).astype(v.dtype), v)
-    return probs, out.reshape(b, tq, h, d).astype(q.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype).reshape(b, kvh, g * tq, tk), vh)
+    return probs, jnp.transpose(out.reshape(b, kvh, g, tq, d), (0, 3, 1, 2, 4)).reshape(b, tq, h, d).astype(q.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
