@@ -100,6 +100,7 @@ def test_bench_train_bfloat16_against_torch_autocast(capsys):
     assert out["settings"]["precision"] == "bfloat16"
     lora = out["results"]["lora"]
     assert lora["ours"]["finite"] and lora["ours"]["trainable"] == lora["torch"]["trainable"] == 32 * 8 + 8 * 96
+    assert lora["ours"]["compute_dtype"] == "bfloat16"  # the model computed in bfloat16, not float32 again
     # a log(64) ≈ 4.16 loss, bfloat16 logits (8 mantissa bits): well within 2 % of each other
     assert lora["ours"]["first_loss"] == pytest.approx(lora["torch"]["first_loss"], rel=0.02)
     assert "bfloat16 compute" in capsys.readouterr().out

@@ -363,6 +363,7 @@ class OurStep:
             self.xla_temp_bytes = int(mem.temp_size_in_bytes)
         self.losses: list[float] = []
         self.finite = True
+        self.compute_dtype = jnp.dtype(module.config.dtype).name
 
     def step(self) -> float:
         """One update; returns its wall time in seconds (the result is waited for)."""
@@ -375,7 +376,8 @@ class OurStep:
         return elapsed
 
     def info(self) -> dict[str, Any]:
-        return {"trainable": self.trainable, "compile_s": self.compile_s, "xla_bytes": self.xla_bytes,
+        return {"trainable": self.trainable, "compute_dtype": self.compute_dtype, "compile_s": self.compile_s,
+                "xla_bytes": self.xla_bytes,
                 "xla_temp_bytes": self.xla_temp_bytes, "first_loss": self.losses[0], "last_loss": self.losses[-1],
                 "finite": self.finite}
 

@@ -90,12 +90,10 @@ def checkpoint_dir(cfg: ml_collections.ConfigDict) -> Path:
 
 def compute_dtype(cfg: ml_collections.ConfigDict) -> str:
     """The checkpoint's compute dtype: ``config.precision`` when set to a low precision, else ``model.dtype``
-    (parameters are float32 either way, see :mod:`vlpeft_jax.train.precision`)."""
-    precision = cfg.get("precision") or "float32"
-    given = cfg.model.get("dtype", "float32")
-    if precision != "float32" and given not in ("float32", precision):
-        raise ConfigError(f"precision={precision!r} but model.dtype={given!r}; set one of them, or both alike")
-    return precision if precision != "float32" else given
+    (parameters are float32 either way; :func:`vlpeft_jax.train.precision.compute_dtype`)."""
+    from vlpeft_jax.train.precision import compute_dtype as resolve
+
+    return resolve(cfg.get("precision"), cfg.model.get("dtype"))
 
 
 def stop_token_ids(model_dir: Path, tokenizer: Any) -> list[int]:

@@ -40,14 +40,15 @@ import optax
 
 from vlpeft_jax.config import OPTIONAL_SETTINGS, PRECISIONS
 from vlpeft_jax.errors import ConfigError
+from vlpeft_jax.models import registry
 
 DEFAULT_PRECISION = OPTIONAL_SETTINGS["precision"]
 __all__ = ["PRECISIONS", "DEFAULT_PRECISION", "LossScaleState", "check_precision", "dynamic_loss_scale",
-           "loss_scale_of", "loss_scaling", "with_compute_dtype"]
+           "compute_dtype", "loss_scale_of", "loss_scaling", "with_compute_dtype"]
 
-# families whose config has a ``dtype`` (compute dtype) setting; VLMs and classifiers hold such configs
-DTYPE_FAMILIES = ("gpt2", "llama", "qwen2", "opt", "t5", "vit", "clip_vision", "ckt")
-NESTED = {"prefix_vlm": ("vision", "decoder"), "qformer_vlm": ("vision", "qformer", "decoder"),
+# the registry's families whose config has a ``dtype`` (compute dtype) setting; VLMs and classifiers hold them
+DTYPE_FAMILIES = (*registry.DECODERS, *registry.ENCODER_DECODERS, *registry.VISION, "ckt")
+NESTED = {"prefix_vlm": ("vision", "decoder"), "qformer_vlm": registry.QFORMER_VLM_KEYS[1:],
           "vision_classifier": ("vision", "vlm")}
 UNFAMILIED = ("qformer",)  # nested configs without a ``family`` key that take a dtype (BERT fields)
 
@@ -97,11 +98,27 @@ def _set_dtype(cfg: dict[str, Any], precision: str, where: str) -> dict[str, Any
 
 
 def _own_dtype(cfg: dict[str, Any], precision: str, where: str) -> dict[str, Any]:
-    given = cfg.get("dtype")
-    if given not in (None, precision):
-        raise ConfigError(f"precision={precision!r} but {where}.dtype={given!r}; set one of them, or both alike")
-    cfg["dtype"] = precision
+    cfg["dtype"] = compute_dtype(precision, cfg.get("dtype"), where)
     return cfg
+
+
+def compute_dtype(precision: str | None, given: str | None, where: str = "model") -> str:
+    """The compute dtype of a model whose config says ``dtype=given`` in a run of ``precision``: a low precision
+    wins over an unset or float32 ``dtype``; float32 (or None) keeps ``given``.
+
+    Example:
+        >>> compute_dtype("bfloat16", None), compute_dtype(None, "float16"), compute_dtype("float32", None)
+        ('bfloat16', 'float16', 'float32')
+
+    Raises:
+      ConfigError: a low precision and a different explicit low-precision ``dtype``.
+    """
+    precision = check_precision(precision)
+    if precision == DEFAULT_PRECISION:
+        return given or DEFAULT_PRECISION
+    if given not in (None, DEFAULT_PRECISION, precision):
+        raise ConfigError(f"precision={precision!r} but {where}.dtype={given!r}; set one of them, or both alike")
+    return precision
 
 
 # --------------------------------------------------------------------------------------------------
